@@ -1,0 +1,76 @@
+"""Boxes: axis-aligned hyper-rectangles of a global tensor, and the arithmetic planning needs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Box", "find_overlaps", "strides_of"]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Box:
+    """A region `[offset, offset + shape)` of a global tensor; a scalar is the 0-d box `()`."""
+
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def volume(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def end(self) -> tuple[int, ...]:
+        return tuple(o + s for o, s in zip(self.offset, self.shape))
+
+    def fits_in(self, global_shape: tuple[int, ...]) -> bool:
+        return len(global_shape) == self.ndim and all(
+            o >= 0 and s >= 0 and o + s <= g for o, s, g in zip(self.offset, self.shape, global_shape)
+        )
+
+    def intersect(self, other: "Box") -> "Box | None":
+        """The common region, or None when it is empty (boxes of zero volume never intersect)."""
+        lo = tuple(max(a, b) for a, b in zip(self.offset, other.offset))
+        hi = tuple(min(a, b) for a, b in zip(self.end, other.end))
+        if any(h <= l for l, h in zip(lo, hi)):
+            return None
+        if self.volume == 0 or other.volume == 0:
+            return None
+        return Box(lo, tuple(h - l for l, h in zip(lo, hi)))
+
+    def relative_to(self, outer: "Box") -> tuple[int, ...]:
+        return tuple(a - b for a, b in zip(self.offset, outer.offset))
+
+    def __str__(self) -> str:
+        if not self.shape:
+            return "[scalar]"
+        return "[" + ", ".join(f"{o}:{o + s}" for o, s in zip(self.offset, self.shape)) + "]"
+
+
+def strides_of(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """C-order element strides."""
+    out, acc = [], 1
+    for size in reversed(shape):
+        out.append(acc)
+        acc *= size
+    return tuple(reversed(out))
+
+
+def find_overlaps(boxes: list[Box]) -> list[tuple[int, int]]:
+    """Index pairs of boxes that overlap; a sweep over dimension 0 keeps it near-linear for tilings."""
+    if not boxes or boxes[0].ndim == 0:
+        return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes))]
+    order = sorted(range(len(boxes)), key=lambda i: boxes[i].offset[0])
+    pairs: list[tuple[int, int]] = []
+    for pos, i in enumerate(order):
+        end0 = boxes[i].end[0]
+        for j in order[pos + 1 :]:
+            if boxes[j].offset[0] >= end0:
+                break
+            if boxes[i].intersect(boxes[j]) is not None:
+                pairs.append((min(i, j), max(i, j)))
+    return pairs

@@ -1,0 +1,327 @@
+"""`save` and `load`: collective over all ranks of a comm, each module planned on its own ranks.
+
+save: flatten state -> per module, all-gather shard metadata over the module's ranks -> plan
+(pure, identical on every module rank) -> each rank writes its own file -> module leaders send
+their manifest section to rank 0 -> rank 0 commits the manifest -> everyone learns the outcome.
+
+load: rank 0 reads the manifest and broadcasts it -> per module, the union of requested keys is
+checked against it -> each rank plans and reads exactly the bytes its boxes need -> everyone
+learns the outcome.
+
+A failure on one rank never leaves the others waiting: every rank walks the same collectives,
+carrying an error instead of data, and all raise at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .comm import Comm, TorchComm
+from .errors import (
+    CheckpointExistsError, CheckpointNotFoundError, KeyMismatchError, LayoutError, ManifestError,
+    MimoCkptError, RemoteRankError, ShardError,
+)
+from .layout import ModuleLayout
+from .load_plan import KeyReport, check_keys, plan_module_load
+from .manifest import (
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST_PATH, Manifest, ModuleEntry, check_module_name,
+    module_to_json, read_manifest_bytes,
+)
+from .megatron_interop import kind as megatron_kind
+from .save_plan import ModuleSavePlan, plan_module_save
+from .shard import (
+    ModuleShards, ObjectMeta, TensorMeta, TensorShard, flatten_module_state, rebuild,
+)
+from .storage import Storage, open_storage
+from .tensor_io import execute_reads, write_shard_file
+
+__all__ = ["save", "load", "LoadResult"]
+
+log = logging.getLogger("mimo_ckpt")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    state: dict[str, Any]
+    """Per module, the state with tensors (filled in place) and loaded objects at its leaves."""
+    report: KeyReport
+    """Key differences found for the modules of this rank (empty under strict=True)."""
+
+
+def _encode(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _check_layouts(layouts: Mapping[str, ModuleLayout], world: int) -> None:
+    if not layouts:
+        raise LayoutError("no module layouts given")
+    for name, layout in layouts.items():
+        check_module_name(name)
+        if not isinstance(layout, ModuleLayout):
+            raise LayoutError(f"module {name!r}: layout must be a ModuleLayout, got {type(layout).__name__}")
+        if layout.rank_offset + layout.size > world:
+            raise LayoutError(
+                f"module {name!r}: layout {layout.describe()} needs ranks up to "
+                f"{layout.rank_offset + layout.size - 1} but the group has {world} ranks"
+            )
+
+
+def _flatten(state: Mapping[str, Any], layouts: Mapping[str, ModuleLayout], rank: int) -> dict[str, ModuleShards]:
+    out = {}
+    for name, module_state in state.items():
+        if name not in layouts:
+            raise ShardError(f"state has module {name!r} but no layout was given for it (layouts: {sorted(layouts)})")
+        if not layouts[name].contains(rank):
+            raise LayoutError(f"rank {rank} holds state for module {name!r} but is outside its layout {layouts[name].describe()}")
+        out[name] = flatten_module_state(name, module_state)
+    return out
+
+
+class _Collective:
+    """Tracks this rank's first failure while it keeps joining collectives."""
+
+    def __init__(self, comm: Comm) -> None:
+        self.comm = comm
+        self.failure: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+
+    def payload(self, ok: Any) -> bytes:
+        if self.failure is not None:
+            return _encode({"error": f"rank {self.comm.rank}: {self.failure}"})
+        return _encode({"ok": ok})
+
+    def unpack(self, blobs: list[bytes]) -> list[Any] | None:
+        """Payloads of all ranks, or None (recording a failure) when any carried an error."""
+        docs = [json.loads(b) for b in blobs]
+        errors = [d["error"] for d in docs if "error" in d]
+        if errors:
+            self.fail(RemoteRankError("; ".join(errors)))
+            return None
+        return [d["ok"] for d in docs]
+
+    def finish(self, root_errors: list[str]) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if root_errors:
+            raise RemoteRankError("; ".join(root_errors))
+
+
+def save(
+    state: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    layouts: Mapping[str, ModuleLayout],
+    comm: Comm | None = None,
+    storage: Storage | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Save module-keyed state as one checkpoint; every rank of `comm` calls it.
+
+    `state[module]` holds this rank's shards of that module (see `mimo_ckpt.shard`); `layouts`
+    gives every module's layout and is the same on all ranks. Returns once the manifest is
+    committed; raises on every rank if any rank failed, and then commits nothing.
+    """
+    comm = comm or TorchComm()
+    storage = storage or open_storage(path)
+    _check_layouts(layouts, comm.size)
+    exists = comm.broadcast_bytes(
+        b"1" if comm.rank == 0 and storage.size(MANIFEST_PATH) is not None else b"0", 0
+    )
+    if exists == b"1":
+        raise CheckpointExistsError(f"{os.fspath(path)} already holds a committed checkpoint")
+
+    run = _Collective(comm)
+    local: dict[str, ModuleShards] = {}
+    try:
+        local = _flatten(state, layouts, comm.rank)
+    except MimoCkptError as exc:
+        run.fail(exc)
+
+    plans: dict[str, ModuleSavePlan] = {}
+    module_comms: dict[str, Comm] = {}
+    for name in sorted(layouts):
+        mc = comm.subgroup(list(layouts[name].ranks))
+        if mc is None:
+            continue
+        module_comms[name] = mc
+        shards = local.get(name, ModuleShards([], [], []))
+        metas = {
+            "tensors": [t.meta().to_wire() for t in shards.tensors],
+            "objects": [o.meta(with_value=o.is_main_replica).to_wire() for o in shards.objects],
+        }
+        gathered = run.unpack(mc.all_gather_bytes(run.payload(metas)))
+        if gathered is None:
+            continue
+        ranks = layouts[name].ranks
+        try:
+            plans[name] = plan_module_save(
+                name,
+                {ranks[i]: [TensorMeta.from_wire(w) for w in g["tensors"]] for i, g in enumerate(gathered)},
+                {ranks[i]: [ObjectMeta.from_wire(w) for w in g["objects"]] for i, g in enumerate(gathered)},
+            )
+        except MimoCkptError as exc:
+            run.fail(exc)
+
+    crcs: dict[str, list[int]] = {}
+    if run.failure is None:
+        try:
+            for name, plan in plans.items():
+                file_plan = plan.file_of(comm.rank)
+                if file_plan is not None:
+                    data = {(t.key, t.box): t.data for t in local[name].tensors}
+                    crcs[name] = write_shard_file(storage, file_plan, data)
+        except (MimoCkptError, OSError) as exc:
+            run.fail(exc)
+
+    sections: dict[str, Any] = {}
+    for name, mc in module_comms.items():
+        got = mc.gather_bytes(run.payload(crcs.get(name, [])), root=0)
+        if got is None:
+            continue
+        per_rank = run.unpack(got)
+        if per_rank is not None:
+            ranks = layouts[name].ranks
+            entry = plans[name].module_entry(layouts[name], {ranks[i]: c for i, c in enumerate(per_rank)})
+            sections[name] = module_to_json(entry)
+
+    got = comm.gather_bytes(run.payload(sections), root=0)
+    errors: list[str] = []
+    if got is not None:
+        docs = [json.loads(b) for b in got]
+        errors = [d["error"] for d in docs if "error" in d]
+        if not errors:
+            modules = {k: v for d in docs for k, v in d["ok"].items()}
+            doc = {
+                "format": FORMAT_NAME, "version": FORMAT_VERSION, "world_size": comm.size,
+                "metadata": dict(metadata or {}), "modules": dict(sorted(modules.items())),
+            }
+            try:
+                blob = json.dumps(doc, separators=(",", ":")).encode()
+                Manifest.from_bytes(blob, source="manifest being written")
+                storage.commit_file(MANIFEST_PATH, blob)
+            except (MimoCkptError, OSError, TypeError, ValueError) as exc:
+                errors.append(f"rank 0 committing the manifest: {exc}")
+    outcome = json.loads(comm.broadcast_bytes(_encode(errors), 0))
+    run.finish(outcome)
+
+
+def load(
+    state: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    layouts: Mapping[str, ModuleLayout],
+    comm: Comm | None = None,
+    storage: Storage | None = None,
+    strict: bool = True,
+    verify: bool = True,
+) -> LoadResult:
+    """Fill this rank's shards from a checkpoint saved under any layouts; every rank calls it.
+
+    Each rank reads only the stored bytes that overlap its own boxes. With `strict`, any missing,
+    unexpected or mismatched key raises `KeyMismatchError` listing them per module; otherwise
+    matching keys load and the differences come back in `LoadResult.report`. With `verify`,
+    every stored shard read whole is checked against its crc32c.
+    """
+    comm = comm or TorchComm()
+    storage = storage or open_storage(path)
+    _check_layouts(layouts, comm.size)
+    source = os.fspath(path)
+
+    blob = b""
+    if comm.rank == 0:
+        try:
+            blob = read_manifest_bytes(storage, source)
+            Manifest.from_bytes(blob, source=source)
+            blob = b"+" + blob
+        except (MimoCkptError, OSError) as exc:
+            blob = b"-" + f"{type(exc).__name__}: {exc}".encode()
+    blob = comm.broadcast_bytes(blob, 0)
+    if blob[:1] != b"+":
+        message = blob[1:].decode()
+        if message.startswith(CheckpointNotFoundError.__name__):
+            raise CheckpointNotFoundError(message)
+        raise ManifestError(message)
+    manifest = Manifest.from_bytes(blob[1:], source=source)
+
+    run = _Collective(comm)
+    local: dict[str, ModuleShards] = {}
+    try:
+        local = _flatten(state, layouts, comm.rank)
+    except MimoCkptError as exc:
+        run.fail(exc)
+
+    report = KeyReport()
+    loaded_objects: dict[tuple[str, int], Any] = {}
+    bytes_read = 0
+    for name in sorted(layouts):
+        mc = comm.subgroup(list(layouts[name].ranks))
+        if mc is None:
+            continue
+        shards = local.get(name, ModuleShards([], [], []))
+        asked = {
+            "tensors": sorted({(t.key, t.meta().dtype, t.global_shape) for t in shards.tensors}),
+            "objects": sorted({(o.key, o.global_shape) for o in shards.objects}),
+        }
+        gathered = run.unpack(mc.all_gather_bytes(run.payload(asked)))
+        if gathered is None:
+            continue
+        entry = manifest.modules.get(name)
+        module_report, skipped = check_keys(
+            name, entry,
+            sorted({(k, d, tuple(s)) for g in gathered for k, d, s in g["tensors"]}),
+            sorted({(k, tuple(s)) for g in gathered for k, s in g["objects"]}),
+        )
+        report.merge(module_report)
+        if module_report and strict:
+            run.fail(KeyMismatchError(module_report))
+        if run.failure is not None or entry is None:
+            continue
+        try:
+            bytes_read += _load_module(name, entry, shards, skipped, storage, verify, loaded_objects)
+        except (MimoCkptError, OSError) as exc:
+            run.fail(exc)
+
+    run.unpack(comm.all_gather_bytes(run.payload(None)))
+    run.finish([])
+    log.debug("rank %d read %d bytes", comm.rank, bytes_read)
+
+    result = {}
+    for name, module_state in state.items():
+        by_path = {path: shard for path, shard in local[name].leaves}
+
+        def value_of(path: tuple[Any, ...], leaf: Any, name: str = name) -> Any:
+            shard = by_path[path]
+            if shard is None:
+                return leaf.unwrap() if megatron_kind(leaf) == "LocalNonpersistentObject" else leaf
+            if isinstance(shard, TensorShard):
+                return leaf.data if megatron_kind(leaf) == "ShardedTensor" else getattr(leaf, "data", leaf)
+            return loaded_objects.get((name, id(shard)), shard.data)
+
+        result[name] = rebuild(module_state, value_of)
+    return LoadResult(state=result, report=report)
+
+
+def _load_module(
+    name: str, entry: ModuleEntry, shards: ModuleShards, bad: set[str], storage: Storage,
+    verify: bool, loaded_objects: dict[tuple[str, int], Any],
+) -> int:
+    wanted = [t for t in shards.tensors if t.key not in bad]
+    items = plan_module_load(name, entry, [t.meta() for t in wanted])
+    nbytes = execute_reads(storage, items, [(t.data, t.box) for t in wanted], verify=verify)
+    for obj in shards.objects:
+        if obj.key in bad:
+            continue
+        values = entry.objects[obj.key].values
+        if obj.global_offset not in values:
+            raise ManifestError(
+                f"module {name!r}, object {obj.key!r}: no value stored for offset {list(obj.global_offset)}"
+            )
+        loaded_objects[(name, id(obj))] = values[obj.global_offset]
+    return nbytes

@@ -1,0 +1,138 @@
+"""Load planning: which stored bytes fill which part of each requested box. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .box import Box, strides_of
+from .dtypes import ITEMSIZE
+from .errors import ManifestError
+from .manifest import ModuleEntry, StoredShard
+from .shard import TensorMeta
+
+__all__ = ["ReadItem", "KeyReport", "plan_module_load", "check_keys"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadItem:
+    """Read bytes [begin, end) of `shard.file`; they hold `overlap`, laid out with `shard.box`'s
+    strides, starting at the overlap's first element."""
+
+    request: int
+    """Index of the requested shard this fills."""
+    shard: StoredShard
+    overlap: Box
+    begin: int
+    end: int
+
+    @property
+    def whole_shard(self) -> bool:
+        return self.begin == self.shard.begin and self.end == self.shard.end
+
+    @property
+    def contiguous(self) -> bool:
+        """The byte span holds exactly the overlap (no bytes of other rows in between)."""
+        itemsize = (self.shard.end - self.shard.begin) // max(self.shard.box.volume, 1)
+        return self.end - self.begin == self.overlap.volume * itemsize
+
+
+@dataclass(slots=True)
+class KeyReport:
+    """Differences between what a module's ranks ask for and what the checkpoint holds."""
+
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    unexpected: dict[str, list[str]] = field(default_factory=dict)
+    mismatched: dict[str, list[str]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+    def merge(self, other: "KeyReport") -> None:
+        for mine, theirs in ((self.missing, other.missing), (self.unexpected, other.unexpected),
+                             (self.mismatched, other.mismatched)):
+            for module, keys in theirs.items():
+                mine.setdefault(module, []).extend(k for k in keys if k not in mine.get(module, []))
+
+    def __str__(self) -> str:
+        lines = ["checkpoint keys do not match the state to load:"]
+        modules = sorted(set(self.missing) | set(self.unexpected) | set(self.mismatched))
+        for module in modules:
+            lines.append(f"  module {module!r}:")
+            for label, table in (("missing", self.missing), ("unexpected", self.unexpected),
+                                 ("mismatched", self.mismatched)):
+                for key in table.get(module, []):
+                    lines.append(f"    {label}: {key}")
+        lines.append("  (pass strict=False to load what matches and get this report back)")
+        return "\n".join(lines)
+
+
+def check_keys(
+    module: str,
+    entry: ModuleEntry | None,
+    tensors: Sequence[tuple[str, str, tuple[int, ...]]],
+    objects: Sequence[tuple[str, tuple[int, ...]]],
+) -> tuple[KeyReport, set[str]]:
+    """Compare the union of a module's requests (key, dtype, global shape) with its stored keys.
+
+    Returns the report and the requested keys that cannot be loaded (missing or mismatched).
+    """
+    report = KeyReport()
+    stored_t = entry.tensors if entry else {}
+    stored_o = entry.objects if entry else {}
+    asked_t = {k: (d, s) for k, d, s in tensors}
+    asked_o = {k: g for k, g in objects}
+    missing = [f"tensor {k!r}" for k in sorted(asked_t) if k not in stored_t]
+    missing += [f"object {k!r}" for k in sorted(asked_o) if k not in stored_o]
+    unexpected = [f"tensor {k!r}" for k in sorted(stored_t) if k not in asked_t]
+    unexpected += [f"object {k!r}" for k in sorted(stored_o) if k not in asked_o]
+    skipped = {k for k in asked_t if k not in stored_t} | {k for k in asked_o if k not in stored_o}
+    mismatched = []
+    for k, (dtype, shape) in sorted(asked_t.items()):
+        if k in stored_t:
+            st = stored_t[k]
+            if st.global_shape != shape:
+                mismatched.append(f"tensor {k!r}: shape {list(shape)} requested, {list(st.global_shape)} stored")
+                skipped.add(k)
+            if st.dtype != dtype:
+                mismatched.append(f"tensor {k!r}: dtype {dtype} requested, {st.dtype} stored")
+                skipped.add(k)
+    for k, grid in sorted(asked_o.items()):
+        if k in stored_o and stored_o[k].global_shape != grid:
+            mismatched.append(f"object {k!r}: grid {list(grid)} requested, {list(stored_o[k].global_shape)} stored")
+            skipped.add(k)
+    if missing:
+        report.missing[module] = missing
+    if unexpected:
+        report.unexpected[module] = unexpected
+    if mismatched:
+        report.mismatched[module] = mismatched
+    return report, skipped
+
+
+def plan_module_load(module: str, entry: ModuleEntry, requests: Sequence[TensorMeta]) -> list[ReadItem]:
+    """Reads that fill each requested box from the stored shards it overlaps, in file order."""
+    items: list[ReadItem] = []
+    for index, req in enumerate(requests):
+        stored = entry.tensors[req.key]
+        itemsize = ITEMSIZE[stored.dtype]
+        covered = 0
+        for shard in stored.shards:
+            overlap = req.box.intersect(shard.box)
+            if overlap is None:
+                continue
+            covered += overlap.volume
+            strides = strides_of(shard.box.shape)
+            first = overlap.relative_to(shard.box)
+            last = tuple(f + s - 1 for f, s in zip(first, overlap.shape))
+            lo = sum(i * s for i, s in zip(first, strides))
+            hi = sum(i * s for i, s in zip(last, strides)) + 1
+            items.append(ReadItem(index, shard, overlap, shard.begin + lo * itemsize,
+                                  shard.begin + hi * itemsize))
+        if covered != req.box.volume:
+            raise ManifestError(
+                f"module {module!r}, tensor {req.key!r}: the checkpoint covers {covered} of "
+                f"{req.box.volume} elements of requested box {req.box}"
+            )
+    items.sort(key=lambda it: (it.shard.file, it.begin))
+    return items

@@ -1,0 +1,245 @@
+"""The manifest: the JSON index of a checkpoint, and its commit marker (docs/format.md).
+
+Pure data and parsing; no torch. `Manifest.from_bytes` validates everything a reader relies on,
+so code past it can trust paths, boxes and byte ranges.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .box import Box
+from .dtypes import ITEMSIZE
+from .errors import CheckpointNotFoundError, LayoutError, ManifestError, StorageError
+from .layout import ModuleLayout
+from .storage import Storage, check_relpath
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_PATH",
+    "StoredShard",
+    "StoredTensor",
+    "StoredObject",
+    "ModuleEntry",
+    "Manifest",
+    "check_module_name",
+    "module_to_json",
+    "read_manifest_bytes",
+    "read_manifest",
+]
+
+FORMAT_NAME = "mimo-ckpt"
+FORMAT_VERSION = 1
+MANIFEST_PATH = "manifest.json"
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def check_module_name(name: str) -> str:
+    if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name) or name in {".", ".."}:
+        raise ManifestError(
+            f"module name {name!r} must match {_MODULE_NAME.pattern} (it names a directory)"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class StoredShard:
+    box: Box
+    file: str
+    begin: int
+    end: int
+    crc32c: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTensor:
+    dtype: str
+    global_shape: tuple[int, ...]
+    shards: tuple[StoredShard, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    global_shape: tuple[int, ...]
+    values: Mapping[tuple[int, ...], Any]
+    """Value per grid offset; `()` for plain objects."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleEntry:
+    layout: ModuleLayout
+    tensors: Mapping[str, StoredTensor]
+    objects: Mapping[str, StoredObject]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.end - s.begin for t in self.tensors.values() for s in t.shards)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    world_size: int
+    modules: Mapping[str, ModuleEntry]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "world_size": self.world_size,
+            "metadata": dict(self.metadata),
+            "modules": {name: module_to_json(m) for name, m in sorted(self.modules.items())},
+        }
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "manifest") -> "Manifest":
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
+        return _parse(doc, source)
+
+
+def module_to_json(m: ModuleEntry) -> dict[str, Any]:
+    tensors = {}
+    for key, t in sorted(m.tensors.items()):
+        tensors[key] = {
+            "dtype": t.dtype,
+            "shape": list(t.global_shape),
+            "shards": [
+                {
+                    "offset": list(s.box.offset), "shape": list(s.box.shape), "file": s.file,
+                    "begin": s.begin, "end": s.end, "crc32c": f"{s.crc32c:08x}",
+                }
+                for s in t.shards
+            ],
+        }
+    objects = {}
+    for key, o in sorted(m.objects.items()):
+        objects[key] = {
+            "grid": list(o.global_shape),
+            "values": [{"offset": list(off), "value": v} for off, v in sorted(o.values.items())],
+        }
+    return {"layout": m.layout.to_json(), "tensors": tensors, "objects": objects}
+
+
+def read_manifest_bytes(storage: Storage, source: str = "manifest") -> bytes:
+    size = storage.size(MANIFEST_PATH)
+    if size is None:
+        raise CheckpointNotFoundError(f"{source}: no {MANIFEST_PATH}; not a committed checkpoint")
+    buf = bytearray(size)
+    storage.read_into(MANIFEST_PATH, 0, memoryview(buf))
+    return bytes(buf)
+
+
+def read_manifest(storage: Storage, source: str = "manifest") -> Manifest:
+    return Manifest.from_bytes(read_manifest_bytes(storage, source), source=source)
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+
+def _need(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise ManifestError(f"{where}: {what}")
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dims(value: Any, where: str, name: str) -> tuple[int, ...]:
+    _need(
+        isinstance(value, list) and all(_int(v) and v >= 0 for v in value),
+        where, f"{name} must be a list of non-negative ints, got {value!r}",
+    )
+    return tuple(value)
+
+
+def _parse(doc: Any, source: str) -> Manifest:
+    _need(isinstance(doc, dict), source, "top level must be a JSON object")
+    _need(doc.get("format") == FORMAT_NAME, source, f"format must be {FORMAT_NAME!r}, got {doc.get('format')!r}")
+    version = doc.get("version")
+    _need(version == FORMAT_VERSION, source,
+          f"unsupported format version {version!r} (this reader knows {FORMAT_VERSION})")
+    world_size = doc.get("world_size")
+    _need(_int(world_size) and world_size >= 1, source, f"world_size must be an int >= 1, got {world_size!r}")
+    metadata = doc.get("metadata", {})
+    _need(isinstance(metadata, dict), source, "metadata must be an object")
+    modules_doc = doc.get("modules")
+    _need(isinstance(modules_doc, dict), source, "modules must be an object")
+    modules = {}
+    for name, mdoc in modules_doc.items():
+        try:
+            check_module_name(name)
+        except ManifestError as exc:
+            raise ManifestError(f"{source}: {exc}") from None
+        modules[name] = _parse_module(mdoc, f"{source}: module {name!r}", name)
+    return Manifest(world_size=world_size, modules=modules, metadata=metadata, version=version)
+
+
+def _parse_module(mdoc: Any, where: str, name: str) -> ModuleEntry:
+    _need(isinstance(mdoc, dict), where, "must be an object")
+    try:
+        layout = ModuleLayout.from_json(mdoc.get("layout"))
+    except LayoutError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
+    tensors_doc, objects_doc = mdoc.get("tensors", {}), mdoc.get("objects", {})
+    _need(isinstance(tensors_doc, dict) and isinstance(objects_doc, dict), where,
+          "tensors and objects must be objects")
+    tensors = {k: _parse_tensor(v, f"{where}, tensor {k!r}", name) for k, v in tensors_doc.items()}
+    objects = {k: _parse_object(v, f"{where}, object {k!r}") for k, v in objects_doc.items()}
+    return ModuleEntry(layout=layout, tensors=tensors, objects=objects)
+
+
+def _parse_tensor(tdoc: Any, where: str, module: str) -> StoredTensor:
+    _need(isinstance(tdoc, dict), where, "must be an object")
+    dtype = tdoc.get("dtype")
+    _need(dtype in ITEMSIZE, where, f"unknown dtype {dtype!r}")
+    shape = _dims(tdoc.get("shape"), where, "shape")
+    shards_doc = tdoc.get("shards")
+    _need(isinstance(shards_doc, list), where, "shards must be a list")
+    shards = []
+    for i, sdoc in enumerate(shards_doc):
+        swhere = f"{where}, shard {i}"
+        _need(isinstance(sdoc, dict), swhere, "must be an object")
+        box = Box(_dims(sdoc.get("offset"), swhere, "offset"), _dims(sdoc.get("shape"), swhere, "shape"))
+        _need(box.fits_in(shape), swhere, f"box {box} outside global shape {list(shape)}")
+        file = sdoc.get("file")
+        try:
+            check_relpath(file if isinstance(file, str) else "")
+        except StorageError as exc:
+            raise ManifestError(f"{swhere}: {exc}") from None
+        _need(file.startswith(module + "/"), swhere, f"file {file!r} is outside module directory {module + '/'!r}")
+        begin, end = sdoc.get("begin"), sdoc.get("end")
+        _need(_int(begin) and _int(end) and 0 <= begin <= end, swhere, f"bad byte range {begin!r}..{end!r}")
+        _need(end - begin == box.volume * ITEMSIZE[dtype], swhere,
+              f"byte range {begin}..{end} does not hold {box.volume} {dtype} elements")
+        crc = sdoc.get("crc32c")
+        _need(isinstance(crc, str) and re.fullmatch(r"[0-9a-f]{8}", crc) is not None, swhere,
+              f"crc32c must be 8 lowercase hex digits, got {crc!r}")
+        shards.append(StoredShard(box, file, begin, end, int(crc, 16)))
+    return StoredTensor(dtype, shape, tuple(shards))
+
+
+def _parse_object(odoc: Any, where: str) -> StoredObject:
+    _need(isinstance(odoc, dict), where, "must be an object")
+    grid = _dims(odoc.get("grid"), where, "grid")
+    values_doc = odoc.get("values")
+    _need(isinstance(values_doc, list), where, "values must be a list")
+    values: dict[tuple[int, ...], Any] = {}
+    for vdoc in values_doc:
+        _need(isinstance(vdoc, dict) and "value" in vdoc, where, "each value must be {offset, value}")
+        offset = _dims(vdoc.get("offset"), where, "offset")
+        _need(Box(offset, (1,) * len(offset)).fits_in(grid), where, f"offset {list(offset)} outside grid {list(grid)}")
+        _need(offset not in values, where, f"offset {list(offset)} appears twice")
+        values[offset] = vdoc["value"]
+    return StoredObject(grid, values)

@@ -1,0 +1,168 @@
+"""Where checkpoint bytes live: one small interface, a local-filesystem and a tensorstore backend.
+
+Paths are relative POSIX paths inside the checkpoint (`images/r00000.safetensors`). Call order in
+a save: every writer calls `write_file` for its own files; afterwards one rank calls
+`commit_file` for the manifest. In a load, any rank calls `size` and `read_into`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any, Iterable, Protocol
+
+from .errors import StorageError
+
+__all__ = ["Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "check_relpath"]
+
+
+class Storage(Protocol):
+    def size(self, path: str) -> int | None:
+        """Byte size of the file, or None when it does not exist."""
+
+    def write_file(self, path: str, chunks: Iterable[Any]) -> None:
+        """Write a new file from buffers, in order, durably (data is on disk when this returns)."""
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        """Fill `out` with the file's bytes starting at `offset`; short files are an error."""
+
+    def commit_file(self, path: str, data: bytes) -> None:
+        """Atomically publish a small file: readers see the old state or the whole new file."""
+
+
+def check_relpath(path: str) -> str:
+    norm = posixpath.normpath(path)
+    if (
+        not path or path.startswith("/") or norm != path or norm == ".."
+        or norm.startswith("../") or "\\" in path or "\x00" in path
+    ):
+        raise StorageError(f"path {path!r} is not a plain relative path inside the checkpoint")
+    return path
+
+
+class LocalStorage:
+    """A directory on a local or shared POSIX filesystem, written with plain write(2) and fsync."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(root)
+
+    def _abs(self, path: str) -> str:
+        return os.path.join(self.root, check_relpath(path))
+
+    def size(self, path: str) -> int | None:
+        try:
+            return os.stat(self._abs(path)).st_size
+        except FileNotFoundError:
+            return None
+
+    def write_file(self, path: str, chunks: Iterable[Any]) -> None:
+        full = self._abs(path)
+        try:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    while view:
+                        view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"writing {full}: {exc}") from exc
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        full = self._abs(path)
+        try:
+            fd = os.open(full, os.O_RDONLY)
+        except OSError as exc:
+            raise StorageError(f"opening {full}: {exc}") from exc
+        try:
+            _pread_exact(fd, offset, out.cast("B"), full)
+        finally:
+            os.close(fd)
+
+    def commit_file(self, path: str, data: bytes) -> None:
+        full = self._abs(path)
+        tmp = f"{full}.tmp.{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, full)
+            dir_fd = os.open(os.path.dirname(full), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StorageError(f"committing {full}: {exc}") from exc
+
+
+def _pread_exact(fd: int, offset: int, out: memoryview, name: str) -> None:
+    done = 0
+    while done < len(out):
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n == 0:
+            raise StorageError(
+                f"{name}: file ends at byte {offset + done}, expected {len(out) - done} more bytes"
+            )
+        done += n
+
+
+class TensorStoreStorage:
+    """Any tensorstore KvStore (`memory://`, `file://`, `gs://`, ...).
+
+    `memory://` stores live in a tensorstore Context: pass the same `context` to share one between
+    storages of the same process (a default one per process is used otherwise).
+    """
+
+    _default_context: Any = None
+
+    def __init__(self, url: str, context: Any = None) -> None:
+        import tensorstore as ts
+
+        if context is None:
+            if TensorStoreStorage._default_context is None:
+                TensorStoreStorage._default_context = ts.Context()
+            context = TensorStoreStorage._default_context
+        self.url = url if url.endswith("/") else url + "/"
+        try:
+            self._kv = ts.KvStore.open(self.url, context=context).result()
+        except Exception as exc:  # tensorstore raises ValueError/RuntimeError variants
+            raise StorageError(f"opening tensorstore kvstore {url!r}: {exc}") from exc
+
+    def size(self, path: str) -> int | None:
+        result = self._kv.read(check_relpath(path)).result()
+        return None if result.state == "missing" else len(result.value)
+
+    def write_file(self, path: str, chunks: Iterable[Any]) -> None:
+        data = b"".join(bytes(memoryview(c).cast("B")) for c in chunks)
+        try:
+            self._kv.write(check_relpath(path), data).result()
+        except Exception as exc:
+            raise StorageError(f"writing {self.url}{path}: {exc}") from exc
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        out = out.cast("B")
+        result = self._kv.read(check_relpath(path), byte_range=slice(offset, offset + len(out))).result()
+        if result.state == "missing":
+            raise StorageError(f"{self.url}{path}: file is missing")
+        if len(result.value) != len(out):
+            raise StorageError(
+                f"{self.url}{path}: got {len(result.value)} bytes at offset {offset}, expected {len(out)}"
+            )
+        out[:] = result.value
+
+    def commit_file(self, path: str, data: bytes) -> None:
+        self.write_file(path, [data])
+
+
+def open_storage(path: str | os.PathLike[str]) -> Storage:
+    """LocalStorage for plain paths, TensorStoreStorage for URLs with a scheme."""
+    text = os.fspath(path)
+    if "://" in text:
+        return TensorStoreStorage(text)
+    return LocalStorage(text)
