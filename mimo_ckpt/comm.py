@@ -139,6 +139,12 @@ class ThreadWorld:
                 self._groups[ranks] = _Rendezvous(len(ranks), self.timeout)
             return self._groups[ranks]
 
+    def abort(self) -> None:
+        """Break every pending collective (threading.BrokenBarrierError), e.g. after a rank died."""
+        with self._lock:
+            for rv in self._groups.values():
+                rv.barrier.abort()
+
     def comm(self, rank: int) -> "_ThreadComm":
         return _ThreadComm(self, tuple(range(self.size)), rank)
 

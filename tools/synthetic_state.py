@@ -21,7 +21,7 @@ SPECS = {
         "vision.proj.weight": ((24, 10), torch.float32, {0: "tp"}, False, None),
         "vision.fc2.weight": ((10, 24), torch.bfloat16, {1: "tp"}, False, None),
         "vision.norm/bias": ((10,), torch.float16, {}, False, None),
-        "vision.layers.mlp.weight": ((4, 6, 8), torch.float32, {1: "tp"}, True, None),
+        "vision.layers.mlp.weight": ((4, 12, 8), torch.float32, {1: "tp"}, True, None),
         "step": ((), torch.int64, {}, False, None),
         "empty.buffer": ((0, 4), torch.float32, {}, False, None),
     },
