@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from .comm import Comm, TorchComm
 from .errors import (
     CheckpointExistsError, CheckpointNotFoundError, KeyMismatchError, LayoutError, ManifestError,
-    MimoCkptError, RemoteRankError, ShardError,
+    MimoCkptError, RemoteRankError, ShardError, StorageError,
 )
 from .layout import ModuleLayout
 from .load_plan import KeyReport, check_keys, plan_module_load
@@ -131,11 +131,17 @@ def save(
     comm = comm or TorchComm()
     storage = storage or open_storage(path)
     _check_layouts(layouts, comm.size)
-    exists = comm.broadcast_bytes(
-        b"1" if comm.rank == 0 and storage.size(MANIFEST_PATH) is not None else b"0", 0
-    )
-    if exists == b"1":
+    probe = b""
+    if comm.rank == 0:
+        try:
+            probe = b"1" if storage.size(MANIFEST_PATH) is not None else b"0"
+        except OSError as exc:
+            probe = f"-{exc}".encode()
+    probe = comm.broadcast_bytes(probe, 0)
+    if probe == b"1":
         raise CheckpointExistsError(f"{os.fspath(path)} already holds a committed checkpoint")
+    if probe != b"0":
+        raise StorageError(f"rank 0 could not check {os.fspath(path)}: {probe[1:].decode()}")
 
     run = _Collective(comm)
     local: dict[str, ModuleShards] = {}
@@ -188,8 +194,11 @@ def save(
         per_rank = run.unpack(got)
         if per_rank is not None:
             ranks = layouts[name].ranks
-            entry = plans[name].module_entry(layouts[name], {ranks[i]: c for i, c in enumerate(per_rank)})
-            sections[name] = module_to_json(entry)
+            try:
+                entry = plans[name].module_entry(layouts[name], {ranks[i]: c for i, c in enumerate(per_rank)})
+                sections[name] = module_to_json(entry)
+            except MimoCkptError as exc:
+                run.fail(exc)
 
     got = comm.gather_bytes(run.payload(sections), root=0)
     errors: list[str] = []

@@ -6,7 +6,7 @@ from typing import Any
 
 from .errors import ShardError
 
-__all__ = ["ITEMSIZE", "to_torch", "from_torch"]
+__all__ = ["ITEMSIZE", "from_torch"]
 
 ITEMSIZE: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
@@ -21,12 +21,6 @@ _TORCH_NAMES: dict[str, str] = {
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
     "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
-
-
-def to_torch(code: str) -> Any:
-    import torch
-
-    return getattr(torch, _TORCH_NAMES[code])
 
 
 def from_torch(dtype: Any, *, key: str = "?") -> str:

@@ -64,16 +64,6 @@ def to_shard(value: Any, *, module: str) -> Any:
     raise ShardError(f"module {module!r}: megatron-core {name} entries are not supported")
 
 
-def loaded_value(leaf: Any, shard: Any) -> Any:
-    """What megatron's load returns for a leaf: the tensor in the leaf's own shape, or the object."""
-    name = kind(leaf)
-    if name == "ShardedTensor":
-        return leaf.data
-    if name == "LocalNonpersistentObject":
-        return leaf.unwrap()
-    return shard.data
-
-
 def to_sharded_tensor(shard: Any, replica_id: Any = 0) -> Any:
     """A megatron-core ShardedTensor for one of our TensorShards (shares its data)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
