@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Box", "find_overlaps", "strides_of"]
+__all__ = ["Box", "find_overlaps", "strides_of", "span_in", "split_for_span"]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -74,3 +74,41 @@ def find_overlaps(boxes: list[Box]) -> list[tuple[int, int]]:
             if boxes[i].intersect(boxes[j]) is not None:
                 pairs.append((min(i, j), max(i, j)))
     return pairs
+
+
+def span_in(inner: Box, outer: Box) -> tuple[int, int]:
+    """Element range [first, last + 1) that `inner` spans in `outer`'s C-order layout."""
+    strides = strides_of(outer.shape)
+    first = inner.relative_to(outer)
+    lo = sum(i * s for i, s in zip(first, strides))
+    if inner.volume == 0:
+        return lo, lo
+    hi = sum((i + n - 1) * s for i, n, s in zip(first, inner.shape, strides)) + 1
+    return lo, hi
+
+
+def split_for_span(inner: Box, outer: Box, max_elems: int) -> list[Box]:
+    """Pieces of `inner`, in C order, each spanning at most `max_elems` elements of `outer`'s
+    layout (a single element may exceed it). Bounds the buffers of box-by-box streaming."""
+    out: list[Box] = []
+
+    def go(box: Box, dim: int) -> None:
+        lo, hi = span_in(box, outer)
+        if hi - lo <= max_elems or dim >= box.ndim:
+            out.append(box)
+            return
+        row = strides_of(outer.shape)[dim]
+        one = Box(box.offset, box.shape[:dim] + (1,) + box.shape[dim + 1 :])
+        one_lo, one_hi = span_in(one, outer)
+        rows = max(1, 1 + (max_elems - (one_hi - one_lo)) // row) if one_hi - one_lo <= max_elems else 1
+        for start in range(0, box.shape[dim], rows):
+            n = min(rows, box.shape[dim] - start)
+            offset = box.offset[:dim] + (box.offset[dim] + start,) + box.offset[dim + 1 :]
+            sub = Box(offset, box.shape[:dim] + (n,) + box.shape[dim + 1 :])
+            if rows == 1 and one_hi - one_lo > max_elems:
+                go(sub, dim + 1)
+            else:
+                out.append(sub)
+
+    go(inner, 0)
+    return out

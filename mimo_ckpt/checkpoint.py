@@ -37,7 +37,7 @@ from .shard import (
     ModuleShards, ObjectMeta, TensorMeta, TensorShard, flatten_module_state, rebuild,
 )
 from .storage import Storage, open_storage
-from .tensor_io import execute_reads, write_shard_file
+from .tensor_io import fill_tensors, write_shard_file
 
 __all__ = ["save", "load", "LoadResult"]
 
@@ -323,7 +323,7 @@ def _load_module(
 ) -> int:
     wanted = [t for t in shards.tensors if t.key not in bad]
     items = plan_module_load(name, entry, [t.meta() for t in wanted])
-    nbytes = execute_reads(storage, items, [(t.data, t.box) for t in wanted], verify=verify)
+    nbytes = fill_tensors(storage, items, [(t.data, t.box) for t in wanted], verify=verify)
     for obj in shards.objects:
         if obj.key in bad:
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .box import Box, strides_of
+from .box import Box, span_in
 from .dtypes import ITEMSIZE
 from .errors import ManifestError
 from .manifest import ModuleEntry, StoredShard
@@ -122,11 +122,7 @@ def plan_module_load(module: str, entry: ModuleEntry, requests: Sequence[TensorM
             if overlap is None:
                 continue
             covered += overlap.volume
-            strides = strides_of(shard.box.shape)
-            first = overlap.relative_to(shard.box)
-            last = tuple(f + s - 1 for f, s in zip(first, overlap.shape))
-            lo = sum(i * s for i, s in zip(first, strides))
-            hi = sum(i * s for i, s in zip(last, strides)) + 1
+            lo, hi = span_in(overlap, shard.box)
             items.append(ReadItem(index, shard, overlap, shard.begin + lo * itemsize,
                                   shard.begin + hi * itemsize))
         if covered != req.box.volume:

@@ -7,13 +7,14 @@ from typing import Sequence
 import crc32c
 import torch
 
-from .box import Box, strides_of
+from .box import Box
 from .errors import CorruptShardError
 from .load_plan import ReadItem
+from .reads import execute_reads
 from .save_plan import FilePlan
 from .storage import Storage
 
-__all__ = ["host_bytes", "write_shard_file", "execute_reads"]
+__all__ = ["host_bytes", "write_shard_file", "fill_tensors"]
 
 
 def host_bytes(tensor: torch.Tensor) -> memoryview:
@@ -39,42 +40,29 @@ def write_shard_file(storage: Storage, plan: FilePlan, data: dict[tuple[str, Box
     return crcs
 
 
-def _region(dst: torch.Tensor, dst_box: Box, overlap: Box) -> torch.Tensor:
-    view = dst
-    for dim, (start, length) in enumerate(zip(overlap.relative_to(dst_box), overlap.shape)):
-        view = view.narrow(dim, start, length)
-    return view
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as unsigned ints of the same itemsize (numpy has no bfloat16/float8)."""
+    return t.view(_RAW_TORCH[t.element_size()])
 
 
-def execute_reads(
+_RAW_TORCH = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
+
+
+def fill_tensors(
     storage: Storage, items: Sequence[ReadItem], targets: Sequence[tuple[torch.Tensor, Box]],
     *, verify: bool,
 ) -> int:
-    """Fill `targets[item.request]` from storage; returns bytes read.
-
-    Spans that hold exactly the overlap go straight into the destination; others are read into a
-    temporary no larger than one stored shard and copied out through a strided view.
-    """
-    total = 0
-    for item in items:
-        dst, dst_box = targets[item.request]
-        region = _region(dst, dst_box, item.overlap)
-        nbytes = item.end - item.begin
-        total += nbytes
-        direct = item.contiguous and region.is_contiguous() and region.device.type == "cpu"
-        if direct:
-            buf = region.reshape(-1).view(torch.uint8)
-        else:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-        raw = memoryview(buf.numpy())
-        if nbytes:
-            storage.read_into(item.shard.file, item.begin, raw)
-        if verify and item.whole_shard and crc32c.crc32c(raw) != item.shard.crc32c:
-            raise CorruptShardError(
-                f"checksum mismatch in {item.shard.file} bytes {item.begin}..{item.end} "
-                f"(box {item.shard.box}): the file is corrupt"
-            )
-        if not direct:
-            src = buf.view(dst.dtype).as_strided(item.overlap.shape, strides_of(item.shard.box.shape))
-            region.copy_(src)
-    return total
+    """Fill torch tensors in place from a read plan; returns bytes read. Device tensors are
+    staged through host memory."""
+    hosts, staged = [], []
+    for tensor, box in targets:
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            host = torch.empty(t.shape, dtype=t.dtype)
+            staged.append((t, host))
+            t = host
+        hosts.append((_raw(t).numpy(), box))
+    nbytes = execute_reads(storage, items, hosts, verify=verify)
+    for device_tensor, host in staged:
+        device_tensor.copy_(host)
+    return nbytes
