@@ -168,7 +168,7 @@ def save(
         ranks = layouts[name].ranks
         try:
             plans[name] = plan_module_save(
-                name,
+                name, layouts[name],
                 {ranks[i]: [TensorMeta.from_wire(w) for w in g["tensors"]] for i, g in enumerate(gathered)},
                 {ranks[i]: [ObjectMeta.from_wire(w) for w in g["objects"]] for i, g in enumerate(gathered)},
             )

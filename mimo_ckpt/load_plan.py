@@ -8,10 +8,10 @@ from typing import Sequence
 from .box import Box, span_in
 from .dtypes import ITEMSIZE
 from .errors import ManifestError
-from .manifest import ModuleEntry, StoredShard
+from .manifest import ModuleEntry, StoredShard, StoredTensor
 from .shard import TensorMeta
 
-__all__ = ["ReadItem", "KeyReport", "plan_module_load", "check_keys"]
+__all__ = ["ReadItem", "KeyReport", "plan_module_load", "plan_tensor_reads", "check_keys"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,25 +110,31 @@ def check_keys(
     return report, skipped
 
 
+def plan_tensor_reads(module: str, key: str, stored: StoredTensor, box: Box, request: int = 0) -> list[ReadItem]:
+    """Reads that fill `box` of one stored tensor from the shards it overlaps."""
+    itemsize = ITEMSIZE[stored.dtype]
+    items, covered = [], 0
+    for shard in stored.shards:
+        overlap = box.intersect(shard.box)
+        if overlap is None:
+            continue
+        covered += overlap.volume
+        lo, hi = span_in(overlap, shard.box)
+        items.append(ReadItem(request, shard, overlap, shard.begin + lo * itemsize, shard.begin + hi * itemsize))
+    if covered != box.volume:
+        raise ManifestError(
+            f"module {module!r}, tensor {key!r}: the checkpoint covers {covered} of "
+            f"{box.volume} elements of requested box {box}"
+        )
+    return items
+
+
 def plan_module_load(module: str, entry: ModuleEntry, requests: Sequence[TensorMeta]) -> list[ReadItem]:
     """Reads that fill each requested box from the stored shards it overlaps, in file order."""
-    items: list[ReadItem] = []
-    for index, req in enumerate(requests):
-        stored = entry.tensors[req.key]
-        itemsize = ITEMSIZE[stored.dtype]
-        covered = 0
-        for shard in stored.shards:
-            overlap = req.box.intersect(shard.box)
-            if overlap is None:
-                continue
-            covered += overlap.volume
-            lo, hi = span_in(overlap, shard.box)
-            items.append(ReadItem(index, shard, overlap, shard.begin + lo * itemsize,
-                                  shard.begin + hi * itemsize))
-        if covered != req.box.volume:
-            raise ManifestError(
-                f"module {module!r}, tensor {req.key!r}: the checkpoint covers {covered} of "
-                f"{req.box.volume} elements of requested box {req.box}"
-            )
+    items = [
+        item
+        for index, req in enumerate(requests)
+        for item in plan_tensor_reads(module, req.key, entry.tensors[req.key], req.box, index)
+    ]
     items.sort(key=lambda it: (it.shard.file, it.begin))
     return items

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from .box import Box
 from .dtypes import ITEMSIZE
 from .errors import CheckpointNotFoundError, LayoutError, ManifestError, StorageError
-from .layout import ModuleLayout
+from .layout import PARALLEL_DIMS, ModuleLayout
 from .storage import Storage, check_relpath
 
 __all__ = [
@@ -60,6 +60,8 @@ class StoredTensor:
     dtype: str
     global_shape: tuple[int, ...]
     shards: tuple[StoredShard, ...]
+    split: tuple[tuple[str, ...], ...] | None = None
+    """Parallel dims that cut each dimension under the saved layout (see sharding.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,7 @@ def module_to_json(m: ModuleEntry) -> dict[str, Any]:
         tensors[key] = {
             "dtype": t.dtype,
             "shape": list(t.global_shape),
+            **({"split": [list(dims) for dims in t.split]} if t.split is not None else {}),
             "shards": [
                 {
                     "offset": list(s.box.offset), "shape": list(s.box.shape), "file": s.file,
@@ -227,7 +230,15 @@ def _parse_tensor(tdoc: Any, where: str, module: str) -> StoredTensor:
         _need(isinstance(crc, str) and re.fullmatch(r"[0-9a-f]{8}", crc) is not None, swhere,
               f"crc32c must be 8 lowercase hex digits, got {crc!r}")
         shards.append(StoredShard(box, file, begin, end, int(crc, 16)))
-    return StoredTensor(dtype, shape, tuple(shards))
+    split = tdoc.get("split")
+    if split is not None:
+        _need(
+            isinstance(split, list) and len(split) == len(shape)
+            and all(isinstance(d, list) and all(p in PARALLEL_DIMS for p in d) and len(set(d)) == len(d) for d in split),
+            where, f"split must list, per dimension, distinct names of {list(PARALLEL_DIMS)}; got {split!r}",
+        )
+        split = tuple(tuple(d) for d in split)
+    return StoredTensor(dtype, shape, tuple(shards), split)
 
 
 def _parse_object(odoc: Any, where: str) -> StoredObject:

@@ -17,6 +17,7 @@ from .errors import PlanError
 from .layout import ModuleLayout
 from .manifest import ModuleEntry, StoredObject, StoredShard, StoredTensor
 from .shard import ObjectMeta, TensorMeta
+from .sharding import SplitSpec, infer_split
 from .tensor_file import FileEntry, layout_file
 
 __all__ = ["WriteItem", "FilePlan", "ModuleSavePlan", "plan_module_save", "shard_file_path"]
@@ -43,8 +44,8 @@ class FilePlan:
 @dataclass(frozen=True, slots=True)
 class ModuleSavePlan:
     module: str
-    tensors: Mapping[str, tuple[str, tuple[int, ...]]]
-    """key -> (dtype, global shape)."""
+    tensors: Mapping[str, tuple[str, tuple[int, ...], SplitSpec]]
+    """key -> (dtype, global shape, how the layout cuts it)."""
     files: tuple[FilePlan, ...]
     objects: Mapping[str, tuple[tuple[int, ...], Mapping[tuple[int, ...], Any]]]
     """key -> (grid shape, value per offset)."""
@@ -68,8 +69,8 @@ class ModuleSavePlan:
             for item, crc in zip(f.items, crcs):
                 shards[item.key].append(StoredShard(item.box, f.path, item.begin, item.end, crc))
         tensors = {
-            key: StoredTensor(dtype, shape, tuple(sorted(shards[key], key=lambda s: s.box)))
-            for key, (dtype, shape) in self.tensors.items()
+            key: StoredTensor(dtype, shape, tuple(sorted(shards[key], key=lambda s: s.box)), split)
+            for key, (dtype, shape, split) in self.tensors.items()
         }
         objects = {key: StoredObject(grid, values) for key, (grid, values) in self.objects.items()}
         return ModuleEntry(layout=layout, tensors=tensors, objects=objects)
@@ -86,6 +87,7 @@ def tensor_name(key: str, box: Box) -> str:
 
 def plan_module_save(
     module: str,
+    layout: ModuleLayout,
     tensors_by_rank: Mapping[int, Sequence[TensorMeta]],
     objects_by_rank: Mapping[int, Sequence[ObjectMeta]],
 ) -> ModuleSavePlan:
@@ -103,6 +105,7 @@ def plan_module_save(
             by_key[m.key].setdefault(m.box, []).append(rank)
 
     items: list[tuple[int, str, Box, list[int]]] = []
+    splits: dict[str, SplitSpec] = {}
     for key, holders in by_key.items():
         dtype, global_shape, _ = spec[key]
         boxes = list(holders)
@@ -121,6 +124,7 @@ def plan_module_save(
             )
         for box in boxes:
             items.append((box.volume * ITEMSIZE[dtype], key, box, holders[box]))
+        splits[key] = infer_split(layout, {r: b for b, ranks in holders.items() for r in ranks}, len(global_shape))
 
     # Largest first to the least-loaded holder: replicated bytes spread evenly over replicas.
     load: dict[int, int] = defaultdict(int)
@@ -144,7 +148,7 @@ def plan_module_save(
 
     return ModuleSavePlan(
         module=module,
-        tensors={k: (v[0], v[1]) for k, v in spec.items()},
+        tensors={k: (v[0], v[1], splits[k]) for k, v in spec.items()},
         files=tuple(files),
         objects=_plan_objects(module, objects_by_rank),
     )

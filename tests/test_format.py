@@ -122,4 +122,4 @@ def test_cli_inspect_reads_the_manifest_without_torch(ckpt):
     assert t == {"dtype": "F32", "shape": [24, 10], "shards": 2, "bytes": 24 * 10 * 4}
     bad = subprocess.run([sys.executable, "-m", "mimo_ckpt.cli", "inspect", str(ckpt / "nope")],
                          capture_output=True, text=True)
-    assert bad.returncode == 1 and "no manifest.json" in bad.stderr and bad.stderr.count("\n") == 1
+    assert bad.returncode == 2 and "no manifest.json" in bad.stderr and bad.stderr.count("\n") == 1

@@ -17,7 +17,7 @@ def meta(key, offset, shape, gshape, main=True, dtype="F32"):
 def test_replicas_written_once_and_spread():
     # 4 DP replicas of 8 equal boxes: each box written once, 2 per replica.
     metas = {r: [meta(f"w{i}", (0,), (10,), (10,), main=r == 0) for i in range(8)] for r in range(4)}
-    plan = plan_module_save("m", metas, {})
+    plan = plan_module_save("m", ModuleLayout(dp=4), metas, {})
     written = [(i.key, i.box) for f in plan.files for i in f.items]
     assert sorted(written) == sorted({(f"w{i}", Box((0,), (10,))) for i in range(8)})
     assert sorted(len(f.items) for f in plan.files) == [2, 2, 2, 2]
@@ -25,7 +25,7 @@ def test_replicas_written_once_and_spread():
 
 def test_byte_ranges_are_disjoint_and_follow_the_header():
     metas = {r: [meta("w", (r * 3, 0), (3, 4), (6, 4)), meta("b", (), (), (), dtype="I64")] for r in range(2)}
-    plan = plan_module_save("m", metas, {})
+    plan = plan_module_save("m", ModuleLayout(dp=4), metas, {})
     for f in plan.files:
         pos = len(f.prefix)
         for item in f.items:
@@ -36,20 +36,20 @@ def test_byte_ranges_are_disjoint_and_follow_the_header():
 
 def test_inconsistent_global_shape_or_dtype_is_named():
     with pytest.raises(PlanError, match=r"'w'.*rank 0.*rank 1"):
-        plan_module_save("m", {0: [meta("w", (0,), (2,), (4,))], 1: [meta("w", (2,), (2,), (5,))]}, {})
+        plan_module_save("m", ModuleLayout(dp=4), {0: [meta("w", (0,), (2,), (4,))], 1: [meta("w", (2,), (2,), (5,))]}, {})
     with pytest.raises(PlanError, match="F16"):
-        plan_module_save("m", {0: [meta("w", (0,), (2,), (4,))], 1: [meta("w", (2,), (2,), (4,), dtype="F16")]}, {})
+        plan_module_save("m", ModuleLayout(dp=4), {0: [meta("w", (0,), (2,), (4,))], 1: [meta("w", (2,), (2,), (4,), dtype="F16")]}, {})
 
 
 def test_gaps_are_an_error():
     with pytest.raises(PlanError, match="cover 6 of 8"):
-        plan_module_save("m", {0: [meta("w", (0, 0), (3, 2), (4, 2))]}, {})
+        plan_module_save("m", ModuleLayout(dp=4), {0: [meta("w", (0, 0), (3, 2), (4, 2))]}, {})
 
 
 def test_object_without_main_replica_is_an_error():
     objs = {0: [ObjectMeta("o", (), (), False, None)]}
     with pytest.raises(PlanError, match="main replica"):
-        plan_module_save("m", {}, objs)
+        plan_module_save("m", ModuleLayout(dp=4), {}, objs)
 
 
 def test_find_overlaps():
@@ -92,6 +92,6 @@ def test_save_plan_at_scale():
     for r in range(tp * dp):
         t, d = r % tp, r // tp
         metas[r] = [meta(f"layer{k}.w", (t * 16, 0), (16, 64), (16 * tp, 64), main=d == 0) for k in range(20)]
-    plan = plan_module_save("lm", metas, {})
+    plan = plan_module_save("lm", ModuleLayout(tp=tp, dp=dp), metas, {})
     assert sum(len(f.items) for f in plan.files) == 20 * tp
     assert len(plan.files) == 20 * tp  # spread: one box per writer

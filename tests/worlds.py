@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 
 import mimo_ckpt
@@ -70,3 +71,37 @@ def _strict_error_crosses_modules(comm, root: str, rank: int) -> dict:
     except mimo_ckpt.MimoCkptError as exc:
         return {"type": type(exc).__name__, "message": str(exc)}
     return {"type": None, "message": ""}
+
+
+# Layouts for the CLI tests: save disjoint, then reshard images offline to TP1 x DP2.
+CLI_SAVE = {"images": dict(tp=2), "language": dict(tp=2, pp=2, rank_offset=2)}
+CLI_NEW = {"images": dict(dp=2), "language": dict(tp=2, pp=2, rank_offset=2)}
+
+
+def _with_rng(state: dict, layout: ModuleLayout, rank: int) -> dict:
+    """Add per-rank (layout-bound) state, as RNG states are."""
+    c = layout.coords(rank)
+    state["rng"] = mimo_ckpt.ObjectShard("rng", {"seed": rank}, (layout.pp, layout.tp), (c["pp"], c["tp"]))
+    return state
+
+
+def save_for_cli(args: dict) -> None:
+    rank, lay = dist.get_rank(), {m: ModuleLayout(**kw) for m, kw in CLI_SAVE.items()}
+    state = {m: _with_rng(rank_state(m, l, rank), l, rank) for m, l in lay.items() if l.contains(rank)}
+    mimo_ckpt.save(state, args["path"], layouts=lay, metadata={"step": 3})
+
+
+def load_both(args: dict) -> dict:
+    """Load SRC and DST under the new layout; both must equal the reference, bit for bit."""
+    rank, lay = dist.get_rank(), {m: ModuleLayout(**kw) for m, kw in CLI_NEW.items()}
+    out = {}
+    for name in ("src", "dst"):
+        targets = {m: rank_state(m, l, rank, fill=float("nan")) for m, l in lay.items() if l.contains(rank)}
+        result = mimo_ckpt.load(targets, args[name], layouts=lay, strict=False)
+        out[name] = {
+            "problems": [p for m in targets for p in check_rank_state(m, lay[m], rank, result.state[m])],
+            "bytes": {f"{m}/{k}": v.reshape(-1).view(torch.uint8).tolist()
+                      for m in targets for k, v in result.state[m].items() if isinstance(v, torch.Tensor)},
+            "unexpected": {m: v for m, v in result.report.unexpected.items()},
+        }
+    return out

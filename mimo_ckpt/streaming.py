@@ -1,0 +1,108 @@
+"""Box-by-box streaming between checkpoints under a memory budget (offline tools; no torch).
+
+Every offline command moves bytes the same way: cut a target box into pieces that fit a buffer,
+fill each piece from whatever stored shards overlap it, and hand the piece on (to a file, a
+checksum, a comparison). Buffers are reused, so memory stays at `chunk_bytes + temp_bytes`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import crc32c
+import numpy as np
+
+from .box import Box, split_for_span
+from .dtypes import ITEMSIZE
+from .load_plan import plan_tensor_reads
+from .manifest import StoredTensor
+from .progress import Progress
+from .reads import execute_reads, raw_dtype
+from .storage import Storage
+
+__all__ = ["Budget", "iter_box", "StreamItem", "write_streamed_file", "current_rss"]
+
+MIN_BUFFER = 64 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Buffer sizes for one process: the piece being assembled and the read temporary."""
+
+    chunk_bytes: int
+    temp_bytes: int
+
+    @classmethod
+    def from_cap(cls, max_memory: int, workers: int = 1) -> "Budget":
+        """Split `max_memory` (peak RSS of all processes) between baselines and buffers."""
+        baseline = current_rss()
+        margin = 8 << 20
+        processes = workers + (1 if workers > 1 else 0)
+        per_worker = (max_memory - processes * baseline - margin) // max(workers, 1)
+        if per_worker < 2 * MIN_BUFFER:
+            need = processes * baseline + margin + 2 * MIN_BUFFER * workers
+            raise ValueError(
+                f"--max-memory {max_memory >> 20} MiB is too small for {workers} worker(s): "
+                f"each process needs about {baseline >> 20} MiB to run; use at least {(need >> 20) + 1} MiB"
+            )
+        return cls(chunk_bytes=per_worker // 2, temp_bytes=per_worker // 2)
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def iter_box(
+    storage: Storage, module: str, key: str, stored: StoredTensor, box: Box, budget: Budget,
+    buffer: np.ndarray | None = None,
+) -> Iterator[tuple[Box, np.ndarray]]:
+    """Pieces of `box` in C order with their raw values (views into one reused buffer)."""
+    itemsize = ITEMSIZE[stored.dtype]
+    if buffer is None:
+        buffer = np.empty(max(budget.chunk_bytes, itemsize), dtype=np.uint8)
+    for piece in split_for_span(box, box, max(1, budget.chunk_bytes // itemsize)):
+        nbytes = piece.volume * itemsize
+        out = buffer[:nbytes].view(raw_dtype(stored.dtype)).reshape(piece.shape)
+        items = plan_tensor_reads(module, key, stored, piece)
+        execute_reads(storage, items, [(out, piece)], verify=False, temp_bytes=budget.temp_bytes)
+        yield piece, out
+
+
+@dataclass(frozen=True, slots=True)
+class StreamItem:
+    """One tensor region to write: `box` of source tensor `key`."""
+
+    key: str
+    stored: StoredTensor
+    box: Box
+
+
+def write_streamed_file(
+    src: Storage, dst: Storage, module: str, path: str, prefix: bytes, items: Sequence[StreamItem],
+    budget: Budget, progress: Progress | None = None,
+) -> list[int]:
+    """Write `prefix` then each item's bytes to `dst:path`; returns each item's crc32c."""
+    crcs: list[int] = []
+    buffer = np.empty(budget.chunk_bytes, dtype=np.uint8)
+
+    def chunks() -> Iterator[memoryview]:
+        yield memoryview(prefix)
+        for item in items:
+            crc = 0
+            for _, values in iter_box(src, module, item.key, item.stored, item.box, budget, buffer):
+                raw = values.reshape(-1).view(np.uint8)
+                crc = crc32c.crc32c(raw, crc)
+                yield memoryview(raw)
+                if progress is not None:
+                    progress.advance(len(raw))
+            crcs.append(crc)
+
+    dst.write_file(path, chunks())
+    return crcs
