@@ -309,8 +309,8 @@ def load(
             shard = by_path[path]
             if shard is None:
                 return leaf.unwrap() if megatron_kind(leaf) == "LocalNonpersistentObject" else leaf
-            if isinstance(shard, TensorShard):
-                return leaf.data if megatron_kind(leaf) == "ShardedTensor" else getattr(leaf, "data", leaf)
+            if isinstance(shard, TensorShard):  # megatron returns the tensor, not the mapping
+                return leaf.data if isinstance(leaf, TensorShard) or megatron_kind(leaf) else leaf
             return loaded_objects.get((name, id(shard)), shard.data)
 
         result[name] = rebuild(module_state, value_of)

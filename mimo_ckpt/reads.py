@@ -2,10 +2,20 @@
 
 Targets are raw arrays (unsigned ints of the stored itemsize), so every dtype, bfloat16 and
 float8 included, moves as bits. No torch here: offline tools stay light.
+
+Each planned read takes the cheapest of three routes:
+- direct: the stored bytes are exactly a contiguous part of the target; one read into it;
+- runs: the overlap is made of long runs contiguous in both the stored shard and the target
+  (a TP split on a trailing dimension); scattered reads go straight into the target rows,
+  reading no byte twice and none in vain;
+- span: read the stored span from the overlap's first to last element into a reused scratch
+  buffer and copy out through a strided view (short rows, where many small reads would cost more).
+Checksums of shards read whole are computed on a worker thread while the next read runs.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 import crc32c
@@ -21,6 +31,9 @@ from .storage import Storage
 __all__ = ["RAW_DTYPES", "raw_dtype", "execute_reads"]
 
 RAW_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+MIN_RUN_BYTES = 16 << 10
+"""Runs at least this long are read straight into the target instead of through a span."""
+MAX_IOV = 1024
 
 
 def raw_dtype(code: str) -> type:
@@ -35,12 +48,38 @@ def _region(dst: np.ndarray, dst_box: Box, overlap: Box) -> np.ndarray:
     return dst[tuple(slice(o, o + n) for o, n in zip(start, overlap.shape))]
 
 
-def _check(raw: np.ndarray, item: ReadItem) -> None:
-    if crc32c.crc32c(raw) != item.shard.crc32c:
-        raise CorruptShardError(
-            f"checksum mismatch in {item.shard.file} bytes {item.begin}..{item.end} "
-            f"(box {item.shard.box}): the file is corrupt"
-        )
+def _crc(buffers: Sequence[memoryview | np.ndarray]) -> int:
+    crc = 0
+    for b in buffers:
+        crc = crc32c.crc32c(b, crc)
+    return crc
+
+
+def _runs(item: ReadItem, dst: np.ndarray, dst_box: Box) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Source and target byte offsets of runs contiguous on both sides, and the run length;
+    None when the runs are too short to be worth one read each."""
+    overlap, shard = item.overlap, item.shard.box
+    itemsize = dst.itemsize
+    run = 1
+    lead = overlap.ndim
+    while lead > 0:
+        lead -= 1
+        run *= overlap.shape[lead]
+        if overlap.shape[lead] != shard.shape[lead] or overlap.shape[lead] != dst_box.shape[lead]:
+            break
+    else:
+        lead = 0
+    if run * itemsize < MIN_RUN_BYTES or not dst.flags.c_contiguous:
+        return None
+    counts = overlap.shape[:lead]
+    index = np.indices(counts, dtype=np.int64).reshape(lead, -1).T if lead else np.zeros((1, 0), np.int64)
+    src_strides = np.array(strides_of(shard.shape)[:lead], dtype=np.int64)
+    dst_strides = np.array(strides_of(dst_box.shape)[:lead], dtype=np.int64)
+    src_base = sum(a * s for a, s in zip(overlap.relative_to(shard), strides_of(shard.shape)))
+    dst_base = sum(a * s for a, s in zip(overlap.relative_to(dst_box), strides_of(dst_box.shape)))
+    src = item.shard.begin + itemsize * (src_base + index @ src_strides)
+    dst_offsets = itemsize * (dst_base + index @ dst_strides)
+    return src, dst_offsets, run * itemsize
 
 
 def execute_reads(
@@ -49,34 +88,72 @@ def execute_reads(
 ) -> int:
     """Fill `targets[item.request]` (array, its box) from storage; returns bytes read.
 
-    Spans that hold exactly the overlap are read straight into the destination. Others go through
-    a temporary buffer and a strided copy; it holds at most one stored shard, or `temp_bytes`
-    when given (the overlap is then read in pieces, and whole-shard checksums are not checked).
+    The scratch buffer holds at most one stored span, or `temp_bytes` when given (the span is then
+    read in pieces; such partial reads are not checksummed).
     """
     total = 0
-    for item in items:
-        dst, dst_box = targets[item.request]
-        region = _region(dst, dst_box, item.overlap)
-        nbytes = item.end - item.begin
-        if item.contiguous and region.flags.c_contiguous:
-            raw = region.reshape(-1).view(np.uint8)
-            storage.read_into(item.shard.file, item.begin, memoryview(raw))
-            if verify and item.whole_shard:
-                _check(raw, item)
-            total += nbytes
-            continue
-        itemsize = dst.itemsize
-        pieces = [item.overlap]
-        if temp_bytes is not None and nbytes > temp_bytes:
-            pieces = split_for_span(item.overlap, item.shard.box, max(1, temp_bytes // itemsize))
-        strides = tuple(s * itemsize for s in strides_of(item.shard.box.shape))
-        for piece in pieces:
-            lo, hi = span_in(piece, item.shard.box)
-            tmp = np.empty((hi - lo) * itemsize, dtype=np.uint8)
-            storage.read_into(item.shard.file, item.shard.begin + lo * itemsize, memoryview(tmp))
-            if verify and item.whole_shard and len(pieces) == 1:
-                _check(tmp, item)
-            src = as_strided(tmp.view(dst.dtype), shape=piece.shape, strides=strides)
-            _region(dst, dst_box, piece)[...] = src
-            total += len(tmp)
+    scratch = np.empty(0, dtype=np.uint8)
+    checks: list[tuple[Future[int], ReadItem]] = []
+    with ThreadPoolExecutor(1) as hasher:
+        for item in items:
+            dst, dst_box = targets[item.request]
+            region = _region(dst, dst_box, item.overlap)
+            check = verify and item.whole_shard
+            if item.contiguous and region.flags.c_contiguous:
+                raw = region.reshape(-1).view(np.uint8)
+                storage.read_into(item.shard.file, item.begin, memoryview(raw))
+                if check:
+                    checks.append((hasher.submit(_crc, [raw]), item))
+                total += raw.nbytes
+                continue
+            runs = _runs(item, dst, dst_box)
+            if runs is not None:
+                total += _read_runs(storage, item, dst, *runs, checks if check else None, hasher)
+                continue
+            itemsize = dst.itemsize
+            pieces = [item.overlap]
+            if temp_bytes is not None and item.end - item.begin > temp_bytes:
+                pieces = split_for_span(item.overlap, item.shard.box, max(1, temp_bytes // itemsize))
+            strides = tuple(s * itemsize for s in strides_of(item.shard.box.shape))
+            for piece in pieces:
+                lo, hi = span_in(piece, item.shard.box)
+                nbytes = (hi - lo) * itemsize
+                if scratch.nbytes < nbytes:
+                    scratch = np.empty(nbytes, dtype=np.uint8)
+                tmp = scratch[:nbytes]
+                storage.read_into(item.shard.file, item.shard.begin + lo * itemsize, memoryview(tmp))
+                if check and len(pieces) == 1:
+                    _verify(_crc([tmp]), item)
+                src = as_strided(tmp.view(dst.dtype), shape=piece.shape, strides=strides)
+                _region(dst, dst_box, piece)[...] = src
+                total += nbytes
+        for future, item in checks:
+            _verify(future.result(), item)
     return total
+
+
+def _read_runs(
+    storage: Storage, item: ReadItem, dst: np.ndarray, src: np.ndarray, dst_offsets: np.ndarray,
+    run_bytes: int, checks: list | None, hasher: ThreadPoolExecutor,
+) -> int:
+    flat = dst.reshape(-1).view(np.uint8)
+    views = [flat[o : o + run_bytes] for o in dst_offsets.tolist()]
+    starts = src.tolist()
+    i = 0
+    while i < len(views):
+        j = i + 1  # group runs that follow each other in the file into one scattered read
+        while j < len(views) and j - i < MAX_IOV and starts[j] == starts[j - 1] + run_bytes:
+            j += 1
+        storage.read_into(item.shard.file, starts[i], *map(memoryview, views[i:j]))
+        i = j
+    if checks is not None:
+        checks.append((hasher.submit(_crc, views), item))
+    return run_bytes * len(views)
+
+
+def _verify(crc: int, item: ReadItem) -> None:
+    if crc != item.shard.crc32c:
+        raise CorruptShardError(
+            f"checksum mismatch in {item.shard.file} bytes {item.begin}..{item.end} "
+            f"(box {item.shard.box}): the file is corrupt"
+        )

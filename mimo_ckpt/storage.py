@@ -23,8 +23,9 @@ class Storage(Protocol):
     def write_file(self, path: str, chunks: Iterable[Any]) -> None:
         """Write a new file from buffers, in order, durably (data is on disk when this returns)."""
 
-    def read_into(self, path: str, offset: int, out: memoryview) -> None:
-        """Fill `out` with the file's bytes starting at `offset`; short files are an error."""
+    def read_into(self, path: str, offset: int, *out: memoryview) -> None:
+        """Fill the buffers `out`, in order, with the file's bytes from `offset` on (one
+        scattered read where the backend can); short files are an error."""
 
     def commit_file(self, path: str, data: bytes) -> None:
         """Atomically publish a small file: readers see the old state or the whole new file."""
@@ -71,14 +72,14 @@ class LocalStorage:
         except OSError as exc:
             raise StorageError(f"writing {full}: {exc}") from exc
 
-    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+    def read_into(self, path: str, offset: int, *out: memoryview) -> None:
         full = self._abs(path)
         try:
             fd = os.open(full, os.O_RDONLY)
         except OSError as exc:
             raise StorageError(f"opening {full}: {exc}") from exc
         try:
-            _pread_exact(fd, offset, out.cast("B"), full)
+            _preadv_exact(fd, offset, [b.cast("B") for b in out if b.nbytes], full)
         finally:
             os.close(fd)
 
@@ -101,15 +102,19 @@ class LocalStorage:
             raise StorageError(f"committing {full}: {exc}") from exc
 
 
-def _pread_exact(fd: int, offset: int, out: memoryview, name: str) -> None:
-    done = 0
-    while done < len(out):
-        n = os.preadv(fd, [out[done:]], offset + done)
+def _preadv_exact(fd: int, offset: int, buffers: list[memoryview], name: str) -> None:
+    pos = offset
+    while buffers:
+        n = os.preadv(fd, buffers, pos)
         if n == 0:
-            raise StorageError(
-                f"{name}: file ends at byte {offset + done}, expected {len(out) - done} more bytes"
-            )
-        done += n
+            missing = sum(len(b) for b in buffers)
+            raise StorageError(f"{name}: file ends at byte {pos}, expected {missing} more bytes")
+        pos += n
+        while buffers and n >= len(buffers[0]):  # drop what is full, trim a partial buffer
+            n -= len(buffers[0])
+            buffers = buffers[1:]
+        if n:
+            buffers = [buffers[0][n:], *buffers[1:]]
 
 
 class TensorStoreStorage:
@@ -145,16 +150,20 @@ class TensorStoreStorage:
         except Exception as exc:
             raise StorageError(f"writing {self.url}{path}: {exc}") from exc
 
-    def read_into(self, path: str, offset: int, out: memoryview) -> None:
-        out = out.cast("B")
-        result = self._kv.read(check_relpath(path), byte_range=slice(offset, offset + len(out))).result()
+    def read_into(self, path: str, offset: int, *out: memoryview) -> None:
+        views = [b.cast("B") for b in out]
+        size = sum(len(v) for v in views)
+        result = self._kv.read(check_relpath(path), byte_range=slice(offset, offset + size)).result()
         if result.state == "missing":
             raise StorageError(f"{self.url}{path}: file is missing")
-        if len(result.value) != len(out):
+        if len(result.value) != size:
             raise StorageError(
-                f"{self.url}{path}: got {len(result.value)} bytes at offset {offset}, expected {len(out)}"
+                f"{self.url}{path}: got {len(result.value)} bytes at offset {offset}, expected {size}"
             )
-        out[:] = result.value
+        pos = 0
+        for v in views:
+            v[:] = result.value[pos : pos + len(v)]
+            pos += len(v)
 
     def commit_file(self, path: str, data: bytes) -> None:
         self.write_file(path, [data])

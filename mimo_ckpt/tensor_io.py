@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import crc32c
@@ -35,8 +36,10 @@ def write_shard_file(storage: Storage, plan: FilePlan, data: dict[tuple[str, Box
                 f"{plan.path}: tensor {item.key!r} box {item.box} has {len(buf)} bytes, plan says "
                 f"{item.end - item.begin}"
             )
-    crcs = [crc32c.crc32c(buf) for buf in buffers]
-    storage.write_file(plan.path, [plan.prefix, *buffers])
+    with ThreadPoolExecutor(1) as hasher:  # crc32c releases the GIL: hash while writing
+        crcs = hasher.map(crc32c.crc32c, buffers)
+        storage.write_file(plan.path, [plan.prefix, *buffers])
+        crcs = list(crcs)
     return crcs
 
 

@@ -7,8 +7,10 @@ from mimo_ckpt.box import Box, span_in, split_for_span
 from mimo_ckpt.load_plan import plan_module_load
 from mimo_ckpt.manifest import ModuleEntry, StoredShard, StoredTensor
 from mimo_ckpt.layout import ModuleLayout
+from mimo_ckpt import reads
 from mimo_ckpt.reads import execute_reads
 from mimo_ckpt.shard import TensorMeta
+from mimo_ckpt.errors import CorruptShardError
 from mimo_ckpt.storage import LocalStorage
 
 import crc32c
@@ -26,11 +28,13 @@ def _store(tmp_path, full, boxes):
     return ModuleEntry(ModuleLayout(), {"w": StoredTensor("F32", full.shape, tuple(shards))}, {})
 
 
+@pytest.mark.parametrize("min_run", [4, 1 << 30], ids=["runs", "spans"])
 @pytest.mark.parametrize("temp_bytes", [None, 4, 40, 400])
 @pytest.mark.parametrize("want", [
     Box((0, 0, 0), (4, 6, 8)), Box((1, 2, 3), (2, 3, 4)), Box((0, 5, 0), (4, 1, 8)), Box((3, 0, 7), (1, 6, 1)),
 ])
-def test_any_box_from_any_tiling(tmp_path, temp_bytes, want):
+def test_any_box_from_any_tiling(tmp_path, monkeypatch, min_run, temp_bytes, want):
+    monkeypatch.setattr(reads, "MIN_RUN_BYTES", min_run)
     full = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)
     boxes = [Box((0, 0, 0), (4, 3, 5)), Box((0, 0, 5), (4, 3, 3)), Box((0, 3, 0), (2, 3, 8)), Box((2, 3, 0), (2, 3, 8))]
     entry = _store(tmp_path, full, boxes)
@@ -52,3 +56,25 @@ def test_split_for_span_bounds_every_piece():
         cells = {(a, b, c) for p in pieces for a in range(p.offset[0], p.end[0])
                  for b in range(p.offset[1], p.end[1]) for c in range(p.offset[2], p.end[2])}
         assert len(cells) == inner.volume
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_run_reads_verify_whole_shards(tmp_path, monkeypatch, flip):
+    monkeypatch.setattr(reads, "MIN_RUN_BYTES", 4)
+    full = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
+    entry = _store(tmp_path, full, [Box((0, 0), (6, 4)), Box((0, 4), (6, 4))])
+    if flip:
+        path = tmp_path / "m" / "r0.bin"
+        data = bytearray(path.read_bytes())
+        data[100] ^= 1
+        path.write_bytes(bytes(data))
+    want = Box((0, 0), (6, 8))
+    items = plan_module_load("m", entry, [TensorMeta("w", "F32", (6, 8), want, True)])
+    assert all(not i.contiguous or i.whole_shard for i in items)
+    out = np.zeros((6, 8), dtype=np.uint32)
+    if flip:
+        with pytest.raises(CorruptShardError, match="checksum"):
+            execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True)
+    else:
+        execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True)
+        assert np.array_equal(out.view(np.float32), full)

@@ -195,12 +195,15 @@ def test_sharded_objects_and_plain_values(threads, tmp_path):
     assert not errors, errors
     def fn_load(comm, rank):
         c = layout["lm"].coords(rank)
-        state = {"lm": {"rng": ObjectShard("rng", None, (2, 2), (c["pp"], c["tp"])),
-                        "sched": None, "w": torch.zeros(3)}}
-        return mimo_ckpt.load(state, "ckpt", layouts=layout, comm=comm, storage=LocalStorage(tmp_path)).state
+        w = torch.zeros(3)
+        state = {"lm": {"rng": ObjectShard("rng", None, (2, 2), (c["pp"], c["tp"])), "sched": None, "w": w}}
+        loaded = mimo_ckpt.load(state, "ckpt", layouts=layout, comm=comm, storage=LocalStorage(tmp_path)).state
+        assert loaded["lm"]["w"] is w  # a plain tensor is filled in place and handed back
+        return loaded
     results, errors = threads(ThreadWorld(4), fn_load)
     assert not errors, errors
     for rank, state in enumerate(results):
+        assert isinstance(state["lm"]["w"], torch.Tensor)
         assert state["lm"]["rng"] == {"seed": 100 + rank}
         assert state["lm"]["sched"] == {"lr": 0.1, "warmup": [1, 2]}
         assert torch.equal(state["lm"]["w"], torch.full((3,), 7.0))
