@@ -47,8 +47,7 @@ def _module_svg(name: str, entry: ModuleEntry, key: str, y0: int) -> list[str]:
     t = entry.tensors[key]
     out = [f'<text x="10" y="{y0 + 18}" font-size="15" font-weight="bold">module {escape(name)}: '
            f'{escape(entry.layout.describe())}</text>',
-           f'<text x="10" y="{y0 + 38}" font-size="12">tensor {escape(key)} {t.dtype} {list(t.global_shape)}; '
-           f'boxes labelled with the ranks holding them, coloured by the rank that wrote them</text>']
+           f'<text x="10" y="{y0 + 38}" font-size="12">tensor {escape(key)} {t.dtype} {list(t.global_shape)}</text>']
     rows, cols = _axes(t)
     shape = t.global_shape
     top = y0 + 50
@@ -62,14 +61,20 @@ def _module_svg(name: str, entry: ModuleEntry, key: str, y0: int) -> list[str]:
         y, h = span(rows, _H)
         colour = _PALETTE[_writer(s.file) % len(_PALETTE)]
         ranks = holders[i]
-        label = ("ranks " + ",".join(map(str, ranks))) if ranks else f"written by {s.file.rsplit('/', 1)[-1]}"
+        label = (("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))) if ranks \
+            else f"written by {s.file.rsplit('/', 1)[-1]}"
         out.append(f'<rect x="{10 + x:.1f}" y="{top + y:.1f}" width="{max(w, 1):.1f}" height="{max(h, 1):.1f}" '
                    f'fill="{colour}" stroke="#333" stroke-width="1"><title>{escape(str(s.box))} in '
                    f'{escape(s.file)}</title></rect>')
         out.append(f'<text x="{10 + x + w / 2:.1f}" y="{top + y + h / 2:.1f}" font-size="11" '
                    f'text-anchor="middle" dominant-baseline="middle">{escape(label)}</text>')
-    axis_text = f"rows: dim {rows}, columns: dim {cols}" if rows is not None else f"columns: dim {cols}"
+    def name(axis: int | None) -> str:
+        cut = "-".join(t.split[axis]) if t.split is not None and axis is not None and t.split[axis] else ""
+        return f"dim {axis}" + (f" (cut by {cut})" if cut else "")
+    axis_text = f"rows: {name(rows)}, columns: {name(cols)}" if rows is not None else f"columns: {name(cols)}"
     out.append(f'<text x="10" y="{top + _H + 16}" font-size="11" fill="#555">{axis_text}</text>')
+    out.append(f'<text x="10" y="{top + _H + 30}" font-size="11" fill="#555">label: ranks holding the box; '
+               f'colour: rank that wrote it</text>')
     return out
 
 
@@ -83,7 +88,7 @@ def render_svg(manifest: Manifest, modules: list[str], key: str | None = None) -
         chosen = key or max(entry.tensors, key=lambda k: (len(entry.tensors[k].shards),
                                                           sum(s.end - s.begin for s in entry.tensors[k].shards)))
         parts += _module_svg(name, entry, chosen, y)
-        y += _H + 90
+        y += _H + 100
     height = max(y, 40)
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W + 20}" height="{height}" '
             f'font-family="sans-serif">\n<rect width="100%" height="100%" fill="white"/>\n'

@@ -74,7 +74,8 @@ def test_layout_picture(src, tmp_path):
     svg = tmp_path / "layout.svg"
     cli("inspect", src, "--picture", svg, "--tensor", "decoder.layers.mlp.experts.weight", check=0)
     labels = [t.text for t in ET.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}text")]
-    assert {"ranks 2", "ranks 3", "ranks 4", "ranks 5"} <= set(labels)
+    assert {"rank 2", "rank 3", "rank 4", "rank 5"} <= set(labels)
+    assert any("dim 0 (cut by pp)" in text and "dim 3 (cut by tp)" in text for text in labels)
     assert cli("inspect", src, "--picture", tmp_path / "x.gif").returncode == 2
 
 
