@@ -71,7 +71,7 @@ def _summary(manifest: Manifest, modules: list[str]) -> dict:
             "bytes": entry.nbytes,
             "tensors": {
                 key: {"dtype": t.dtype, "shape": list(t.global_shape), "shards": len(t.shards),
-                      "bytes": sum(s.end - s.begin for s in t.shards)}
+                      "bytes": t.nbytes}
                 for key, t in sorted(entry.tensors.items())
             },
             "objects": sorted(entry.objects),

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 
 from .box import Box
-from .dtypes import ITEMSIZE
 from .errors import ManifestError
 from .manifest import ModuleEntry
 from .progress import Progress
@@ -44,7 +42,7 @@ def plan_export(module: str, entry: ModuleEntry, *, max_shard_bytes: int, rename
     size = 0
     for k in keys:
         t = entry.tensors[k]
-        nbytes = math.prod(t.global_shape) * ITEMSIZE[t.dtype]
+        nbytes = t.nbytes
         if not groups or (size + nbytes > max_shard_bytes and groups[-1]):
             groups.append([])
             size = 0
@@ -70,7 +68,7 @@ def run_export(src: Storage, dst: Storage, module: str, entry: ModuleEntry, file
         write_streamed_file(src, dst, module, f.name, f.prefix, items, budget, bar)
         for k, name in f.tensors:
             weight_map[name] = f.name
-            total += math.prod(entry.tensors[k].global_shape) * ITEMSIZE[entry.tensors[k].dtype]
+            total += entry.tensors[k].nbytes
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     dst.commit_file(INDEX_NAME, json.dumps(index, indent=2).encode())
     if bar:

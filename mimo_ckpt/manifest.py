@@ -63,6 +63,10 @@ class StoredTensor:
     split: tuple[tuple[str, ...], ...] | None = None
     """Parallel dims that cut each dimension under the saved layout (see sharding.py)."""
 
+    @property
+    def nbytes(self) -> int:
+        return sum(s.end - s.begin for s in self.shards)
+
 
 @dataclass(frozen=True, slots=True)
 class StoredObject:
@@ -79,7 +83,7 @@ class ModuleEntry:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.end - s.begin for t in self.tensors.values() for s in t.shards)
+        return sum(t.nbytes for t in self.tensors.values())
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,8 +85,7 @@ def render_svg(manifest: Manifest, modules: list[str], key: str | None = None) -
         entry = manifest.modules[name]
         if not entry.tensors or (key is not None and key not in entry.tensors):
             continue
-        chosen = key or max(entry.tensors, key=lambda k: (len(entry.tensors[k].shards),
-                                                          sum(s.end - s.begin for s in entry.tensors[k].shards)))
+        chosen = key or max(entry.tensors, key=lambda k: (len(entry.tensors[k].shards), entry.tensors[k].nbytes))
         parts += _module_svg(name, entry, chosen, y)
         y += _H + 100
     height = max(y, 40)
