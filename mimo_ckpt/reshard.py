@@ -98,11 +98,15 @@ def plan_reshard(manifest: Manifest, layouts: Mapping[str, ModuleLayout]) -> dic
     return out
 
 
-def _write_one(src_url: str, dst_url: str, module: str, file_plan: FilePlan, entry: ModuleEntry,
-               budget: Budget) -> list[int]:
+def _write_file(src: Storage, dst: Storage, module: str, file_plan: FilePlan, entry: ModuleEntry,
+                budget: Budget, bar: Progress | None = None) -> list[int]:
     items = [StreamItem(i.key, entry.tensors[i.key], i.box) for i in file_plan.items]
-    return write_streamed_file(open_storage(src_url), open_storage(dst_url), module, file_plan.path,
-                               file_plan.prefix, items, budget)
+    return write_streamed_file(src, dst, module, file_plan.path, file_plan.prefix, items, budget, bar)
+
+
+def _write_file_in_worker(src_url: str, dst_url: str, module: str, file_plan: FilePlan,
+                          entry: ModuleEntry, budget: Budget) -> list[int]:
+    return _write_file(open_storage(src_url), open_storage(dst_url), module, file_plan, entry, budget)
 
 
 def _share_file(src: Storage, dst: Storage, path: str, budget: Budget) -> None:
@@ -150,7 +154,7 @@ def run_reshard(
         if workers > 1:
             with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
                 futures = {
-                    f.writer: pool.submit(_write_one, src_url, dst_url, name, f, entry, budget)
+                    f.writer: pool.submit(_write_file_in_worker, src_url, dst_url, name, f, entry, budget)
                     for f in rp.plan.files
                 }
                 for writer, fut in futures.items():
@@ -159,8 +163,7 @@ def run_reshard(
                         bar.advance(sum(i.end - i.begin for i in rp.plan.file_of(writer).items))
         else:
             for f in rp.plan.files:
-                items = [StreamItem(i.key, entry.tensors[i.key], i.box) for i in f.items]
-                crcs[f.writer] = write_streamed_file(src, dst, name, f.path, f.prefix, items, budget, bar)
+                crcs[f.writer] = _write_file(src, dst, name, f, entry, budget, bar)
         modules[name] = rp.plan.module_entry(rp.new, crcs)
     if bar:
         bar.close()
