@@ -1,1 +1,19 @@
-"""optim: the MIMO optimizer core (per-module optimizers, global grad norm, module-keyed state)."""
+"""optim: the MIMO optimizer core.
+
+Per-module optimizers on per-module grids (`NativeModuleOptimizer` over any torch.optim optimizer,
+with optional ZeRO-1 sharded state), driven as one by `MimoOptimizer`: a global grad norm across
+module boundaries, clipping with it, overflow and success consensus, one loss scale, and
+module-keyed state in model-space shards that mimo_ckpt saves and reshards.
+"""
+
+from .groups import GROUP_DIMS, ModuleGroups, build_module_groups, peer_rank_lists
+from .loss_scale import ConstantLossScaler, DynamicLossScaler
+from .mimo import MimoOptimizer, ModuleOptimizer
+from .native import NativeModuleOptimizer
+from .params import ShardedParam
+
+__all__ = [
+    "GROUP_DIMS", "ModuleGroups", "build_module_groups", "peer_rank_lists",
+    "ConstantLossScaler", "DynamicLossScaler", "MimoOptimizer", "ModuleOptimizer",
+    "NativeModuleOptimizer", "ShardedParam",
+]

@@ -1,0 +1,84 @@
+"""Parameters as boxes of global tensors, and the pure rules built on them.
+
+A `ShardedParam` names a model parameter by its model-space key and places its local tensor in the
+global tensor. Everything the optimizer needs to know about replication follows from the boxes:
+ranks holding the same (key, box) are replicas, the lowest of them counts the box in the grad
+norm, and the lowest rank holding any part of a key saves that key's scalar state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+from mimo_ckpt.box import Box
+from mimo_ckpt.errors import ShardError
+
+__all__ = ["ShardedParam", "SliceRef", "first_holders", "first_key_holders", "zero1_rows"]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardedParam:
+    """A model parameter (`param`, a torch Parameter) and where its data sits in the global tensor."""
+
+    key: str
+    param: Any
+    global_shape: tuple[int, ...]
+    global_offset: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "global_shape", tuple(int(s) for s in self.global_shape))
+        object.__setattr__(self, "global_offset", tuple(int(o) for o in self.global_offset))
+        if not self.key or not isinstance(self.key, str):
+            raise ShardError(f"parameter key must be a non-empty string, got {self.key!r}")
+        if not self.box.fits_in(self.global_shape):
+            raise ShardError(
+                f"parameter {self.key!r}: box {self.box} does not fit global shape {list(self.global_shape)}"
+            )
+
+    @property
+    def box(self) -> Box:
+        return Box(self.global_offset, tuple(self.param.shape))
+
+    @classmethod
+    def whole(cls, key: str, param: Any) -> "ShardedParam":
+        """A parameter every rank of the module holds in full."""
+        return cls(key, param, tuple(param.shape), (0,) * param.dim())
+
+
+@dataclass(frozen=True, slots=True)
+class SliceRef:
+    """A box of one key, as ranks exchange them (JSON lists on the wire)."""
+
+    key: str
+    box: Box
+
+    def to_wire(self) -> list[Any]:
+        return [self.key, list(self.box.offset), list(self.box.shape)]
+
+    @classmethod
+    def from_wire(cls, w: Sequence[Any]) -> "SliceRef":
+        return cls(str(w[0]), Box(tuple(w[1]), tuple(w[2])))
+
+
+def first_holders(refs_by_rank: Mapping[int, Iterable[SliceRef]]) -> dict[SliceRef, int]:
+    """For each (key, box), the lowest rank holding it: the one replica that counts it once."""
+    out: dict[SliceRef, int] = {}
+    for rank in sorted(refs_by_rank):
+        for ref in refs_by_rank[rank]:
+            out.setdefault(ref, rank)
+    return out
+
+
+def first_key_holders(refs_by_rank: Mapping[int, Iterable[SliceRef]]) -> dict[str, int]:
+    """For each key, the lowest rank holding any box of it."""
+    out: dict[str, int] = {}
+    for rank in sorted(refs_by_rank):
+        for ref in refs_by_rank[rank]:
+            out.setdefault(ref.key, rank)
+    return out
+
+
+def zero1_rows(rows: int, index: int, count: int) -> tuple[int, int]:
+    """Rows [begin, end) of dimension 0 that member `index` of `count` owns; balanced, in order."""
+    return rows * index // count, rows * (index + 1) // count

@@ -1,0 +1,122 @@
+"""MimoOptimizer on 6 gloo ranks against a single-process torch reference of the same model.
+
+One world runs every scenario (see tests/optim_worlds.py): plain training under disjoint and
+colocated layouts, with and without ZeRO-1 sharded state; an overflow planted in one module; and
+resumes across a TP, PP or DP change of one module.
+"""
+
+import pytest
+import torch
+
+from mimo_ckpt.local_world import run_local_world
+from tests.optim_worlds import MAX_GRAD_NORM, WORLD
+from tools.toy_mimo import full_weights, reference_run
+
+STEPS, RESUME_AT = 6, 3
+TRAINING = [
+    {"name": "disjoint", "layout": "disjoint", "shard_state": False},
+    {"name": "disjoint_zero1", "layout": "disjoint", "shard_state": True},
+    {"name": "colocated_zero1", "layout": "colocated", "shard_state": True},
+]
+RESUMES = [
+    {"save_layout": "disjoint", "save_sharded": True, "load_sharded": True,
+     "load_layouts": ["vision_tp1_dp2", "language_pp1_dp4", "language_pp4"]},
+    {"save_layout": "disjoint", "save_sharded": False, "load_sharded": True, "load_layouts": ["language_pp1_dp4"]},
+]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    args = {
+        "training": {"steps": STEPS, "cases": TRAINING},
+        "overflow": {"shard_state": True},
+        "resume": [dict(r, k=RESUME_AT, total=STEPS) for r in RESUMES],
+        "root": str(tmp_path_factory.mktemp("optim")),
+    }
+    return run_local_world(WORLD, "tests.optim_worlds:suite", args, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_run(STEPS, MAX_GRAD_NORM)
+
+
+def global_losses(per_rank_logs):
+    """The loss per step: the sum of the last-stage ranks' partial (data-parallel) losses."""
+    steps = zip(*[log["loss"] for log in per_rank_logs])
+    return [sum(x for x in step if x is not None) for step in steps]
+
+
+def assemble(per_rank_weights, module):
+    """Full tensors from every rank's boxes; replicas must agree and every element be covered."""
+    out = {}
+    for key, ref in full_weights()[module].items():
+        full = torch.full(ref.shape, float("nan"), dtype=torch.float64)
+        for weights in per_rank_weights:
+            if f"{module}/{key}" not in weights:
+                continue
+            offset, shape, values = weights[f"{module}/{key}"]
+            region = full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+            local = torch.tensor(values, dtype=torch.float64).reshape(shape)
+            seen = ~torch.isnan(region)
+            assert torch.equal(region[seen], local[seen]), f"replicas of {module}/{key} disagree"
+            region.copy_(local)
+        assert not torch.isnan(full).any(), f"{module}/{key}: elements not held by any rank"
+        out[key] = full
+    return out
+
+
+def check_weights(per_rank_weights, reference, atol=2e-5):
+    for module, ref_weights in reference["weights"].items():
+        got = assemble(per_rank_weights, module)
+        for key, ref in ref_weights.items():
+            torch.testing.assert_close(got[key], ref.double(), rtol=0, atol=atol, msg=f"{module}/{key}")
+
+
+def test_reference_clips_every_step(reference):
+    assert all(n > MAX_GRAD_NORM for n in reference["grad_norm"])  # clipping is active
+
+
+@pytest.mark.parametrize("case", [c["name"] for c in TRAINING])
+def test_training_matches_single_process_reference(results, reference, case):
+    logs = [r["training"][case]["log"] for r in results]
+    assert global_losses(logs) == pytest.approx(reference["loss"], rel=1e-5)
+    for rank, log in enumerate(logs):
+        assert log["grad_norm"] == logs[0]["grad_norm"], f"rank {rank} saw another global norm"
+        assert log["ok"] == [True] * STEPS
+        assert log["zeros"] == [0] * STEPS
+        for step, lrs in enumerate(log["lr"]):
+            for module, lr in lrs.items():
+                assert lr == pytest.approx(reference["lr"][step][module], rel=1e-12)
+        assert log["scale"] == [2.0**10 * 2 ** (s // 2) for s in range(STEPS)]  # growth every 2 clean steps
+    assert logs[0]["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+    check_weights([r["training"][case]["weights"] for r in results], reference)
+
+
+def test_overflow_in_one_module_skips_the_step_everywhere(results):
+    for rank, r in enumerate(results):
+        o = r["overflow"]
+        assert o["poisoned"] == [False, None, None], f"rank {rank}"
+        assert o["unchanged"], f"rank {rank} changed weights on a skipped step"
+        assert o["scales"] == [2.0**10, 2.0**9], f"rank {rank}: the scaler did not back off"
+        assert o["recovered"][0] is True and o["recovered"][1] == results[0]["overflow"]["recovered"][1]
+
+
+@pytest.mark.parametrize("resume_index,layout", [
+    (i, name) for i, r in enumerate(RESUMES) for name in r["load_layouts"]
+])
+def test_resume_across_a_layout_change_continues_the_trajectory(results, reference, resume_index, layout):
+    per_rank = [r[f"resume{resume_index}"] for r in results]
+    first = global_losses([p["first"] for p in per_rank])
+    resumed = global_losses([p[layout]["log"] for p in per_rank])
+    assert first + resumed == pytest.approx(reference["loss"], rel=1e-5)
+    for rank, p in enumerate(per_rank):
+        log = p[layout]["log"]
+        assert p[layout]["restored"]["scaler"], f"rank {rank}: loss scaler not restored"
+        assert p[layout]["restored"]["adam_steps"] == [float(RESUME_AT)], f"rank {rank}: Adam step counts"
+        assert log["grad_norm"] == pytest.approx(reference["grad_norm"][RESUME_AT:], rel=1e-5)
+        assert log["scale"] == [2.0**10 * 2 ** (s // 2) for s in range(RESUME_AT, STEPS)]
+        for step, lrs in zip(range(RESUME_AT, STEPS), log["lr"]):
+            for module, lr in lrs.items():
+                assert lr == pytest.approx(reference["lr"][step][module], rel=1e-12)
+    check_weights([p[layout]["weights"] for p in per_rank], reference)
