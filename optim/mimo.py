@@ -1,7 +1,7 @@
 """MimoOptimizer: per-module optimizers on per-module grids, stepped as one.
 
-Every rank of the world calls `step()`. Per module, each member reduces [non-finite grads, squared
-norm, zero grads] over the module's ranks (each box counted once); one world all-reduce (MAX) of
+Every rank of the world calls `step()`. Each module optimizer reduces [non-finite grads, squared
+norm, zero grads] over its module's ranks (each box counted once); one world all-reduce (MAX) of
 the per-module vectors then gives every rank every module's numbers, whether modules are disjoint
 or colocated. The overflow decision is taken from that vector before the norm is used, so an
 overflow in one module skips the step everywhere with no rank left in a collective.
@@ -31,12 +31,11 @@ _SCALER_KEY = f"{STATE_PREFIX}loss_scaler"
 class ModuleOptimizer(Protocol):
     """What MimoOptimizer drives; `optim.NativeModuleOptimizer` is one."""
 
-    groups: Any  # optim.ModuleGroups
     scheduler: Any
     main_rank: int
 
-    def prepare_grads(self, inv_scale: float) -> torch.Tensor: ...
-    def grad_stats(self) -> torch.Tensor: ...
+    def prepare(self, inv_scale: float) -> torch.Tensor:
+        """Unscaled main grads ready; [non-finite, squared norm, zeros] reduced over the module."""
     def clip(self, coef: float) -> None: ...
     def step(self) -> bool: ...
     def zero_grad(self, set_to_none: bool = True) -> None: ...
@@ -107,10 +106,7 @@ class MimoOptimizer:
             opt = self.modules.get(name)
             if opt is None:
                 continue
-            found = opt.prepare_grads(inv_scale).to(torch.float64)
-            local = torch.cat([found.reshape(1), opt.grad_stats()])
-            dist.all_reduce(local, group=opt.groups.group("module"))
-            stats[3 * i : 3 * i + 3] = local.to(self.device)
+            stats[3 * i : 3 * i + 3] = opt.prepare(inv_scale).to(self.device, torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=self.group)
         per_module = stats.reshape(len(names), 3).cpu()
 

@@ -142,13 +142,14 @@ class NativeModuleOptimizer:
             s.main = s.main.reshape(())
         return s
 
-    # -- the step, in the order MimoOptimizer drives it --------------------------------------
+    # -- the step, in the order MimoOptimizer drives it: prepare, clip, step --------------------
 
     @torch.no_grad()
-    def prepare_grads(self, inv_scale: float) -> torch.Tensor:
-        """Move grads to the main params, unscale them; returns the count of non-finite ones (0-d)."""
-        bad = torch.zeros((), dtype=torch.float32, device=self.device)
-        for s in self._slices:
+    def prepare(self, inv_scale: float) -> torch.Tensor:
+        """Move grads to the main params and unscale them; returns, reduced over the module,
+        [non-finite grads, sum of squared grads, zero grads] with each box counted once."""
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for s, counted in zip(self._slices, self._counted, strict=True):
             g = s.sp.param.grad
             if g is None:
                 s.main.grad = None
@@ -157,19 +158,13 @@ class NativeModuleOptimizer:
                 s.main.grad = s.model_rows(g).float().reshape(s.main.shape)
             if inv_scale != 1.0:
                 s.main.grad.mul_(inv_scale)
-            bad += (~torch.isfinite(s.main.grad)).any()
-        return bad
-
-    @torch.no_grad()
-    def grad_stats(self) -> torch.Tensor:
-        """[sum of squared grads, zero grads] over the boxes this rank counts for the module."""
-        out = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for s, counted in zip(self._slices, self._counted):
-            if counted and s.main.grad is not None:
+            stats[0] += (~torch.isfinite(s.main.grad)).any()
+            if counted:
                 g = s.main.grad.double()
-                out[0] += g.square().sum()
-                out[1] += (g == 0).sum()
-        return out
+                stats[1] += g.square().sum()
+                stats[2] += (g == 0).sum()
+        dist.all_reduce(stats, group=self.groups.group("module"))
+        return stats
 
     @torch.no_grad()
     def clip(self, coef: float) -> None:
@@ -291,17 +286,26 @@ class NativeModuleOptimizer:
             for name, value in loaded["state"].get(s.sp.key, {}).items():
                 if name in state and not torch.is_tensor(value):
                     state[name] = _scalar_like(state[name], value)
-            if s.is_copy and not s.saves_main:
-                s.main.copy_(s.model_rows(s.sp.param.data).reshape(s.main.shape))
+        self._refresh_unsaved_mains()
         _load_hyperparameters(self.name, self.optimizer, loaded["param_groups"])
         if self.scheduler is not None and "lr_scheduler" in loaded:
             self.scheduler.load_state_dict(loaded["lr_scheduler"])
+
+    @torch.no_grad()
+    def _refresh_unsaved_mains(self) -> None:
+        """Main copies that are not saved equal the (loaded) model rows they came from."""
+        for s in self._slices:
+            if s.is_copy and not s.saves_main:
+                s.main.copy_(s.model_rows(s.sp.param.data).reshape(s.main.shape))
 
     def state_dict(self) -> dict[str, Any]:
         """Plain, module-keyed state of this rank (this rank's rows when sharded)."""
         self._ensure_state()
         out = {
-            "state": {s.sp.key: dict(self.optimizer.state[s.main]) for s in self._slices},
+            "state": {
+                s.sp.key: {**self.optimizer.state[s.main], **({"fp32_param": s.main} if s.saves_main else {})}
+                for s in self._slices
+            },
             "param_groups": _hyperparameters(self.optimizer),
         }
         if self.scheduler is not None:
@@ -317,10 +321,13 @@ class NativeModuleOptimizer:
                 raise ShardError(f"module {self.name!r}: state_dict has no state for {s.sp.key!r}")
             state = self.optimizer.state[s.main]
             for name, value in saved.items():
-                if torch.is_tensor(value) and name not in _SCALAR_STATE:
+                if name == "fp32_param":
+                    s.main.copy_(value)
+                elif torch.is_tensor(value) and name not in _SCALAR_STATE:
                     state[name].copy_(value)
                 else:
                     state[name] = _scalar_like(state.get(name, value), value)
+        self._refresh_unsaved_mains()
         _load_hyperparameters(self.name, self.optimizer, state_dict["param_groups"])
         if self.scheduler is not None and "lr_scheduler" in state_dict:
             self.scheduler.load_state_dict(state_dict["lr_scheduler"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -137,9 +138,48 @@ def resume(args: dict) -> dict:
     return out
 
 
+def plain_state(args: dict) -> dict:
+    """state_dict / load_state_dict rewind a ZeRO-1 run by one step exactly; bad state fails everywhere."""
+    run = Run("disjoint", shard_state=True)
+    for step in range(2):
+        run.step(step)
+    weights = {m: {k: p.detach().clone() for k, p in ps.items()} for m, ps in run.model.params.items()}
+    state = copy.deepcopy(run.opt.state_dict())
+    run.step(2)
+    expected = (run.weights(), run.log["loss"][-1], run.log["lr"][-1])
+    run.step(3)
+    with torch.no_grad():
+        for m, ps in run.model.params.items():
+            for k, p in ps.items():
+                p.copy_(weights[m][k])
+    run.opt.load_state_dict(state)
+    run.step(2)
+    out: dict[str, Any] = {"rewound": (run.weights(), run.log["loss"][-1], run.log["lr"][-1]) == expected}
+
+    bad = copy.deepcopy(state)
+    if run.rank == 0:
+        bad["vision"]["loss_scaler"]["scale"] *= 2
+    out["scaler_mismatch"] = _error_of(lambda: run.opt.load_state_dict(bad))
+    fewer = copy.deepcopy(state)
+    for module in fewer.values():
+        module["param_groups"].append(dict(module["param_groups"][0]))
+    out["param_groups"] = _error_of(lambda: run.opt.load_state_dict(fewer))
+    out["no_optimizer"] = _error_of(lambda: MimoOptimizer({}, run.layouts))
+    return out
+
+
+def _error_of(fn: Any) -> list[str] | None:
+    try:
+        fn()
+    except mimo_ckpt.MimoCkptError as exc:
+        return [type(exc).__name__, str(exc)]
+    return None
+
+
 def suite(args: dict) -> dict:
     """Every scenario in one world, so ranks start once."""
-    out = {"training": training(args["training"]), "overflow": overflow(args["overflow"])}
+    out = {"training": training(args["training"]), "overflow": overflow(args["overflow"]),
+           "plain_state": plain_state({})}
     for i, case in enumerate(args["resume"]):
         out[f"resume{i}"] = resume(dict(case, path=os.path.join(args["root"], f"ckpt{i}")))
     return out

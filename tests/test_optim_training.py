@@ -102,6 +102,19 @@ def test_overflow_in_one_module_skips_the_step_everywhere(results):
         assert o["recovered"][0] is True and o["recovered"][1] == results[0]["overflow"]["recovered"][1]
 
 
+def test_plain_state_dict_rewinds_exactly_and_bad_state_fails_on_every_rank(results):
+    for rank, r in enumerate(results):
+        p = r["plain_state"]
+        assert p["rewound"], f"rank {rank}: replaying a step after load_state_dict differs"
+        kind, message = p["scaler_mismatch"]
+        assert kind == "ShardError" and "loss scaler" in message, f"rank {rank}: {p['scaler_mismatch']}"
+        module = "vision" if rank < 2 else "language"
+        kind, message = p["param_groups"]
+        assert kind == "ShardError" and f"module {module!r}" in message and "param groups" in message
+        kind, message = p["no_optimizer"]
+        assert kind == "LayoutError" and f"rank {rank} is in module {module!r}" in message
+
+
 @pytest.mark.parametrize("resume_index,layout", [
     (i, name) for i, r in enumerate(RESUMES) for name in r["load_layouts"]
 ])
