@@ -95,6 +95,7 @@ class MimoOptimizer:
         self.loss_scaler = loss_scaler or ConstantLossScaler()
         self.log_num_zeros_in_grad = log_num_zeros_in_grad
         self.device = _collective_device(group)
+        self._num_zeros = 0
 
     @torch.no_grad()
     def step(self) -> StepResult:
@@ -109,6 +110,7 @@ class MimoOptimizer:
             stats[3 * i : 3 * i + 3] = opt.prepare(inv_scale).to(self.device, torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=self.group)
         per_module = stats.reshape(len(names), 3).cpu()
+        self._num_zeros = int(per_module[:, 2].sum().item())
 
         if per_module[:, 0].sum().item() > 0:
             self.loss_scaler.update(True)
@@ -128,8 +130,11 @@ class MimoOptimizer:
             for opt in self.modules.values():
                 if opt.scheduler is not None:
                     opt.scheduler.step()
-        zeros = int(per_module[:, 2].sum().item()) if self.log_num_zeros_in_grad else None
-        return success, grad_norm, zeros
+        return success, grad_norm, self._num_zeros if self.log_num_zeros_in_grad else None
+
+    def count_zeros(self) -> int:
+        """Zero gradient elements across all modules at the last step (each box counted once)."""
+        return self._num_zeros
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.modules.values():

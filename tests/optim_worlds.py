@@ -62,7 +62,7 @@ class Run:
                                  loss_scaler=scaler, log_num_zeros_in_grad=True)
         self.log: dict[str, list[Any]] = {"loss": [], "grad_norm": [], "ok": [], "scale": [], "lr": [], "zeros": []}
 
-    def step(self, step: int, poison: bool = False) -> tuple[bool, float | None, int | None]:
+    def step(self, step: int, poison: bool = False, zero_row: bool = False) -> tuple[bool, float | None, int | None]:
         self.opt.zero_grad()
         self.log["scale"].append(self.opt.get_loss_scale())
         self.log["lr"].append({m: o.param_groups[0]["lr"] for m, o in self.opt.modules.items()})
@@ -70,6 +70,8 @@ class Run:
         self.model.sync_grads({m: g.group("dp_cp") for m, g in self.groups.items()})
         if poison:
             self.model.params["vision"]["encoder.fc1.weight"].grad[0, 0] = float("inf")
+        if zero_row:
+            self.model.params["vision"]["encoder.fc1.weight"].grad[0] = 0.0
         result = self.opt.step()
         for name, value in zip(("ok", "grad_norm", "zeros"), result):
             self.log[name].append(value)
@@ -107,15 +109,17 @@ def training(args: dict) -> dict:
 
 
 def overflow(args: dict) -> dict:
-    """An inf in one vision rank's grad skips the step on every rank; training then goes on."""
+    """An inf in one vision rank's grad skips the step on every rank; training then goes on.
+    Zeroed grads on one rank are counted once on every rank."""
     run = Run("disjoint", shard_state=args["shard_state"])
     run.step(0)
     before, scale_before = run.weights(), run.opt.get_loss_scale()
     poisoned = run.step(1, poison=run.rank == 1)
     after, scale_after = run.weights(), run.opt.get_loss_scale()
     recovered = run.step(2)
+    zeroed = run.step(3, zero_row=run.rank == 0)  # a row of a box only rank 0 holds
     return {"poisoned": list(poisoned), "unchanged": before == after, "scales": [scale_before, scale_after],
-            "recovered": list(recovered)}
+            "recovered": list(recovered), "zeros": [zeroed[2], run.opt.count_zeros()]}
 
 
 def resume(args: dict) -> dict:

@@ -10,7 +10,7 @@ import torch
 
 from mimo_ckpt.local_world import run_local_world
 from tests.optim_worlds import MAX_GRAD_NORM, WORLD
-from tools.toy_mimo import full_weights, reference_run
+from tools.toy_mimo import D_IN, full_weights, reference_run
 
 STEPS, RESUME_AT = 6, 3
 TRAINING = [
@@ -100,6 +100,7 @@ def test_overflow_in_one_module_skips_the_step_everywhere(results):
         assert o["unchanged"], f"rank {rank} changed weights on a skipped step"
         assert o["scales"] == [2.0**10, 2.0**9], f"rank {rank}: the scaler did not back off"
         assert o["recovered"][0] is True and o["recovered"][1] == results[0]["overflow"]["recovered"][1]
+        assert o["zeros"] == [D_IN, D_IN], f"rank {rank}: one zeroed row of encoder.fc1.weight"
 
 
 def test_plain_state_dict_rewinds_exactly_and_bad_state_fails_on_every_rank(results):
