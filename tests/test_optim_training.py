@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mimo_ckpt.local_world import run_local_world
-from tests.optim_worlds import MAX_GRAD_NORM, WORLD
+from tests.optim_worlds import WORLD
+from tools.toy_training import MAX_GRAD_NORM
 from tools.toy_mimo import D_IN, full_weights, reference_run
 
 STEPS, RESUME_AT = 6, 3

@@ -130,8 +130,8 @@ class ToyMimo:
     """This rank's part of the toy model under the given layouts."""
 
     def __init__(self, layouts: dict[str, ModuleLayout], rank: int, tp_group: Any = None,
-                 weights: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-        self.layouts, self.rank, self.tp_group = layouts, rank, tp_group
+                 weights: dict[str, dict[str, torch.Tensor]] | None = None, device: str = "cpu") -> None:
+        self.layouts, self.rank, self.tp_group, self.device = layouts, rank, tp_group, torch.device(device)
         weights = weights or full_weights()
         self.global_shapes = {m: {k: tuple(v.shape) for k, v in w.items()} for m, w in weights.items()}
         self.params: dict[str, dict[str, torch.nn.Parameter]] = {}
@@ -140,7 +140,7 @@ class ToyMimo:
             if layout.contains(rank):
                 self.boxes[module] = local_boxes(module, layout, rank)
                 self.params[module] = {
-                    key: torch.nn.Parameter(_box(weights[module][key], off, shape).clone())
+                    key: torch.nn.Parameter(_box(weights[module][key], off, shape).to(self.device, copy=True))
                     for key, (off, shape) in self.boxes[module].items()
                 }
         self.routes = self._routes()
@@ -171,7 +171,7 @@ class ToyMimo:
 
     def forward_backward(self, step: int, loss_scale: float = 1.0) -> float | None:
         """One step's forward and backward on the global batch; the loss on last-stage ranks."""
-        x, target = batch(step)
+        x, target = (t.to(self.device) for t in batch(step))
         vis, lang = self.layouts["vision"], self.layouts["language"]
         enc_out, vis_begin = None, 0
         if "vision" in self.params:
@@ -190,7 +190,7 @@ class ToyMimo:
         if lang_c is not None:
             lb, le = lang_c["dp"] * BATCH // lang.dp, (lang_c["dp"] + 1) * BATCH // lang.dp
         # Vision -> language, first stage: only the tp-0 copy of each row block travels forward.
-        inbox = torch.zeros(le - lb, D_MODEL)
+        inbox = torch.zeros(le - lb, D_MODEL, device=self.device)
         fwd = [r for r in self.routes if vis.coords(r.src)["tp"] == 0]
         sends = [(r.dst, enc_out[r.begin - vis_begin : r.end - vis_begin].detach().contiguous())
                  for r in fwd if r.src == self.rank]
@@ -205,7 +205,7 @@ class ToyMimo:
                 stage_in = inbox.requires_grad_()
                 h = p["input.gain"] * stage_in
             else:
-                stage_in = torch.empty(le - lb, D_MODEL)
+                stage_in = torch.empty(le - lb, D_MODEL, device=self.device)
                 dist.recv(stage_in, lang.rank_of(pp=s - 1, dp=lang_c["dp"]))
                 h = stage_in.requires_grad_()
             for i in range(LAYERS // lang.pp):
