@@ -10,6 +10,7 @@ from .groups import GROUP_DIMS, ModuleGroups, build_module_groups, peer_rank_lis
 from .loss_scale import ConstantLossScaler, DynamicLossScaler
 from .mimo import MimoOptimizer, ModuleOptimizer
 from .native import NativeModuleOptimizer
+# optim.megatron (MegatronModuleOptimizer) imports on demand: it needs megatron-core and a GPU.
 from .params import ShardedParam
 
 __all__ = [

@@ -31,17 +31,17 @@ _SCALER_KEY = f"{STATE_PREFIX}loss_scaler"
 class ModuleOptimizer(Protocol):
     """What MimoOptimizer drives; `optim.NativeModuleOptimizer` is one."""
 
-    scheduler: Any
     main_rank: int
 
     def prepare(self, inv_scale: float) -> torch.Tensor:
         """Unscaled main grads ready; [non-finite, squared norm, zeros] reduced over the module."""
     def clip(self, coef: float) -> None: ...
     def step(self) -> bool: ...
+    def step_scheduler(self) -> None: ...
     def zero_grad(self, set_to_none: bool = True) -> None: ...
     @property
     def param_groups(self) -> list[dict[str, Any]]: ...
-    def sharded_state_dict(self) -> dict[str, Any]: ...
+    def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]: ...
     def load_sharded_state_dict(self, loaded: Mapping[str, Any]) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None: ...
@@ -128,8 +128,7 @@ class MimoOptimizer:
         self.loss_scaler.update(False)
         if success:
             for opt in self.modules.values():
-                if opt.scheduler is not None:
-                    opt.scheduler.step()
+                opt.step_scheduler()
         return success, grad_norm, self._num_zeros if self.log_num_zeros_in_grad else None
 
     def count_zeros(self) -> int:
@@ -151,11 +150,12 @@ class MimoOptimizer:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def sharded_state_dict(self) -> dict[str, dict[str, Any]]:
-        """Per module of this rank, its optimizer state as shards; pass to mimo_ckpt.save / load."""
+    def sharded_state_dict(self, is_loading: bool = False) -> dict[str, dict[str, Any]]:
+        """Per module of this rank, its optimizer state as shards: pass it to mimo_ckpt.save, or
+        (with `is_loading`) to mimo_ckpt.load and then its result to `load_sharded_state_dict`."""
         out = {}
         for name, opt in self.modules.items():
-            state = opt.sharded_state_dict()
+            state = opt.sharded_state_dict(is_loading)
             state["loss_scaler"] = ObjectShard(
                 _SCALER_KEY, self.loss_scaler.state_dict(), is_main_replica=self.rank == opt.main_rank
             )

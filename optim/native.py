@@ -182,6 +182,10 @@ class NativeModuleOptimizer:
             self._gather_rows()
         return True
 
+    def step_scheduler(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step()
+
     def _gather_rows(self) -> None:
         """All-gather every parameter's updated rows over the dp x cp group."""
         group, n = self.groups.group("dp_cp"), len(self._shard_members)
@@ -262,8 +266,9 @@ class NativeModuleOptimizer:
     def _tensor_shard(self, name: str, s: _MainSlice, tensor: torch.Tensor) -> TensorShard:
         return TensorShard(f"{STATE_PREFIX}state.{name}.{s.sp.key}", tensor, s.sp.global_shape, s.box.offset)
 
-    def sharded_state_dict(self) -> dict[str, Any]:
-        """This rank's optimizer state as shards of model-space keys, for mimo_ckpt.save / load."""
+    def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
+        """This rank's optimizer state as shards of model-space keys, for mimo_ckpt.save / load
+        (the same structure either way: missing state is created first)."""
         self._ensure_state()
         out: dict[str, Any] = {
             "state": {s.sp.key: self._entries(s) for s in self._slices},

@@ -67,15 +67,15 @@ class ToyRun:
         return {f"{m}/{k}": [list(self.model.boxes[m][k][0]), list(p.shape), p.detach().reshape(-1).tolist()]
                 for m, ps in self.model.params.items() for k, p in ps.items()}
 
-    def state(self) -> dict[str, Any]:
-        opt = self.opt.sharded_state_dict()
+    def state(self, is_loading: bool = False) -> dict[str, Any]:
+        opt = self.opt.sharded_state_dict(is_loading)
         return {m: {"model": self.model.model_state(m), "optimizer": opt[m]} for m in self.model.params}
 
     def save(self, path: str, step: int) -> None:
         mimo_ckpt.save(self.state(), path, layouts=self.layouts, metadata={"step": step})
 
     def load(self, path: str) -> None:
-        result = mimo_ckpt.load(self.state(), path, layouts=self.layouts)
+        result = mimo_ckpt.load(self.state(is_loading=True), path, layouts=self.layouts)
         self.opt.load_sharded_state_dict({m: s["optimizer"] for m, s in result.state.items()})
 
     def adam_steps(self) -> list[float]:

@@ -1,0 +1,183 @@
+"""A megatron-core optimizer (from `get_megatron_optimizer`) as one module of a MimoOptimizer.
+
+megatron-core's optimizers, DDP and grad scalers allocate on CUDA unconditionally (0.19.2), so
+this adapter runs on GPUs only; on CPU use `NativeModuleOptimizer`. What it changes:
+- the loss scale: a megatron grad scaler updates from its own module's overflow flag; here it is
+  replaced by a view of the MimoOptimizer's one scaler, which updates from the global decision;
+- overflow detection: bf16 and fp32 optimizers without a scaler never look for non-finite grads,
+  so the adapter checks the main grads itself;
+- state: megatron's `sharded_state_dict` leaves (ShardedTensor keys such as
+  `optimizer.state.exp_avg.<model key>`) go to mimo_ckpt as they are, and its plain values
+  (param groups, step, sharding type) become objects saved by the module's rank with all
+  coordinates 0, not by global rank 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from mimo_ckpt import megatron_interop
+from mimo_ckpt.shard import ObjectShard
+
+from .groups import ModuleGroups
+
+__all__ = ["MegatronModuleOptimizer", "FULLY_RESHARDABLE"]
+
+# DistributedOptimizer metadata for model-space state that reshards over TP, PP, DP and EP.
+FULLY_RESHARDABLE = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+class _SharedScale:
+    """Stands in for a megatron grad scaler: the scale is set by MimoOptimizer before each step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.scale = torch.ones(1, dtype=torch.float32, device=device)
+        self.inv_scale = torch.ones(1, dtype=torch.float32, device=device)
+
+    def set(self, inv_scale: float) -> None:
+        self.inv_scale.fill_(inv_scale)
+        self.scale.fill_(1.0 / inv_scale)
+
+    def update(self, found_inf: bool) -> None:
+        """No-op: the shared scaler updates once, from the decision of all modules."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+def _inner(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+class MegatronModuleOptimizer:
+    """Drives a megatron-core optimizer for one module.
+
+    `model_sharded_state_dict()` returns the module's model `sharded_state_dict()` (unwrapped, so
+    keys carry no `module.` segments); the optimizer maps its state onto those keys.
+    `zero_grad_buffer` clears the DDP grad buffers. `scheduler` is an optional megatron
+    `OptimizerParamScheduler`. `metadata` goes to megatron's `sharded_state_dict` (for a
+    DistributedOptimizer pass FULLY_RESHARDABLE plus `dp_cp_group`).
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        groups: ModuleGroups,
+        model_sharded_state_dict: Callable[[], Any],
+        *,
+        zero_grad_buffer: Callable[[], None] | None = None,
+        scheduler: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.name, self.groups, self.optimizer = groups.name, groups, optimizer
+        self.model_sharded_state_dict = model_sharded_state_dict
+        self.zero_grad_buffer, self.scheduler = zero_grad_buffer, scheduler
+        self.metadata = dict(metadata or {})
+        self.main_rank = groups.layout.rank_of()
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self._shared = _SharedScale(self.device)
+        self._scaled = []
+        for inner in _inner(optimizer):
+            if getattr(inner, "grad_scaler", None) is not None:
+                inner.grad_scaler = self._shared
+                self._scaled.append(inner)
+
+    def _main_grads(self) -> list[torch.Tensor]:
+        out = []
+        for inner in _inner(self.optimizer):
+            decoupled = getattr(inner.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
+            for p in inner.get_parameters():
+                g = getattr(p, "decoupled_grad", None) if decoupled else p.grad
+                if g is not None:
+                    out.append(g)
+        return out
+
+    @torch.no_grad()
+    def prepare(self, inv_scale: float) -> torch.Tensor:
+        self._shared.set(inv_scale)
+        self.optimizer.prepare_grads()  # copies to main grads; unscales where a scaler is installed
+        grads = self._main_grads()
+        if inv_scale != 1.0 and not self._scaled:
+            torch._foreach_mul_(grads, inv_scale)
+        bad = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for g in grads:
+            bad[0] += (~torch.isfinite(g)).any()
+        dist.all_reduce(bad, group=self.groups.group("module"))
+        if bad[0].item() > 0:
+            return bad
+        norm = float(self.optimizer.get_grad_norm())  # reduced over the module's grad-stats group
+        zeros = float(self.optimizer.count_zeros())
+        return torch.tensor([0.0, norm * norm, zeros], dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def clip(self, coef: float) -> None:
+        grads = self._main_grads()
+        if grads:
+            torch._foreach_mul_(grads, coef)
+
+    def step(self) -> bool:
+        return bool(self.optimizer.step_with_ready_grads())
+
+    def step_scheduler(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step(increment=1)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.zero_grad_buffer is not None:
+            self.zero_grad_buffer()
+        self.optimizer.zero_grad(set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _sharded(self, is_loading: bool) -> dict[str, Any]:
+        for inner in _inner(self.optimizer):
+            init = getattr(inner, "_init_optimizer_states_with_dummy_values", None)
+            if callable(init) and not inner.optimizer.state:  # DistributedOptimizer needs state to describe it
+                init()
+        state = self.optimizer.sharded_state_dict(self.model_sharded_state_dict(), is_loading, metadata=self.metadata)
+        out = {"megatron": _objects_for_plain_leaves(state, "optimizer.megatron", self.groups.rank == self.main_rank)}
+        if self.scheduler is not None:
+            out["lr_scheduler"] = ObjectShard(
+                "optimizer.lr_scheduler", self.scheduler.state_dict(), is_main_replica=self.groups.rank == self.main_rank
+            )
+        return out
+
+    def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
+        """With `is_loading`, megatron allocates the state that mimo_ckpt.load fills."""
+        return self._sharded(is_loading)
+
+    def load_sharded_state_dict(self, loaded: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(loaded["megatron"])
+        if self.scheduler is not None and "lr_scheduler" in loaded:
+            self.scheduler.load_state_dict(loaded["lr_scheduler"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+
+def _objects_for_plain_leaves(value: Any, key: str, is_main: bool) -> Any:
+    """Copy of megatron's state with every plain (JSON) leaf made an object saved by one rank."""
+    if megatron_interop.kind(value) is not None or torch.is_tensor(value):
+        return value
+    if isinstance(value, dict):
+        return {k: _objects_for_plain_leaves(v, f"{key}.{k}", is_main) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_objects_for_plain_leaves(v, f"{key}.{i}", is_main) for i, v in enumerate(value))
+    return ObjectShard(key, value, is_main_replica=is_main)
