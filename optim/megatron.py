@@ -23,6 +23,7 @@ from mimo_ckpt import megatron_interop
 from mimo_ckpt.shard import ObjectShard
 
 from .groups import ModuleGroups
+from .state_init import materialise_state
 
 __all__ = ["MegatronModuleOptimizer", "FULLY_RESHARDABLE"]
 
@@ -91,6 +92,7 @@ class MegatronModuleOptimizer:
             if getattr(inner, "grad_scaler", None) is not None:
                 inner.grad_scaler = self._shared
                 self._scaled.append(inner)
+            _skip_step_in_fully_reshardable_load(inner)
 
     def _main_grads(self) -> list[torch.Tensor]:
         out = []
@@ -143,25 +145,24 @@ class MegatronModuleOptimizer:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _sharded(self, is_loading: bool) -> dict[str, Any]:
-        for inner in _inner(self.optimizer):
-            init = getattr(inner, "_init_optimizer_states_with_dummy_values", None)
-            if callable(init) and not inner.optimizer.state:  # DistributedOptimizer needs state to describe it
-                init()
-        state = self.optimizer.sharded_state_dict(self.model_sharded_state_dict(), is_loading, metadata=self.metadata)
-        out = {"megatron": _objects_for_plain_leaves(state, "optimizer.megatron", self.groups.rank == self.main_rank)}
-        if self.scheduler is not None:
-            out["lr_scheduler"] = ObjectShard(
-                "optimizer.lr_scheduler", self.scheduler.state_dict(), is_main_replica=self.groups.rank == self.main_rank
-            )
-        return out
-
     def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
-        """With `is_loading`, megatron allocates the state that mimo_ckpt.load fills."""
-        return self._sharded(is_loading)
+        """The same structure for save and load: state is created first where there is none.
+
+        (megatron's own `is_loading=True` form lacks the step counts that a save writes.)"""
+        for inner in _inner(self.optimizer):
+            # megatron lists the shared step only when it is non-zero; a fresh template gets 1,
+            # which the load overwrites.
+            materialise_state(inner.optimizer, step=1 if is_loading else 0)
+        state = self.optimizer.sharded_state_dict(self.model_sharded_state_dict(), False, metadata=self.metadata)
+        is_main = self.groups.rank == self.main_rank
+        out = {"megatron": _objects_for_plain_leaves(state, "optimizer.megatron", is_main)}
+        if self.scheduler is not None:
+            out["lr_scheduler"] = ObjectShard("optimizer.lr_scheduler", self.scheduler.state_dict(), is_main_replica=is_main)
+        return out
 
     def load_sharded_state_dict(self, loaded: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(loaded["megatron"])
+        _unshare_steps(self.optimizer)
         if self.scheduler is not None and "lr_scheduler" in loaded:
             self.scheduler.load_state_dict(loaded["lr_scheduler"])
 
@@ -170,6 +171,27 @@ class MegatronModuleOptimizer:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict)
+        _unshare_steps(self.optimizer)
+
+
+def _unshare_steps(optimizer: Any) -> None:
+    """Work around megatron-core 0.19.2: without TE/Apex, DistributedOptimizer.load_state_dict gives
+    every parameter the same `step` tensor, which torch's AdamW then increments once per parameter
+    and step. Each parameter gets its own copy."""
+    for inner in _inner(optimizer):
+        for state in inner.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def _skip_step_in_fully_reshardable_load(inner: Any) -> None:
+    """Work around megatron-core 0.19.2: loading `fully_reshardable` state copies every tensor of the
+    torch optimizer's per-parameter state, `step` included (a tensor in torch's AdamW), from a
+    source that never holds `step` (KeyError). A non-tensor `step` is skipped by that copy; the
+    step itself is restored from the param groups, as megatron intends."""
+    original = getattr(inner, "_set_main_param_and_optimizer_states", None)
+    if callable(original):
+        inner._set_main_param_and_optimizer_states = lambda param, tensors: original(param, {"step": None, **tensors})
 
 
 def _objects_for_plain_leaves(value: Any, key: str, is_main: bool) -> Any:

@@ -24,11 +24,11 @@ from mimo_ckpt.shard import ObjectShard, TensorShard
 
 from .groups import ModuleGroups
 from .params import ShardedParam, SliceRef, first_holders, first_key_holders, zero1_rows
+from .state_init import SCALAR_STATE, materialise_state
 
 __all__ = ["NativeModuleOptimizer", "STATE_PREFIX"]
 
 STATE_PREFIX = "optimizer."
-_SCALAR_STATE = frozenset({"step"})  # per-parameter scalars torch keeps as 0-d tensors
 
 
 @dataclass(slots=True, eq=False)  # compared by identity
@@ -221,25 +221,7 @@ class NativeModuleOptimizer:
     # -- state ----------------------------------------------------------------------------------
 
     def _ensure_state(self) -> None:
-        """Create optimizer state where the optimizer has none yet, so loads have tensors to fill."""
-        missing = [s for s in self._slices if not self.optimizer.state.get(s.main)]
-        if not missing:
-            return
-        kept = [s.main.detach().clone() for s in self._slices]
-        grads = [s.main.grad for s in self._slices]
-        for s in self._slices:  # a step with zero grads on the missing ones only; others are skipped
-            s.main.grad = torch.zeros_like(s.main) if s in missing else None
-        self.optimizer.step()
-        for s, value, grad in zip(self._slices, kept, grads):
-            s.main.data.copy_(value)
-            s.main.grad = grad
-        for s in missing:
-            state = self.optimizer.state[s.main]
-            for name, value in state.items():
-                if name in _SCALAR_STATE:
-                    state[name] = _scalar_like(value, 0)
-                elif torch.is_tensor(value):
-                    value.zero_()
+        materialise_state(self.optimizer)
 
     def _entries(self, s: _MainSlice) -> dict[str, Any]:
         state = self.optimizer.state[s.main]
@@ -248,7 +230,7 @@ class NativeModuleOptimizer:
         if s.saves_main:
             out["fp32_param"] = self._tensor_shard("fp32_param", s, s.main)
         for name, value in sorted(state.items()):
-            if name in _SCALAR_STATE or not torch.is_tensor(value):
+            if name in SCALAR_STATE or not torch.is_tensor(value):
                 out[name] = ObjectShard(
                     f"{STATE_PREFIX}state.{name}.{key}", _to_number(value, key, name),
                     is_main_replica=self._saves_scalars[key],
@@ -328,7 +310,7 @@ class NativeModuleOptimizer:
             for name, value in saved.items():
                 if name == "fp32_param":
                     s.main.copy_(value)
-                elif torch.is_tensor(value) and name not in _SCALAR_STATE:
+                elif torch.is_tensor(value) and name not in SCALAR_STATE:
                     state[name].copy_(value)
                 else:
                     state[name] = _scalar_like(state.get(name, value), value)
