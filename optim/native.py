@@ -177,7 +177,8 @@ class NativeModuleOptimizer:
         self.optimizer.step()
         for s in self._slices:
             if s.is_copy:
-                s.model_rows(s.sp.param.data).copy_(s.main.reshape(s.model_rows(s.sp.param.data).shape))
+                rows = s.model_rows(s.sp.param.data)
+                rows.copy_(s.main.reshape(rows.shape))
         if self.shard_state:
             self._gather_rows()
         return True
