@@ -139,6 +139,9 @@ class MegatronModuleOptimizer:
             self.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none)
 
+    def reload_model_params(self) -> None:
+        self.optimizer.reload_model_params()
+
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups

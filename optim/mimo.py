@@ -39,6 +39,7 @@ class ModuleOptimizer(Protocol):
     def step(self) -> bool: ...
     def step_scheduler(self) -> None: ...
     def zero_grad(self, set_to_none: bool = True) -> None: ...
+    def reload_model_params(self) -> None: ...
     @property
     def param_groups(self) -> list[dict[str, Any]]: ...
     def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]: ...
@@ -138,6 +139,11 @@ class MimoOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.modules.values():
             opt.zero_grad(set_to_none)
+
+    def reload_model_params(self) -> None:
+        """Refresh the fp32 main params from the model weights, after those were set from outside."""
+        for opt in self.modules.values():
+            opt.reload_model_params()
 
     def get_loss_scale(self) -> float:
         """The scale to multiply the loss by before backward."""

@@ -280,11 +280,19 @@ class NativeModuleOptimizer:
             self.scheduler.load_state_dict(loaded["lr_scheduler"])
 
     @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Set every main copy from the model weights (after the weights were changed outside)."""
+        self._copy_model_to_main(only_unsaved=False)
+
+    @torch.no_grad()
+    def _copy_model_to_main(self, only_unsaved: bool) -> None:
+        for s in self._slices:
+            if s.is_copy and not (only_unsaved and s.saves_main):
+                s.main.copy_(s.model_rows(s.sp.param.data).reshape(s.main.shape))
+
     def _refresh_unsaved_mains(self) -> None:
         """Main copies that are not saved equal the (loaded) model rows they came from."""
-        for s in self._slices:
-            if s.is_copy and not s.saves_main:
-                s.main.copy_(s.model_rows(s.sp.param.data).reshape(s.main.shape))
+        self._copy_model_to_main(only_unsaved=True)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain, module-keyed state of this rank (this rank's rows when sharded)."""
@@ -333,7 +341,7 @@ def _to_number(value: Any, key: str, name: str) -> float | int:
 
 def _scalar_like(current: Any, value: Any) -> Any:
     if torch.is_tensor(current):
-        return torch.tensor(value, dtype=current.dtype, device=current.device)
+        return torch.as_tensor(value).to(dtype=current.dtype, device=current.device, copy=True)
     return type(current)(value) if isinstance(current, (int, float)) else value
 
 

@@ -113,10 +113,57 @@ def _error_of(fn: Any) -> list[str] | None:
     return None
 
 
+def _bf16_grad(w0: torch.Tensor, step: int) -> torch.Tensor:
+    return torch.cos(w0 * (step + 1)).to(torch.bfloat16)
+
+
+def mixed_precision(args: dict) -> dict:
+    """bf16 weights, fp32 main params in ZeRO-1 rows over DP6; saved, loaded under DP2, stepped on."""
+    from mimo_ckpt import TensorShard
+    from optim import NativeModuleOptimizer, ShardedParam, build_module_groups
+
+    def build(dp: int):
+        lay = {"m": ModuleLayout(dp=dp)}
+        groups = build_module_groups(lay)
+        if "m" not in groups:
+            return lay, None, MimoOptimizer({}, lay)
+        param = torch.nn.Parameter(torch.zeros(6, 4, dtype=torch.bfloat16))
+        module = NativeModuleOptimizer([ShardedParam.whole("w", param)], groups["m"],
+                                       lambda gs: torch.optim.AdamW(gs, lr=0.1), shard_state=True)
+        return lay, param, MimoOptimizer({"m": module}, lay)
+
+    w0 = torch.linspace(-1, 1, 24).reshape(6, 4)
+    lay, param, opt = build(6)
+    with torch.no_grad():
+        param.copy_(w0)
+    opt.reload_model_params()
+    for step in range(args["steps"]):
+        param.grad = _bf16_grad(w0, step)
+        opt.step()
+    state = {"m": {"model": TensorShard.whole("w", param.data), "optimizer": opt.sharded_state_dict()["m"]}}
+    mimo_ckpt.save(state, args["path"], layouts=lay)
+
+    lay, param, opt = build(2)
+    if param is None:  # ranks outside the new layout still take part in every collective
+        mimo_ckpt.load({}, args["path"], layouts=lay)
+        opt.load_sharded_state_dict({})
+        opt.step()
+        return {}
+    state = {"m": {"model": TensorShard.whole("w", param.data), "optimizer": opt.sharded_state_dict(True)["m"]}}
+    result = mimo_ckpt.load(state, args["path"], layouts=lay)
+    opt.load_sharded_state_dict({"m": result.state["m"]["optimizer"]})
+    (main_slice,) = opt.modules["m"]._slices
+    loaded_main = [list(main_slice.rows), main_slice.main.tolist()]
+    param.grad = _bf16_grad(w0, args["steps"])
+    opt.step()
+    return {"main": loaded_main, "weights": param.float().tolist()}
+
+
 def suite(args: dict) -> dict:
     """Every scenario in one world, so ranks start once."""
     out = {"training": training(args["training"]), "overflow": overflow(args["overflow"]),
-           "plain_state": plain_state({})}
+           "plain_state": plain_state({}),
+           "mixed_precision": mixed_precision(dict(args["mixed_precision"], path=os.path.join(args["root"], "bf16")))}
     for i, case in enumerate(args["resume"]):
         out[f"resume{i}"] = resume(dict(case, path=os.path.join(args["root"], f"ckpt{i}")))
     return out

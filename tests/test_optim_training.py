@@ -32,6 +32,7 @@ def results(tmp_path_factory):
         "training": {"steps": STEPS, "cases": TRAINING},
         "overflow": {"shard_state": True},
         "resume": [dict(r, k=RESUME_AT, total=STEPS) for r in RESUMES],
+        "mixed_precision": {"steps": 3},
         "root": str(tmp_path_factory.mktemp("optim")),
     }
     return run_local_world(WORLD, "tests.optim_worlds:suite", args, timeout=600)
@@ -115,6 +116,26 @@ def test_plain_state_dict_rewinds_exactly_and_bad_state_fails_on_every_rank(resu
         assert kind == "ShardError" and f"module {module!r}" in message and "param groups" in message
         kind, message = p["no_optimizer"]
         assert kind == "LayoutError" and f"rank {rank} is in module {module!r}" in message
+
+
+def test_bf16_weights_keep_fp32_main_params_across_a_zero1_dp_change(results):
+    """Reference: torch AdamW on an fp32 copy, bf16 weights cast from it after each step."""
+    w0 = torch.linspace(-1, 1, 24).reshape(6, 4)
+    main = torch.nn.Parameter(w0.to(torch.bfloat16).float())
+    adam = torch.optim.AdamW([main], lr=0.1)
+    for step in range(3):
+        main.grad = torch.cos(w0 * (step + 1)).to(torch.bfloat16).float()
+        adam.step()
+    saved_main = main.detach().clone()
+    main.grad = torch.cos(w0 * 4).to(torch.bfloat16).float()
+    adam.step()
+    for rank in (0, 1):  # the DP2 ranks after the load; each holds 3 rows of the fp32 main params
+        begin, end = results[rank]["mixed_precision"]["main"][0]
+        assert (begin, end) == (3 * rank, 3 * rank + 3)
+        assert torch.equal(torch.tensor(results[rank]["mixed_precision"]["main"][1]), saved_main[begin:end])
+        weights = torch.tensor(results[rank]["mixed_precision"]["weights"])
+        torch.testing.assert_close(weights, main.detach().to(torch.bfloat16).float(), rtol=0, atol=0)
+    assert all(r["mixed_precision"] == {} for r in results[2:])
 
 
 @pytest.mark.parametrize("resume_index,layout", [
