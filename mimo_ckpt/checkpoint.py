@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -28,9 +29,10 @@ from .errors import (
 from .layout import ModuleLayout
 from .load_plan import KeyReport, check_keys, plan_module_load
 from .manifest import (
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST_PATH, Manifest, ModuleEntry, check_module_name,
-    module_to_json, read_manifest_bytes,
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST_PATH, READING_MARKER_PREFIX, SAVING_MARKER_PREFIX, Manifest,
+    ModuleEntry, check_module_name, module_to_json, read_manifest, read_manifest_bytes,
 )
+from .faults import fault_point
 from .megatron_interop import kind as megatron_kind
 from .save_plan import ModuleSavePlan, plan_module_save
 from .shard import (
@@ -127,21 +129,18 @@ def save(
     `state[module]` holds this rank's shards of that module (see `mimo_ckpt.shard`); `layouts`
     gives every module's layout and is the same on all ranks. Returns once the manifest is
     committed; raises on every rank if any rank failed, and then commits nothing.
+
+    Nothing is a checkpoint until its manifest exists: data files are durable first, the manifest
+    is published atomically and never over an existing one. Each save names its files and a
+    `.saving-<id>` marker with its own id; a save that starts on the same path takes the marker
+    over, so an earlier save still running there fails at commit. After a commit, files that the
+    manifest does not name (left by saves that died) are removed; after a failure, this save's own.
     """
     comm = comm or TorchComm()
     storage = storage or open_storage(path)
     _check_layouts(layouts, comm.size)
-    probe = b""
-    if comm.rank == 0:
-        try:
-            probe = b"1" if storage.size(MANIFEST_PATH) is not None else b"0"
-        except OSError as exc:
-            probe = f"-{exc}".encode()
-    probe = comm.broadcast_bytes(probe, 0)
-    if probe == b"1":
-        raise CheckpointExistsError(f"{os.fspath(path)} already holds a committed checkpoint")
-    if probe != b"0":
-        raise StorageError(f"rank 0 could not check {os.fspath(path)}: {probe[1:].decode()}")
+    save_id = _begin_save(comm, storage, os.fspath(path))
+    fault_point("save.start", comm.rank)
 
     run = _Collective(comm)
     local: dict[str, ModuleShards] = {}
@@ -171,6 +170,7 @@ def save(
                 name, layouts[name],
                 {ranks[i]: [TensorMeta.from_wire(w) for w in g["tensors"]] for i, g in enumerate(gathered)},
                 {ranks[i]: [ObjectMeta.from_wire(w) for w in g["objects"]] for i, g in enumerate(gathered)},
+                file_tag=save_id,
             )
         except MimoCkptError as exc:
             run.fail(exc)
@@ -182,9 +182,10 @@ def save(
                 file_plan = plan.file_of(comm.rank)
                 if file_plan is not None:
                     data = {(t.key, t.box): t.data for t in local[name].tensors}
-                    crcs[name] = write_shard_file(storage, file_plan, data)
+                    crcs[name] = write_shard_file(storage, file_plan, data, comm.rank)
         except (MimoCkptError, OSError) as exc:
             run.fail(exc)
+    fault_point("save.written", comm.rank)
 
     sections: dict[str, Any] = {}
     for name, mc in module_comms.items():
@@ -211,14 +212,72 @@ def save(
                 "format": FORMAT_NAME, "version": FORMAT_VERSION, "world_size": comm.size,
                 "metadata": dict(metadata or {}), "modules": dict(sorted(modules.items())),
             }
-            try:
-                blob = json.dumps(doc, separators=(",", ":")).encode()
-                Manifest.from_bytes(blob, source="manifest being written")
-                storage.commit_file(MANIFEST_PATH, blob)
-            except (MimoCkptError, OSError, TypeError, ValueError) as exc:
-                errors.append(f"rank 0 committing the manifest: {exc}")
+            errors = _commit(storage, doc, save_id, os.fspath(path))
+            fault_point("save.committed", comm.rank)
+        _clean_up(storage, save_id, committed=not errors)
     outcome = json.loads(comm.broadcast_bytes(_encode(errors), 0))
     run.finish(outcome)
+
+
+def _marker(save_id: str) -> str:
+    return f"{SAVING_MARKER_PREFIX}{save_id}"
+
+
+def _begin_save(comm: Comm, storage: Storage, path: str) -> str:
+    """Rank 0 refuses a committed path, takes the save marker over, and shares the new save id."""
+    reply = ""
+    if comm.rank == 0:
+        save_id = uuid.uuid4().hex[:12]
+        try:
+            if storage.size(MANIFEST_PATH) is not None:
+                reply = "exists"
+            else:
+                for name in storage.list_files():
+                    if name.startswith(SAVING_MARKER_PREFIX):
+                        log.warning("%s: taking over from save %s (died, or still running)",
+                                    path, name[len(SAVING_MARKER_PREFIX):])
+                        storage.remove(name)
+                storage.commit_file(_marker(save_id), b"")
+                reply = "id:" + save_id
+        except OSError as exc:
+            reply = f"error:{exc}"
+    reply = comm.broadcast_bytes(reply.encode(), 0).decode()
+    if reply == "exists":
+        raise CheckpointExistsError(f"{path} already holds a committed checkpoint")
+    if not reply.startswith("id:"):
+        raise StorageError(f"rank 0 could not start a save in {path}: {reply[len('error:'):]}")
+    return reply[3:]
+
+
+def _commit(storage: Storage, doc: dict[str, Any], save_id: str, path: str) -> list[str]:
+    """Rank 0: publish the manifest, unless another save took this path over meanwhile."""
+    try:
+        blob = json.dumps(doc, separators=(",", ":")).encode()
+        Manifest.from_bytes(blob, source="manifest being written")
+        if storage.size(_marker(save_id)) is None:
+            return [f"another save to {path} started while this one ran (its marker replaced ours); "
+                    f"not committing save {save_id}"]
+        fault_point("save.commit", 0)
+        storage.commit_file(MANIFEST_PATH, blob, exclusive=True)
+    except (MimoCkptError, OSError, TypeError, ValueError) as exc:
+        return [f"rank 0 committing the manifest: {exc}"]
+    return []
+
+
+def _clean_up(storage: Storage, save_id: str, committed: bool) -> None:
+    """Rank 0, best effort: after a commit, drop files the manifest does not name; else our own."""
+    try:
+        names = storage.list_files()
+        if committed:
+            manifest = read_manifest(storage)
+            keep = {MANIFEST_PATH} | {s.file for m in manifest.modules.values() for t in m.tensors.values() for s in t.shards}
+            doomed = [n for n in names if n not in keep and not n.startswith(READING_MARKER_PREFIX)]
+        else:
+            doomed = [n for n in names if save_id in n]
+        for name in doomed:
+            storage.remove(name)
+    except (MimoCkptError, OSError) as exc:
+        log.warning("cleaning up after save %s: %s", save_id, exc)
 
 
 def load(
@@ -293,6 +352,7 @@ def load(
         if run.failure is not None or entry is None:
             continue
         try:
+            fault_point("load.read", comm.rank)
             bytes_read += _load_module(name, entry, shards, skipped, storage, verify, loaded_objects)
         except (MimoCkptError, OSError) as exc:
             run.fail(exc)

@@ -35,6 +35,10 @@ __all__ = [
 FORMAT_NAME = "mimo-ckpt"
 FORMAT_VERSION = 1
 MANIFEST_PATH = "manifest.json"
+SAVING_MARKER_PREFIX = ".saving-"
+"""A save in progress: `.saving-<save id>`, removed when the save ends."""
+READING_MARKER_PREFIX = ".reading-"
+"""A load in progress: retention never deletes a checkpoint that holds one."""
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 

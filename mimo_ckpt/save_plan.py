@@ -76,8 +76,9 @@ class ModuleSavePlan:
         return ModuleEntry(layout=layout, tensors=tensors, objects=objects)
 
 
-def shard_file_path(module: str, rank: int) -> str:
-    return f"{module}/r{rank:05d}.safetensors"
+def shard_file_path(module: str, rank: int, tag: str = "") -> str:
+    """`<module>/r<rank>[-<tag>].safetensors`; the tag (a save id) keeps concurrent saves apart."""
+    return f"{module}/r{rank:05d}{'-' + tag if tag else ''}.safetensors"
 
 
 def tensor_name(key: str, box: Box) -> str:
@@ -90,6 +91,7 @@ def plan_module_save(
     layout: ModuleLayout,
     tensors_by_rank: Mapping[int, Sequence[TensorMeta]],
     objects_by_rank: Mapping[int, Sequence[ObjectMeta]],
+    file_tag: str = "",
 ) -> ModuleSavePlan:
     """Dedupe boxes, check they tile each tensor, and spread writes of replicas by bytes."""
     by_key: dict[str, dict[Box, list[int]]] = defaultdict(dict)
@@ -142,7 +144,7 @@ def plan_module_save(
             {"format": "mimo-ckpt", "module": module},
         )
         files.append(FilePlan(
-            shard_file_path(module, writer), writer, prefix,
+            shard_file_path(module, writer, file_tag), writer, prefix,
             tuple(WriteItem(k, b, spec[k][0], lo, hi) for (k, b), (lo, hi) in zip(entries, ranges)),
         ))
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import posixpath
+import uuid
 from typing import Any, Iterable, Protocol
 
-from .errors import StorageError
+from .errors import CheckpointExistsError, StorageError
 
 __all__ = ["Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "check_relpath"]
 
@@ -27,8 +28,16 @@ class Storage(Protocol):
         """Fill the buffers `out`, in order, with the file's bytes from `offset` on (one
         scattered read where the backend can); short files are an error."""
 
-    def commit_file(self, path: str, data: bytes) -> None:
-        """Atomically publish a small file: readers see the old state or the whole new file."""
+    def commit_file(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
+        """Atomically publish a small file: readers see the old state or the whole new file.
+        With `exclusive`, fail with CheckpointExistsError if the file exists (where the backend can
+        tell atomically; otherwise by a check just before)."""
+
+    def list_files(self) -> list[str]:
+        """Every file in the checkpoint, as relative paths."""
+
+    def remove(self, path: str) -> None:
+        """Delete a file; a missing file is not an error."""
 
 
 def check_relpath(path: str) -> str:
@@ -48,7 +57,13 @@ class LocalStorage:
         self.root = os.fspath(root)
 
     def _abs(self, path: str) -> str:
-        return os.path.join(self.root, check_relpath(path))
+        """The file's absolute path; refuses paths that leave the root through a symlink."""
+        full = os.path.join(self.root, check_relpath(path))
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(full)
+        if real != real_root and not real.startswith(real_root + os.sep):
+            raise StorageError(f"{full} resolves to {real}, outside the checkpoint {real_root} (a symlink?)")
+        return full
 
     def size(self, path: str) -> int | None:
         try:
@@ -69,13 +84,14 @@ class LocalStorage:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            _fsync_dir(os.path.dirname(full))  # the new name is durable before any manifest names it
         except OSError as exc:
             raise StorageError(f"writing {full}: {exc}") from exc
 
     def read_into(self, path: str, offset: int, *out: memoryview) -> None:
         full = self._abs(path)
         try:
-            fd = os.open(full, os.O_RDONLY)
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
             raise StorageError(f"opening {full}: {exc}") from exc
         try:
@@ -83,23 +99,62 @@ class LocalStorage:
         finally:
             os.close(fd)
 
-    def commit_file(self, path: str, data: bytes) -> None:
+    def commit_file(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
         full = self._abs(path)
-        tmp = f"{full}.tmp.{os.getpid()}"
+        tmp = f"{full}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
             os.makedirs(os.path.dirname(full), exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, full)
-            dir_fd = os.open(os.path.dirname(full), os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            if exclusive:
+                try:
+                    os.link(tmp, full)  # atomic, and never replaces an existing file
+                except FileExistsError:
+                    raise CheckpointExistsError(f"{full} already exists: another save committed first") from None
+                finally:
+                    os.unlink(tmp)
+            else:
+                os.replace(tmp, full)
+            _fsync_dir(os.path.dirname(full))
+        except CheckpointExistsError:
+            raise
         except OSError as exc:
+            _unlink_quietly(tmp)
             raise StorageError(f"committing {full}: {exc}") from exc
+
+    def list_files(self) -> list[str]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+            rel = os.path.relpath(dirpath, self.root)
+            out += [name if rel == "." else f"{rel}/{name}" for name in filenames]
+        return sorted(out)
+
+    def remove(self, path: str) -> None:
+        full = os.path.join(self.root, check_relpath(path))  # the link itself, never its target
+        try:
+            os.unlink(full)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"removing {full}: {exc}") from exc
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _preadv_exact(fd: int, offset: int, buffers: list[memoryview], name: str) -> None:
@@ -165,8 +220,25 @@ class TensorStoreStorage:
             v[:] = result.value[pos : pos + len(v)]
             pos += len(v)
 
-    def commit_file(self, path: str, data: bytes) -> None:
+    def commit_file(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
+        if exclusive and self.size(path) is not None:
+            raise CheckpointExistsError(f"{self.url}{path} already exists: another save committed first")
         self.write_file(path, [data])
+
+    def list_files(self) -> list[str]:
+        return sorted(k.decode() if isinstance(k, bytes) else k for k in self._kv.list().result())
+
+    def remove(self, path: str) -> None:
+        try:
+            self._kv.delete_range(_key_range(check_relpath(path))).result()
+        except Exception as exc:
+            raise StorageError(f"removing {self.url}{path}: {exc}") from exc
+
+
+def _key_range(key: str) -> object:
+    import tensorstore as ts
+
+    return ts.KvStore.KeyRange(key, key + "\x00")
 
 
 def open_storage(path: str | os.PathLike[str]) -> Storage:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import crc32c
 import torch
 
 from .box import Box
 from .errors import CorruptShardError
+from .faults import fault_point
 from .load_plan import ReadItem
 from .reads import execute_reads
 from .save_plan import FilePlan
@@ -27,7 +28,9 @@ def host_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
-def write_shard_file(storage: Storage, plan: FilePlan, data: dict[tuple[str, Box], torch.Tensor]) -> list[int]:
+def write_shard_file(
+    storage: Storage, plan: FilePlan, data: dict[tuple[str, Box], torch.Tensor], rank: int = -1,
+) -> list[int]:
     """Write one planned file; returns the crc32c of each item in plan order."""
     buffers = [host_bytes(data[(item.key, item.box)]) for item in plan.items]
     for item, buf in zip(plan.items, buffers):
@@ -38,9 +41,17 @@ def write_shard_file(storage: Storage, plan: FilePlan, data: dict[tuple[str, Box
             )
     with ThreadPoolExecutor(1) as hasher:  # crc32c releases the GIL: hash while writing
         crcs = hasher.map(crc32c.crc32c, buffers)
-        storage.write_file(plan.path, [plan.prefix, *buffers])
+        storage.write_file(plan.path, _with_fault_point([plan.prefix, *buffers], rank))
         crcs = list(crcs)
     return crcs
+
+
+def _with_fault_point(chunks: list[memoryview | bytes], rank: int) -> Iterator[memoryview | bytes]:
+    half = len(chunks) // 2
+    for i, chunk in enumerate(chunks):
+        if i == half:
+            fault_point("save.write", rank)
+        yield chunk
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:

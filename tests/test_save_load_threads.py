@@ -67,11 +67,12 @@ def test_memory_and_file_tensorstore_match_local_filesystem(threads, tmp_path):
         for other in ("memory", "file"):
             theirs = loaded[other][key]
             assert (torch.equal(value, theirs) if isinstance(value, torch.Tensor) else value == theirs), (other, key)
-    # tensorstore's file driver and ours write the same bytes
+    # tensorstore's file driver and ours write the same bytes (file names differ by save id only)
     for module in ("images", "language"):
-        for name in os.listdir(tmp_path / "local" / module):
-            mine = (tmp_path / "local" / module / name).read_bytes()
-            assert mine == (tmp_path / "ts" / module / name).read_bytes()
+        mine, theirs = (sorted(os.listdir(tmp_path / d / module)) for d in ("local", "ts"))
+        assert [n.split("-")[0] for n in mine] == [n.split("-")[0] for n in theirs]
+        for a, b in zip(mine, theirs, strict=True):
+            assert (tmp_path / "local" / module / a).read_bytes() == (tmp_path / "ts" / module / b).read_bytes()
 
 
 def test_reference_check_detects_a_changed_element():

@@ -1,0 +1,27 @@
+"""Named points where a save or load can be made to die, for crash testing.
+
+`MIMO_CKPT_FAULT="save.write@1,save.commit@0"` kills rank 1 with SIGKILL in the middle of writing its
+data and rank 0 just before it commits the manifest. Unset, a point costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+__all__ = ["POINTS", "fault_point"]
+
+POINTS = (
+    "save.start",      # after the save id is agreed, before any data is written
+    "save.write",      # halfway through this rank's data file
+    "save.written",    # after this rank's data is durable, before checksums are gathered
+    "save.commit",     # rank 0, before the manifest is written
+    "save.committed",  # rank 0, after the manifest is written, before the ranks hear of it
+    "load.read",       # before this rank reads its data
+)
+
+
+def fault_point(name: str, rank: int) -> None:
+    spec = os.environ.get("MIMO_CKPT_FAULT")
+    if spec and f"{name}@{rank}" in spec.split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
