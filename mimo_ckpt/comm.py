@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Protocol, Sequence
 
+from .errors import RemoteRankError
+
 __all__ = ["Comm", "TorchComm", "ThreadWorld"]
 
 
@@ -33,13 +35,15 @@ class Comm(Protocol):
 class TorchComm:
     """A torch.distributed process group (gloo on CPU, NCCL on GPU)."""
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, timeout: float | None = None) -> None:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; call init_process_group first")
         self._dist = dist
         self.group = group
+        self.timeout = timeout
+        """Seconds a collective may wait for a peer (the group's own timeout); None: torch's default."""
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self._subgroups: dict[tuple[int, ...], Any] = {}
@@ -47,6 +51,24 @@ class TorchComm:
         import torch
 
         self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    @classmethod
+    def with_timeout(cls, seconds: float) -> "TorchComm":
+        """A comm over all ranks on its own gloo group whose collectives give up after `seconds`
+        (a rank that died or hangs then fails the others with RemoteRankError). Collective."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+        return cls(group, timeout=seconds)
+
+    def _failed(self, what: str, exc: Exception) -> RemoteRankError:
+        limit = f"{self.timeout:g} s" if self.timeout is not None else "the process group's timeout"
+        return RemoteRankError(
+            f"{what} over {self.size} ranks failed on rank {self.rank} (waited up to {limit}): "
+            f"a peer rank died, hung or left ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        )
 
     def _tensor(self, data: bytes, length: int) -> Any:
         import torch
@@ -65,13 +87,31 @@ class TorchComm:
         return [int(t.item()) for t in out]
 
     def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        try:
+            return self._all_gather_bytes(data)
+        except RuntimeError as exc:  # gloo/NCCL errors (DistBackendError is one)
+            raise self._failed("all_gather", exc) from exc
+
+    def gather_bytes(self, data: bytes, root: int) -> list[bytes] | None:
+        try:
+            return self._gather_bytes(data, root)
+        except RuntimeError as exc:
+            raise self._failed("gather", exc) from exc
+
+    def broadcast_bytes(self, data: bytes | None, root: int) -> bytes:
+        try:
+            return self._broadcast_bytes(data, root)
+        except RuntimeError as exc:
+            raise self._failed("broadcast", exc) from exc
+
+    def _all_gather_bytes(self, data: bytes) -> list[bytes]:
         sizes = self._sizes(len(data))
         width = max(max(sizes), 1)
         out = [self._tensor(b"", width) for _ in range(self.size)]
         self._dist.all_gather(out, self._tensor(data, width), group=self.group)
         return [bytes(t.cpu().numpy()[:n]) for t, n in zip(out, sizes)]
 
-    def gather_bytes(self, data: bytes, root: int) -> list[bytes] | None:
+    def _gather_bytes(self, data: bytes, root: int) -> list[bytes] | None:
         sizes = self._sizes(len(data))
         width = max(max(sizes), 1)
         out = [self._tensor(b"", width) for _ in range(self.size)] if self.rank == root else None
@@ -83,7 +123,7 @@ class TorchComm:
             return None
         return [bytes(t.cpu().numpy()[:n]) for t, n in zip(out, sizes)]
 
-    def broadcast_bytes(self, data: bytes | None, root: int) -> bytes:
+    def _broadcast_bytes(self, data: bytes | None, root: int) -> bytes:
         import torch
 
         n = torch.tensor([len(data) if self.rank == root and data else 0], dtype=torch.int64, device=self._device)
@@ -102,8 +142,15 @@ class TorchComm:
                 self._dist.get_global_rank(self.group, r) if self.group is not None else r
                 for r in ranks
             ]
-            group = self._dist.new_group(global_ranks)
-            self._subgroups[ranks] = TorchComm(group) if self.rank in ranks else None
+            if self.timeout is None:
+                group = self._dist.new_group(global_ranks)
+            else:
+                from datetime import timedelta
+
+                group = self._dist.new_group(
+                    global_ranks, backend=self._dist.get_backend(self.group), timeout=timedelta(seconds=self.timeout)
+                )
+            self._subgroups[ranks] = TorchComm(group, self.timeout) if self.rank in ranks else None
         return self._subgroups[ranks]
 
 

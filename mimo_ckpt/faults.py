@@ -1,13 +1,16 @@
 """Named points where a save or load can be made to die, for crash testing.
 
 `MIMO_CKPT_FAULT="save.write@1,save.commit@0"` kills rank 1 with SIGKILL in the middle of writing its
-data and rank 0 just before it commits the manifest. Unset, a point costs one dict lookup.
+data and rank 0 just before it commits the manifest. `save.write@1:hang` makes rank 1 hang there
+instead (for `MIMO_CKPT_HANG_S` seconds, 60 by default) before it dies. Unset, a point costs one
+dict lookup.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 __all__ = ["POINTS", "fault_point"]
 
@@ -23,5 +26,11 @@ POINTS = (
 
 def fault_point(name: str, rank: int) -> None:
     spec = os.environ.get("MIMO_CKPT_FAULT")
-    if spec and f"{name}@{rank}" in spec.split(","):
+    if not spec:
+        return
+    armed = spec.split(",")
+    if f"{name}@{rank}:hang" in armed:
+        time.sleep(float(os.environ.get("MIMO_CKPT_HANG_S", "60")))
+        os.kill(os.getpid(), signal.SIGKILL)
+    if f"{name}@{rank}" in armed:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -29,12 +29,14 @@ def free_port() -> int:
 
 def run_local_world(
     nranks: int, target: str, args: Any = None, *, timeout: float = 900.0, quiet: bool = True,
-    extra_env: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None, allow_failures: bool = False,
 ) -> list[Any]:
     """Results of `target(args)` on each of `nranks` gloo ranks, in rank order.
 
     With `quiet`, the ranks' output is kept and shown only if a rank fails; otherwise it goes to
-    this process's stdout/stderr. Raises RuntimeError naming the failed rank.
+    this process's stdout/stderr. Raises RuntimeError naming the failed rank. With
+    `allow_failures` (for crash tests), every rank runs to its end and a rank that exits with an
+    error gives `{"exit_code": code}` in place of a result.
     """
     with tempfile.TemporaryDirectory(prefix="mimo-world-") as tmp:
         args_file = os.path.join(tmp, "args.json")
@@ -56,12 +58,12 @@ def run_local_world(
         deadline = time.monotonic() + timeout
         failed: int | None = None
         while any(p.poll() is None for p in procs):
-            bad = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            bad = [] if allow_failures else [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
             if bad or time.monotonic() > deadline:
                 failed = bad[0] if bad else -1
                 break
             time.sleep(0.05)
-        if failed is None:
+        if failed is None and not allow_failures:
             failed = next((r for r, p in enumerate(procs) if p.returncode != 0), None)
         if failed is not None:
             for p in procs:
@@ -78,6 +80,9 @@ def run_local_world(
             raise RuntimeError(f"local world running {target}: {what}{detail}")
         results = []
         for rank in range(nranks):
+            if procs[rank].returncode != 0:
+                results.append({"exit_code": procs[rank].returncode})
+                continue
             with open(os.path.join(tmp, f"result{rank}.json")) as f:
                 results.append(json.load(f))
         for log in logs:

@@ -7,11 +7,12 @@ so code past it can trust paths, boxes and byte ranges.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .box import Box
+from .box import Box, find_overlaps
 from .dtypes import ITEMSIZE
 from .errors import CheckpointNotFoundError, LayoutError, ManifestError, StorageError
 from .layout import PARALLEL_DIMS, ModuleLayout
@@ -167,10 +168,13 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_MAX_NDIM, _MAX_DIM = 64, 2**62
+
+
 def _dims(value: Any, where: str, name: str) -> tuple[int, ...]:
     _need(
-        isinstance(value, list) and all(_int(v) and v >= 0 for v in value),
-        where, f"{name} must be a list of non-negative ints, got {value!r}",
+        isinstance(value, list) and len(value) <= _MAX_NDIM and all(_int(v) and 0 <= v < _MAX_DIM for v in value),
+        where, f"{name} must be a list of at most {_MAX_NDIM} ints in [0, 2^62), got {str(value)[:200]}",
     )
     return tuple(value)
 
@@ -238,6 +242,11 @@ def _parse_tensor(tdoc: Any, where: str, module: str) -> StoredTensor:
         _need(isinstance(crc, str) and re.fullmatch(r"[0-9a-f]{8}", crc) is not None, swhere,
               f"crc32c must be 8 lowercase hex digits, got {crc!r}")
         shards.append(StoredShard(box, file, begin, end, int(crc, 16)))
+    boxes = [sh.box for sh in shards]
+    for i, j in find_overlaps(boxes)[:1]:
+        _need(False, where, f"shards {i} and {j} overlap ({boxes[i]} and {boxes[j]})")
+    covered, total = sum(b.volume for b in boxes), math.prod(shape)
+    _need(covered == total, where, f"shards hold {covered} of the tensor's {total} elements")
     split = tdoc.get("split")
     if split is not None:
         _need(

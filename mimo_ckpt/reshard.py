@@ -171,5 +171,5 @@ def run_reshard(
     result = Manifest(world_size=world, modules=modules, metadata=manifest.metadata)
     blob = result.to_bytes()
     Manifest.from_bytes(blob, source="manifest being written")
-    dst.commit_file(MANIFEST_PATH, blob)
+    dst.commit_file(MANIFEST_PATH, blob, exclusive=True)
     return result

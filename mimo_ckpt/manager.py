@@ -1,0 +1,171 @@
+"""Step checkpoints under one root: a `latest` pointer and retention of the last N.
+
+Layout: `<root>/step_<N>/` per checkpoint (each committed by its manifest) and `<root>/latest`
+holding the name of the newest committed one, replaced atomically after each commit. A step whose
+save died has no manifest and is never taken as latest; saving that step again cleans it up.
+Retention deletes the oldest committed steps beyond `keep_last`, never the latest one and never
+one that a load holds (a `.reading-*` marker younger than `reader_timeout_s`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from typing import Any, Mapping
+
+from .checkpoint import LoadResult, load, save
+from .comm import Comm, TorchComm
+from .errors import MimoCkptError, StorageError
+from .layout import ModuleLayout
+from .manifest import MANIFEST_PATH, READING_MARKER_PREFIX
+from .storage import LocalStorage, Storage, open_storage
+
+__all__ = ["CheckpointManager", "LATEST_PATH"]
+
+LATEST_PATH = "latest"
+_STEP_DIR = re.compile(r"step_(\d{9})")
+log = logging.getLogger("mimo_ckpt")
+
+
+class CheckpointManager:
+    """Saves and loads numbered checkpoints under `root`; collective like `save` and `load`."""
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, keep_last: int | None = None, comm: Comm | None = None,
+        reader_timeout_s: float = 3600.0,
+    ) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+        self.root = os.fspath(root).rstrip("/")
+        self.keep_last, self.reader_timeout_s = keep_last, reader_timeout_s
+        self._comm = comm
+
+    @property
+    def comm(self) -> Comm:
+        if self._comm is None:
+            self._comm = TorchComm()
+        return self._comm
+
+    def path_for(self, step: int) -> str:
+        return f"{self.root}/step_{step:09d}"
+
+    def _storage(self, path: str) -> Storage:
+        return open_storage(path)
+
+    # -- pure-ish queries, on one process ---------------------------------------------------
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose checkpoint is committed, ascending."""
+        if "://" in self.root:
+            names = {name.split("/", 1)[0] for name in self._storage(self.root).list_files()}
+        else:
+            names = set(os.listdir(self.root)) if os.path.isdir(self.root) else set()
+        steps = []
+        for name in names:
+            m = _STEP_DIR.fullmatch(name)
+            if m and self._storage(f"{self.root}/{name}").size(MANIFEST_PATH) is not None:
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        """The step `latest` names when it is committed; else the newest committed step."""
+        root = self._storage(self.root)
+        if root.size(LATEST_PATH):
+            buf = bytearray(root.size(LATEST_PATH) or 0)
+            root.read_into(LATEST_PATH, 0, memoryview(buf))
+            m = _STEP_DIR.fullmatch(buf.decode(errors="replace").strip())
+            if m and self._storage(f"{self.root}/{m.group(0)}").size(MANIFEST_PATH) is not None:
+                return int(m.group(1))
+            log.warning("%s/%s names %r, which is not a committed checkpoint", self.root, LATEST_PATH, bytes(buf))
+        steps = self.committed_steps()
+        return steps[-1] if steps else None
+
+    # -- collective operations ----------------------------------------------------------------
+
+    def save(
+        self, state: Mapping[str, Any], step: int, *, layouts: Mapping[str, ModuleLayout],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Save `step`, then (rank 0) point `latest` at it and apply retention. Returns the path."""
+        path = self.path_for(step)
+        save(state, path, layouts=layouts, comm=self.comm, metadata={**(metadata or {}), "step": step})
+        error = ""
+        if self.comm.rank == 0:
+            try:
+                self._storage(self.root).commit_file(LATEST_PATH, f"step_{step:09d}\n".encode())
+                self._apply_retention(step)
+            except (MimoCkptError, OSError) as exc:
+                error = f"rank 0 after committing {path}: {exc}"
+        error = self.comm.broadcast_bytes(error.encode(), 0).decode()
+        if error:
+            raise StorageError(error)
+        return path
+
+    def load_latest(
+        self, state: Mapping[str, Any], *, layouts: Mapping[str, ModuleLayout], **kwargs: Any,
+    ) -> tuple[int, LoadResult] | None:
+        """Load the latest committed checkpoint (None when there is none), holding it against
+        retention while reading."""
+        reply: dict[str, Any] = {}
+        marker = f"{READING_MARKER_PREFIX}{uuid.uuid4().hex[:12]}"
+        if self.comm.rank == 0:
+            step = self.latest_step()
+            reply = {"step": step}
+            if step is not None:
+                try:
+                    self._storage(self.path_for(step)).commit_file(marker, str(time.time()).encode())
+                except OSError as exc:
+                    reply = {"error": f"cannot mark {self.path_for(step)} as being read: {exc}"}
+        reply = json.loads(self.comm.broadcast_bytes(json.dumps(reply).encode(), 0))
+        if "error" in reply:
+            raise StorageError(reply["error"])
+        if reply["step"] is None:
+            return None
+        path = self.path_for(reply["step"])
+        try:
+            result = load(state, path, layouts=layouts, comm=self.comm, **kwargs)
+        finally:
+            if self.comm.rank == 0:
+                self._storage(path).remove(marker)
+        return reply["step"], result
+
+    def _apply_retention(self, newest: int) -> None:
+        if self.keep_last is None:
+            return
+        steps = [s for s in self.committed_steps() if s != newest]
+        for step in steps[: max(0, len(steps) - (self.keep_last - 1))]:
+            path = self.path_for(step)
+            storage = self._storage(path)
+            if self._being_read(storage):
+                log.info("retention: keeping %s, a load holds it", path)
+                continue
+            storage.remove(MANIFEST_PATH)  # uncommit first: a crash below leaves no half checkpoint
+            for name in storage.list_files():
+                storage.remove(name)
+            if isinstance(storage, LocalStorage):
+                _remove_empty_dirs(path)
+
+    def _being_read(self, storage: Storage) -> bool:
+        now = time.time()
+        for name in storage.list_files():
+            if name.startswith(READING_MARKER_PREFIX):
+                buf = bytearray(storage.size(name) or 0)
+                storage.read_into(name, 0, memoryview(buf))
+                try:
+                    if now - float(buf.decode()) < self.reader_timeout_s:
+                        return True
+                except ValueError:
+                    return True
+        return False
+
+
+def _remove_empty_dirs(path: str) -> None:
+    for dirpath, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
