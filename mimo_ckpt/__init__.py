@@ -29,6 +29,7 @@ _LAZY = {
     "Comm": "comm",
     "TorchComm": "comm",
     "ThreadWorld": "comm",
+    "CheckpointManager": "manager",
 }
 
 __all__ = ["ModuleLayout", "PARALLEL_DIMS", "__version__", *_LAZY, *_error_names]

@@ -25,6 +25,8 @@ class ReadItem:
     overlap: Box
     begin: int
     end: int
+    what: str = ""
+    """Which module and tensor this fills, for error messages."""
 
     @property
     def whole_shard(self) -> bool:
@@ -120,7 +122,8 @@ def plan_tensor_reads(module: str, key: str, stored: StoredTensor, box: Box, req
             continue
         covered += overlap.volume
         lo, hi = span_in(overlap, shard.box)
-        items.append(ReadItem(request, shard, overlap, shard.begin + lo * itemsize, shard.begin + hi * itemsize))
+        items.append(ReadItem(request, shard, overlap, shard.begin + lo * itemsize, shard.begin + hi * itemsize,
+                              f"module {module!r}, tensor {key!r}"))
     if covered != box.volume:
         raise ManifestError(
             f"module {module!r}, tensor {key!r}: the checkpoint covers {covered} of "

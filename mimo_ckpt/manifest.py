@@ -218,7 +218,7 @@ def _parse_module(mdoc: Any, where: str, name: str) -> ModuleEntry:
 def _parse_tensor(tdoc: Any, where: str, module: str) -> StoredTensor:
     _need(isinstance(tdoc, dict), where, "must be an object")
     dtype = tdoc.get("dtype")
-    _need(dtype in ITEMSIZE, where, f"unknown dtype {dtype!r}")
+    _need(isinstance(dtype, str) and dtype in ITEMSIZE, where, f"unknown dtype {str(dtype)[:40]!r}")
     shape = _dims(tdoc.get("shape"), where, "shape")
     shards_doc = tdoc.get("shards")
     _need(isinstance(shards_doc, list), where, "shards must be a list")
@@ -227,6 +227,8 @@ def _parse_tensor(tdoc: Any, where: str, module: str) -> StoredTensor:
         swhere = f"{where}, shard {i}"
         _need(isinstance(sdoc, dict), swhere, "must be an object")
         box = Box(_dims(sdoc.get("offset"), swhere, "offset"), _dims(sdoc.get("shape"), swhere, "shape"))
+        _need(len(box.offset) == len(box.shape) == len(shape), swhere,
+              f"offset and shape must have the tensor's {len(shape)} dimensions")
         _need(box.fits_in(shape), swhere, f"box {box} outside global shape {list(shape)}")
         file = sdoc.get("file")
         try:
@@ -267,6 +269,7 @@ def _parse_object(odoc: Any, where: str) -> StoredObject:
     for vdoc in values_doc:
         _need(isinstance(vdoc, dict) and "value" in vdoc, where, "each value must be {offset, value}")
         offset = _dims(vdoc.get("offset"), where, "offset")
+        _need(len(offset) == len(grid), where, f"offset {list(offset)} must have the grid's {len(grid)} dimensions")
         _need(Box(offset, (1,) * len(offset)).fits_in(grid), where, f"offset {list(offset)} outside grid {list(grid)}")
         _need(offset not in values, where, f"offset {list(offset)} appears twice")
         values[offset] = vdoc["value"]

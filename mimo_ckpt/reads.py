@@ -24,7 +24,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from .box import Box, span_in, split_for_span, strides_of
 from .dtypes import ITEMSIZE
-from .errors import CorruptShardError
+from .errors import CorruptShardError, StorageError
 from .load_plan import ReadItem
 from .storage import Storage
 
@@ -92,43 +92,53 @@ def execute_reads(
     read in pieces; such partial reads are not checksummed).
     """
     total = 0
-    scratch = np.empty(0, dtype=np.uint8)
+    scratch = [np.empty(0, dtype=np.uint8)]  # reused across items
     checks: list[tuple[Future[int], ReadItem]] = []
     with ThreadPoolExecutor(1) as hasher:
         for item in items:
-            dst, dst_box = targets[item.request]
-            region = _region(dst, dst_box, item.overlap)
-            check = verify and item.whole_shard
-            if item.contiguous and region.flags.c_contiguous:
-                raw = region.reshape(-1).view(np.uint8)
-                storage.read_into(item.shard.file, item.begin, memoryview(raw))
-                if check:
-                    checks.append((hasher.submit(_crc, [raw]), item))
-                total += raw.nbytes
-                continue
-            runs = _runs(item, dst, dst_box)
-            if runs is not None:
-                total += _read_runs(storage, item, dst, *runs, checks if check else None, hasher)
-                continue
-            itemsize = dst.itemsize
-            pieces = [item.overlap]
-            if temp_bytes is not None and item.end - item.begin > temp_bytes:
-                pieces = split_for_span(item.overlap, item.shard.box, max(1, temp_bytes // itemsize))
-            strides = tuple(s * itemsize for s in strides_of(item.shard.box.shape))
-            for piece in pieces:
-                lo, hi = span_in(piece, item.shard.box)
-                nbytes = (hi - lo) * itemsize
-                if scratch.nbytes < nbytes:
-                    scratch = np.empty(nbytes, dtype=np.uint8)
-                tmp = scratch[:nbytes]
-                storage.read_into(item.shard.file, item.shard.begin + lo * itemsize, memoryview(tmp))
-                if check and len(pieces) == 1:
-                    _verify(_crc([tmp]), item)
-                src = as_strided(tmp.view(dst.dtype), shape=piece.shape, strides=strides)
-                _region(dst, dst_box, piece)[...] = src
-                total += nbytes
+            try:
+                total += _read_item(storage, item, targets, verify, temp_bytes, scratch, checks, hasher)
+            except StorageError as exc:
+                raise StorageError(f"{item.what}, box {item.overlap}: {exc}") from exc
         for future, item in checks:
             _verify(future.result(), item)
+    return total
+
+
+def _read_item(
+    storage: Storage, item: ReadItem, targets: Sequence[tuple[np.ndarray, Box]], verify: bool,
+    temp_bytes: int | None, scratch: list[np.ndarray], checks: list, hasher: ThreadPoolExecutor,
+) -> int:
+    dst, dst_box = targets[item.request]
+    region = _region(dst, dst_box, item.overlap)
+    check = verify and item.whole_shard
+    if item.contiguous and region.flags.c_contiguous:
+        raw = region.reshape(-1).view(np.uint8)
+        storage.read_into(item.shard.file, item.begin, memoryview(raw))
+        if check:
+            checks.append((hasher.submit(_crc, [raw]), item))
+        return raw.nbytes
+    runs = _runs(item, dst, dst_box)
+    if runs is not None:
+        return _read_runs(storage, item, dst, *runs, checks if check else None, hasher)
+    itemsize = dst.itemsize
+    pieces = [item.overlap]
+    if temp_bytes is not None and item.end - item.begin > temp_bytes:
+        pieces = split_for_span(item.overlap, item.shard.box, max(1, temp_bytes // itemsize))
+    strides = tuple(s * itemsize for s in strides_of(item.shard.box.shape))
+    total = 0
+    for piece in pieces:
+        lo, hi = span_in(piece, item.shard.box)
+        nbytes = (hi - lo) * itemsize
+        if scratch[0].nbytes < nbytes:
+            scratch[0] = np.empty(nbytes, dtype=np.uint8)
+        tmp = scratch[0][:nbytes]
+        storage.read_into(item.shard.file, item.shard.begin + lo * itemsize, memoryview(tmp))
+        if check and len(pieces) == 1:
+            _verify(_crc([tmp]), item)
+        src = as_strided(tmp.view(dst.dtype), shape=piece.shape, strides=strides)
+        _region(dst, dst_box, piece)[...] = src
+        total += nbytes
     return total
 
 
@@ -154,6 +164,6 @@ def _read_runs(
 def _verify(crc: int, item: ReadItem) -> None:
     if crc != item.shard.crc32c:
         raise CorruptShardError(
-            f"checksum mismatch in {item.shard.file} bytes {item.begin}..{item.end} "
-            f"(box {item.shard.box}): the file is corrupt"
+            f"{item.what + ': ' if item.what else ''}checksum mismatch in {item.shard.file} bytes "
+            f"{item.begin}..{item.end} (box {item.shard.box}): the file is corrupt"
         )
