@@ -1,6 +1,6 @@
 """Where checkpoint bytes live: one small interface, a local-filesystem and a tensorstore backend.
 
-Paths are relative POSIX paths inside the checkpoint (`images/r00000.safetensors`). Call order in
+Paths are relative POSIX paths inside the checkpoint (`images/r00000-3f2a9c1b7d40.safetensors`). Call order in
 a save: every writer calls `write_file` for its own files; afterwards one rank calls
 `commit_file` for the manifest. In a load, any rank calls `size` and `read_into`.
 """
