@@ -58,6 +58,9 @@ class StoredShard:
     begin: int
     end: int
     crc32c: int
+    block_bytes: int = 0
+    block_crcs: tuple[int, ...] = ()
+    """CRC-32C per `block_bytes` of [begin, end) (the last block shorter); empty for small shards."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,8 @@ def module_to_json(m: ModuleEntry) -> dict[str, Any]:
                 {
                     "offset": list(s.box.offset), "shape": list(s.box.shape), "file": s.file,
                     "begin": s.begin, "end": s.end, "crc32c": f"{s.crc32c:08x}",
+                    **({"blocks": {"bytes": s.block_bytes, "crc32c": "".join(f"{c:08x}" for c in s.block_crcs)}}
+                       if s.block_crcs else {}),
                 }
                 for s in t.shards
             ],
@@ -243,7 +248,7 @@ def _parse_tensor(tdoc: Any, where: str, module: str) -> StoredTensor:
         crc = sdoc.get("crc32c")
         _need(isinstance(crc, str) and re.fullmatch(r"[0-9a-f]{8}", crc) is not None, swhere,
               f"crc32c must be 8 lowercase hex digits, got {crc!r}")
-        shards.append(StoredShard(box, file, begin, end, int(crc, 16)))
+        shards.append(StoredShard(box, file, begin, end, int(crc, 16), *_parse_blocks(sdoc.get("blocks"), begin, end, swhere)))
     boxes = [sh.box for sh in shards]
     for i, j in find_overlaps(boxes)[:1]:
         _need(False, where, f"shards {i} and {j} overlap ({boxes[i]} and {boxes[j]})")
@@ -258,6 +263,19 @@ def _parse_tensor(tdoc: Any, where: str, module: str) -> StoredTensor:
         )
         split = tuple(tuple(d) for d in split)
     return StoredTensor(dtype, shape, tuple(shards), split)
+
+
+def _parse_blocks(bdoc: Any, begin: int, end: int, where: str) -> tuple[int, tuple[int, ...]]:
+    if bdoc is None:
+        return 0, ()
+    _need(isinstance(bdoc, dict), where, "blocks must be an object")
+    size, hexes = bdoc.get("bytes"), bdoc.get("crc32c")
+    _need(_int(size) and 4096 <= size <= 1 << 30 and size & (size - 1) == 0, where,
+          f"blocks.bytes must be a power of two in [4096, 2^30], got {str(size)[:40]}")
+    count = -(-(end - begin) // size)
+    _need(isinstance(hexes, str) and len(hexes) == 8 * count and re.fullmatch(r"[0-9a-f]*", hexes) is not None,
+          where, f"blocks.crc32c must be {count} checksums of 8 lowercase hex digits")
+    return size, tuple(int(hexes[i : i + 8], 16) for i in range(0, len(hexes), 8))
 
 
 def _parse_object(odoc: Any, where: str) -> StoredObject:

@@ -10,7 +10,8 @@ Each planned read takes the cheapest of three routes:
   reading no byte twice and none in vain;
 - span: read the stored span from the overlap's first to last element into a reused scratch
   buffer and copy out through a strided view (short rows, where many small reads would cost more).
-Checksums of shards read whole are computed on a worker thread while the next read runs.
+Checksums (of whole shards, or of the blocks a partial read covers) are computed on a worker
+thread while the next read runs.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
-import crc32c
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .box import Box, span_in, split_for_span, strides_of
+from .checksums import check_blocks, crc_of
 from .dtypes import ITEMSIZE
 from .errors import CorruptShardError, StorageError
 from .load_plan import ReadItem
@@ -46,13 +47,6 @@ def _region(dst: np.ndarray, dst_box: Box, overlap: Box) -> np.ndarray:
         return dst
     start = overlap.relative_to(dst_box)
     return dst[tuple(slice(o, o + n) for o, n in zip(start, overlap.shape))]
-
-
-def _crc(buffers: Sequence[memoryview | np.ndarray]) -> int:
-    crc = 0
-    for b in buffers:
-        crc = crc32c.crc32c(b, crc)
-    return crc
 
 
 def _runs(item: ReadItem, dst: np.ndarray, dst_box: Box) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -89,19 +83,19 @@ def execute_reads(
     """Fill `targets[item.request]` (array, its box) from storage; returns bytes read.
 
     The scratch buffer holds at most one stored span, or `temp_bytes` when given (the span is then
-    read in pieces; such partial reads are not checksummed).
+    read in pieces).
     """
     total = 0
     scratch = [np.empty(0, dtype=np.uint8)]  # reused across items
-    checks: list[tuple[Future[int], ReadItem]] = []
+    checks: list[Future[None]] = []
     with ThreadPoolExecutor(1) as hasher:
         for item in items:
             try:
                 total += _read_item(storage, item, targets, verify, temp_bytes, scratch, checks, hasher)
             except StorageError as exc:
                 raise StorageError(f"{item.what}, box {item.overlap}: {exc}") from exc
-        for future, item in checks:
-            _verify(future.result(), item)
+        for future in checks:
+            future.result()  # raises CorruptShardError for a bad checksum
     return total
 
 
@@ -111,16 +105,15 @@ def _read_item(
 ) -> int:
     dst, dst_box = targets[item.request]
     region = _region(dst, dst_box, item.overlap)
-    check = verify and item.whole_shard
     if item.contiguous and region.flags.c_contiguous:
         raw = region.reshape(-1).view(np.uint8)
         storage.read_into(item.shard.file, item.begin, memoryview(raw))
-        if check:
-            checks.append((hasher.submit(_crc, [raw]), item))
+        if verify:
+            checks.append(hasher.submit(_check, item, item.begin, [raw]))
         return raw.nbytes
     runs = _runs(item, dst, dst_box)
     if runs is not None:
-        return _read_runs(storage, item, dst, *runs, checks if check else None, hasher)
+        return _read_runs(storage, item, dst, *runs, checks if verify else None, hasher)
     itemsize = dst.itemsize
     pieces = [item.overlap]
     if temp_bytes is not None and item.end - item.begin > temp_bytes:
@@ -134,8 +127,8 @@ def _read_item(
             scratch[0] = np.empty(nbytes, dtype=np.uint8)
         tmp = scratch[0][:nbytes]
         storage.read_into(item.shard.file, item.shard.begin + lo * itemsize, memoryview(tmp))
-        if check and len(pieces) == 1:
-            _verify(_crc([tmp]), item)
+        if verify:  # now: the scratch buffer is reused by the next piece
+            _check(item, item.shard.begin + lo * itemsize, [tmp])
         src = as_strided(tmp.view(dst.dtype), shape=piece.shape, strides=strides)
         _region(dst, dst_box, piece)[...] = src
         total += nbytes
@@ -155,15 +148,22 @@ def _read_runs(
         while j < len(views) and j - i < MAX_IOV and starts[j] == starts[j - 1] + run_bytes:
             j += 1
         storage.read_into(item.shard.file, starts[i], *map(memoryview, views[i:j]))
+        if checks is not None and not item.whole_shard:
+            checks.append(hasher.submit(_check, item, starts[i], views[i:j]))
         i = j
-    if checks is not None:
-        checks.append((hasher.submit(_crc, views), item))
+    if checks is not None and item.whole_shard:
+        checks.append(hasher.submit(_check, item, item.begin, views))
     return run_bytes * len(views)
 
 
-def _verify(crc: int, item: ReadItem) -> None:
-    if crc != item.shard.crc32c:
-        raise CorruptShardError(
-            f"{item.what + ': ' if item.what else ''}checksum mismatch in {item.shard.file} bytes "
-            f"{item.begin}..{item.end} (box {item.shard.box}): the file is corrupt"
-        )
+def _check(item: ReadItem, file_offset: int, buffers: Sequence[memoryview | np.ndarray]) -> None:
+    """Check what was read of one shard: the whole-shard crc when it is all of the shard (in
+    order), else every block checksum the contiguous bytes at `file_offset` cover completely."""
+    shard = item.shard
+    where = f"{item.what + ': ' if item.what else ''}{shard.file} (box {shard.box})"
+    nbytes = sum(memoryview(b).nbytes for b in buffers)
+    if file_offset == shard.begin and nbytes == shard.end - shard.begin:
+        if crc_of(buffers) != shard.crc32c:
+            raise CorruptShardError(f"{where}: checksum mismatch in bytes {shard.begin}..{shard.end}: the file is corrupt")
+    elif shard.block_crcs:
+        check_blocks(shard.begin, shard.end, shard.block_bytes, shard.block_crcs, file_offset, buffers, where)

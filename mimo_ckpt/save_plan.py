@@ -56,8 +56,9 @@ class ModuleSavePlan:
                 return f
         return None
 
-    def module_entry(self, layout: ModuleLayout, crcs_by_writer: Mapping[int, Sequence[int]]) -> ModuleEntry:
-        """This module's manifest entry, given each writer's checksums in its file's item order."""
+    def module_entry(self, layout: ModuleLayout, crcs_by_writer: Mapping[int, Sequence[Any]]) -> ModuleEntry:
+        """This module's manifest entry, given each writer's checksums in its file's item order:
+        per item a crc, or `[crc, block_bytes, [block crcs]]`."""
         shards: dict[str, list[StoredShard]] = {key: [] for key in self.tensors}
         for f in self.files:
             crcs = crcs_by_writer.get(f.writer, [])
@@ -67,7 +68,8 @@ class ModuleSavePlan:
                     f"for {len(f.items)} shards of {f.path}"
                 )
             for item, crc in zip(f.items, crcs):
-                shards[item.key].append(StoredShard(item.box, f.path, item.begin, item.end, crc))
+                whole, block_bytes, blocks = (crc, 0, ()) if isinstance(crc, int) else (crc[0], crc[1], tuple(crc[2]))
+                shards[item.key].append(StoredShard(item.box, f.path, item.begin, item.end, whole, block_bytes, blocks))
         tensors = {
             key: StoredTensor(dtype, shape, tuple(sorted(shards[key], key=lambda s: s.box)), split)
             for key, (dtype, shape, split) in self.tensors.items()

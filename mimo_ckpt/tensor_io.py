@@ -5,10 +5,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
-import crc32c
 import torch
 
 from .box import Box
+from .checksums import BLOCK_BYTES, shard_checksums
 from .errors import CorruptShardError
 from .faults import fault_point
 from .load_plan import ReadItem
@@ -31,7 +31,7 @@ def host_bytes(tensor: torch.Tensor) -> memoryview:
 def write_shard_file(
     storage: Storage, plan: FilePlan, data: dict[tuple[str, Box], torch.Tensor], rank: int = -1,
 ) -> list[int]:
-    """Write one planned file; returns the crc32c of each item in plan order."""
+    """Write one planned file; returns, per item in plan order, `[crc32c, block bytes, [block crcs]]`."""
     buffers = [host_bytes(data[(item.key, item.box)]) for item in plan.items]
     for item, buf in zip(plan.items, buffers):
         if len(buf) != item.end - item.begin:
@@ -40,10 +40,9 @@ def write_shard_file(
                 f"{item.end - item.begin}"
             )
     with ThreadPoolExecutor(1) as hasher:  # crc32c releases the GIL: hash while writing
-        crcs = hasher.map(crc32c.crc32c, buffers)
+        sums = hasher.map(shard_checksums, buffers)
         storage.write_file(plan.path, _with_fault_point([plan.prefix, *buffers], rank))
-        crcs = list(crcs)
-    return crcs
+        return [[whole, BLOCK_BYTES, list(blocks)] for whole, blocks in sums]
 
 
 def _with_fault_point(chunks: list[memoryview | bytes], rank: int) -> Iterator[memoryview | bytes]:

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import mimo_ckpt
 from mimo_ckpt import (
@@ -272,3 +273,60 @@ def test_no_read_path_can_unpickle():
                     if needle in text:
                         offenders.append(f"{package}/{name}: {needle}")
     assert offenders == []
+
+
+def test_partial_reads_are_checked_block_by_block(tmp_path):
+    """A (1024, 1024) F32 tensor saved TP2 on dim 0 (2 MiB shards, two 1 MiB blocks each), read
+    back TP4: each reader covers one block of a shard. A flipped byte in block 1 of shard 0 fails
+    the rank that reads it, naming the block."""
+    full = torch.arange(1024 * 1024, dtype=torch.float32).reshape(1024, 1024)
+    path = str(tmp_path / "ckpt")
+
+    def state(layout, rank, fill=None):
+        rows = 1024 // layout.tp
+        t = layout.coords(rank)["tp"]
+        data = full[t * rows:(t + 1) * rows].clone() if fill is None else torch.full((rows, 1024), fill)
+        return {"w": mimo_ckpt.TensorShard("w", data, (1024, 1024), (t * rows, 0))}
+
+    saved = {"m": ModuleLayout(tp=2)}
+    assert run_threads(ThreadWorld(2), lambda comm, rank: mimo_ckpt.save(
+        {"m": state(saved["m"], rank)}, path, layouts=saved, comm=comm))[1] == {}
+    shard = json.loads((tmp_path / "ckpt" / MANIFEST_PATH).read_bytes())["modules"]["m"]["tensors"]["w"]["shards"][0]
+    assert shard["blocks"]["bytes"] == 1 << 20 and len(shard["blocks"]["crc32c"]) == 16
+    file = tmp_path / "ckpt" / shard["file"]
+    data = bytearray(file.read_bytes())
+    data[shard["begin"] + (1 << 20) + 100] ^= 0x10
+    file.write_bytes(bytes(data))
+
+    new = {"m": ModuleLayout(tp=4)}
+
+    def load(comm, rank):
+        targets = {"m": state(new["m"], rank, fill=float("nan"))}
+        result = mimo_ckpt.load(targets, path, layouts=new, comm=comm)
+        return result.state["m"]["w"]
+    _, errors = run_threads(ThreadWorld(4), load)
+    assert sorted(errors) == [0, 1, 2, 3]
+    assert isinstance(errors[1], CorruptShardError)  # rank 1 reads rows 256-511: block 1 of shard 0
+    assert "block 1" in str(errors[1]) and shard["file"] in str(errors[1]) and "tensor 'w'" in str(errors[1])
+    assert not isinstance(errors[0], CorruptShardError)  # rank 0's block is intact; it hears of rank 1
+
+    ok = {"m": ModuleLayout(tp=4)}
+    results, errors = run_threads(ThreadWorld(4), lambda comm, rank: mimo_ckpt.load(
+        {"m": state(ok["m"], rank, fill=0.0)}, path, layouts=ok, comm=comm, verify=False).state["m"]["w"])
+    assert errors == {} and not torch.equal(results[1], full[256:512]) and torch.equal(results[0], full[:256])
+
+
+def test_block_checks_cover_exactly_the_complete_blocks():
+    from mimo_ckpt.checksums import check_blocks, shard_checksums
+
+    data = bytes(range(256)) * 64  # 16 KiB: four 4 KiB blocks, at file offset 100
+    whole, blocks = shard_checksums(memoryview(data), 4096)
+    assert len(blocks) == 4
+    view = memoryview(data)
+    # bytes 4096..12288 of the shard, given as two pieces: blocks 1 and 2 are complete
+    assert check_blocks(100, 100 + len(data), 4096, blocks, 100 + 4000, [view[4000:9000], view[9000:12300]], "x") == 2
+    bad = bytearray(data)
+    bad[5000] ^= 1
+    with pytest.raises(CorruptShardError, match="block 1"):
+        check_blocks(100, 100 + len(data), 4096, blocks, 100 + 4096, [memoryview(bad)[4096:8192]], "x")
+    assert check_blocks(100, 100 + len(data), 4096, blocks, 100 + 4097, [memoryview(bad)[4097:8192]], "x") == 0
