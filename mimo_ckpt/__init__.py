@@ -30,6 +30,9 @@ _LAZY = {
     "TorchComm": "comm",
     "ThreadWorld": "comm",
     "CheckpointManager": "manager",
+    "AsyncSaver": "background_save",
+    "AsyncSave": "background_save",
+    "async_save": "background_save",
 }
 
 __all__ = ["ModuleLayout", "PARALLEL_DIMS", "__version__", *_LAZY, *_error_names]

@@ -41,7 +41,7 @@ from .shard import (
 from .storage import Storage, open_storage
 from .tensor_io import fill_tensors, write_shard_file
 
-__all__ = ["save", "load", "LoadResult"]
+__all__ = ["save", "load", "LoadResult", "SaveJob", "start_save", "finish_save"]
 
 log = logging.getLogger("mimo_ckpt")
 
@@ -136,6 +136,48 @@ def save(
     over, so an earlier save still running there fails at commit. After a commit, files that the
     manifest does not name (left by saves that died) are removed; after a failure, this save's own.
     """
+    job = start_save(state, path, layouts=layouts, comm=comm, storage=storage, metadata=metadata)
+    crcs: dict[str, list[Any]] = {}
+    if job.run.failure is None:
+        try:
+            for name, file_plan in job.my_files().items():
+                data = {(t.key, t.box): t.data for t in job.local[name].tensors}
+                crcs[name] = write_shard_file(job.storage, file_plan, data, job.comm.rank)
+        except (MimoCkptError, OSError) as exc:
+            job.run.fail(exc)
+    finish_save(job, crcs)
+
+
+@dataclass
+class SaveJob:
+    """A save between planning (collective, in the caller's thread) and writing + commit."""
+
+    comm: Comm
+    storage: Storage
+    path: str
+    layouts: Mapping[str, ModuleLayout]
+    metadata: Mapping[str, Any]
+    save_id: str
+    run: "_Collective"
+    local: dict[str, ModuleShards]
+    plans: dict[str, ModuleSavePlan]
+    module_comms: dict[str, Comm]
+
+    def my_files(self) -> dict[str, Any]:
+        """The file this rank writes, per module (FilePlan)."""
+        out = {}
+        for name, plan in self.plans.items():
+            file_plan = plan.file_of(self.comm.rank)
+            if file_plan is not None:
+                out[name] = file_plan
+        return out
+
+
+def start_save(
+    state: Mapping[str, Any], path: str | os.PathLike[str], *, layouts: Mapping[str, ModuleLayout],
+    comm: Comm | None = None, storage: Storage | None = None, metadata: Mapping[str, Any] | None = None,
+) -> SaveJob:
+    """The collective first half of a save: agree on a save id, flatten, plan every module."""
     comm = comm or TorchComm()
     storage = storage or open_storage(path)
     _check_layouts(layouts, comm.size)
@@ -174,29 +216,24 @@ def save(
             )
         except MimoCkptError as exc:
             run.fail(exc)
+    return SaveJob(comm, storage, os.fspath(path), layouts, dict(metadata or {}), save_id, run, local, plans, module_comms)
 
-    crcs: dict[str, list[int]] = {}
-    if run.failure is None:
-        try:
-            for name, plan in plans.items():
-                file_plan = plan.file_of(comm.rank)
-                if file_plan is not None:
-                    data = {(t.key, t.box): t.data for t in local[name].tensors}
-                    crcs[name] = write_shard_file(storage, file_plan, data, comm.rank)
-        except (MimoCkptError, OSError) as exc:
-            run.fail(exc)
+
+def finish_save(job: SaveJob, crcs: Mapping[str, list[Any]]) -> None:
+    """The collective second half, after each rank wrote its files (`crcs`: checksums per module):
+    gather checksums, commit the manifest on rank 0, and raise everywhere if anything failed."""
+    comm, run = job.comm, job.run
     fault_point("save.written", comm.rank)
-
     sections: dict[str, Any] = {}
-    for name, mc in module_comms.items():
+    for name, mc in job.module_comms.items():
         got = mc.gather_bytes(run.payload(crcs.get(name, [])), root=0)
         if got is None:
             continue
         per_rank = run.unpack(got)
         if per_rank is not None:
-            ranks = layouts[name].ranks
+            ranks = job.layouts[name].ranks
             try:
-                entry = plans[name].module_entry(layouts[name], {ranks[i]: c for i, c in enumerate(per_rank)})
+                entry = job.plans[name].module_entry(job.layouts[name], {ranks[i]: c for i, c in enumerate(per_rank)})
                 sections[name] = module_to_json(entry)
             except MimoCkptError as exc:
                 run.fail(exc)
@@ -210,11 +247,11 @@ def save(
             modules = {k: v for d in docs for k, v in d["ok"].items()}
             doc = {
                 "format": FORMAT_NAME, "version": FORMAT_VERSION, "world_size": comm.size,
-                "metadata": dict(metadata or {}), "modules": dict(sorted(modules.items())),
+                "metadata": dict(job.metadata), "modules": dict(sorted(modules.items())),
             }
-            errors = _commit(storage, doc, save_id, os.fspath(path))
+            errors = _commit(job.storage, doc, job.save_id, job.path)
             fault_point("save.committed", comm.rank)
-        _clean_up(storage, save_id, committed=not errors)
+        _clean_up(job.storage, job.save_id, committed=not errors)
     outcome = json.loads(comm.broadcast_bytes(_encode(errors), 0))
     run.finish(outcome)
 

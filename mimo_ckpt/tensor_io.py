@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -16,7 +16,7 @@ from .reads import execute_reads
 from .save_plan import FilePlan
 from .storage import Storage
 
-__all__ = ["host_bytes", "write_shard_file", "fill_tensors"]
+__all__ = ["host_bytes", "write_shard_file", "write_file_image", "fill_tensors"]
 
 
 def host_bytes(tensor: torch.Tensor) -> memoryview:
@@ -42,6 +42,18 @@ def write_shard_file(
     with ThreadPoolExecutor(1) as hasher:  # crc32c releases the GIL: hash while writing
         sums = hasher.map(shard_checksums, buffers)
         storage.write_file(plan.path, _with_fault_point([plan.prefix, *buffers], rank))
+        return [[whole, BLOCK_BYTES, list(blocks)] for whole, blocks in sums]
+
+
+def write_file_image(storage: Storage, plan: FilePlan, image: torch.Tensor, rank: int = -1) -> list[Any]:
+    """Write a staged file image (host uint8 tensor: header, then the items at their offsets);
+    returns checksums like `write_shard_file`."""
+    view = memoryview(image.numpy())
+    buffers = [view[item.begin : item.end] for item in plan.items]
+    middle = plan.items[len(plan.items) // 2].begin if plan.items else len(view)
+    with ThreadPoolExecutor(1) as hasher:
+        sums = hasher.map(shard_checksums, buffers)
+        storage.write_file(plan.path, _with_fault_point([view[:middle], view[middle:]], rank))
         return [[whole, BLOCK_BYTES, list(blocks)] for whole, blocks in sums]
 
 
