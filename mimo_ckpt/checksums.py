@@ -40,29 +40,27 @@ def check_blocks(
 ) -> int:
     """Check the blocks that bytes `[file_offset, file_offset + len(buffers))` cover completely;
     returns how many were checked. Raises CorruptShardError naming the first bad block."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    end = file_offset + sum(len(v) for v in views)
-    first = -(-(file_offset - shard_begin) // block_bytes)
-    checked = 0
-    for k in range(first, len(block_crcs)):
-        lo = shard_begin + k * block_bytes
-        hi = min(lo + block_bytes, shard_end)
-        if hi > end:
-            break
-        if crc_of(_slice(views, lo - file_offset, hi - file_offset)) != block_crcs[k]:
-            raise CorruptShardError(f"{where}: checksum mismatch in block {k} (bytes {lo}..{hi}): the file is corrupt")
-        checked += 1
+    k = -(-(file_offset - shard_begin) // block_bytes)  # first block starting inside the read
+    if k >= len(block_crcs):
+        return 0
+    lo = shard_begin + k * block_bytes
+    hi = min(lo + block_bytes, shard_end)
+    pos, crc, checked = file_offset, 0, 0
+    for buf in buffers:  # one pass: each byte is hashed once, whatever the number of buffers
+        view = memoryview(buf).cast("B")
+        start, end = pos, pos + len(view)
+        i = max(start, lo)
+        while i < end:
+            j = min(end, hi)
+            crc = crc32c.crc32c(view[i - start : j - start], crc)
+            i = j
+            if i < hi:
+                break
+            if crc != block_crcs[k]:
+                raise CorruptShardError(f"{where}: checksum mismatch in block {k} (bytes {lo}..{hi}): the file is corrupt")
+            checked, k, crc = checked + 1, k + 1, 0
+            if k == len(block_crcs):
+                return checked
+            lo, hi = hi, min(hi + block_bytes, shard_end)
+        pos = end
     return checked
-
-
-def _slice(views: Sequence[memoryview], lo: int, hi: int) -> list[memoryview]:
-    """Bytes [lo, hi) of the concatenation of `views`, as slices of them."""
-    out, pos = [], 0
-    for v in views:
-        a, b = max(lo, pos), min(hi, pos + len(v))
-        if a < b:
-            out.append(v[a - pos : b - pos])
-        pos += len(v)
-        if pos >= hi:
-            break
-    return out

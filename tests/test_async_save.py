@@ -119,3 +119,12 @@ def test_cuda_free_staging_copies_every_dtype_bit_exactly():
     for item in plan.items:
         t = next(t for t in tensors if t.key == item.key)
         assert bytes(image[item.begin:item.end].numpy()) == t.data.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_training_continues_while_checkpoints_are_written(tmp_path):
+    from mimo_ckpt.local_world import run_local_world
+
+    results = run_local_world(6, "tests.async_worlds:train_while_saving",
+                              {"root": str(tmp_path), "steps": 6, "every": 2}, timeout=300)
+    for rank, r in enumerate(results):
+        assert r["match"] == {"step0": True, "step2": True, "step4": True}, rank

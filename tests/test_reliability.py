@@ -330,3 +330,7 @@ def test_block_checks_cover_exactly_the_complete_blocks():
     with pytest.raises(CorruptShardError, match="block 1"):
         check_blocks(100, 100 + len(data), 4096, blocks, 100 + 4096, [memoryview(bad)[4096:8192]], "x")
     assert check_blocks(100, 100 + len(data), 4096, blocks, 100 + 4097, [memoryview(bad)[4097:8192]], "x") == 0
+    pieces = [view[i:i + 100] for i in range(0, len(data), 100)]  # many small runs, as strided reads give
+    assert check_blocks(100, 100 + len(data), 4096, blocks, 100, pieces, "x") == 4
+    with pytest.raises(CorruptShardError, match="block 1"):
+        check_blocks(100, 100 + len(data), 4096, blocks, 100, [memoryview(bad)[i:i + 100] for i in range(0, len(bad), 100)], "x")
