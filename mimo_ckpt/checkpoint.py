@@ -1,8 +1,10 @@
 """`save` and `load`: collective over all ranks of a comm, each module planned on its own ranks.
 
-save: flatten state -> per module, all-gather shard metadata over the module's ranks -> plan
-(pure, identical on every module rank) -> each rank writes its own file -> module leaders send
-their manifest section to rank 0 -> rank 0 commits the manifest -> everyone learns the outcome.
+save: rank 0 takes the path (save id, `.saving` marker) -> flatten state -> per module, all-gather
+shard metadata over the module's ranks -> plan (pure, identical on every module rank) [that much is
+`start_save`] -> each rank writes its own file -> module leaders send their manifest section to
+rank 0 -> rank 0 commits the manifest and cleans up -> everyone learns the outcome [`finish_save`].
+Async saves run the two halves in different threads (see background_save.py).
 
 load: rank 0 reads the manifest and broadcasts it -> per module, the union of requested keys is
 checked against it -> each rank plans and reads exactly the bytes its boxes need -> everyone

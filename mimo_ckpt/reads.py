@@ -142,18 +142,23 @@ def _read_runs(
     flat = dst.reshape(-1).view(np.uint8)
     views = [flat[o : o + run_bytes] for o in dst_offsets.tolist()]
     starts = src.tolist()
-    i = 0
+    i, groups = 0, []
     while i < len(views):
         j = i + 1  # group runs that follow each other in the file into one scattered read
         while j < len(views) and j - i < MAX_IOV and starts[j] == starts[j - 1] + run_bytes:
             j += 1
         storage.read_into(item.shard.file, starts[i], *map(memoryview, views[i:j]))
-        if checks is not None and not item.whole_shard:
-            checks.append(hasher.submit(_check, item, starts[i], views[i:j]))
+        groups.append((starts[i], views[i:j]))
         i = j
-    if checks is not None and item.whole_shard:
-        checks.append(hasher.submit(_check, item, item.begin, views))
+    if checks is not None:  # one task per item: checksum work is cheap, task hand-offs are not
+        pieces = [(item.begin, views)] if item.whole_shard else groups
+        checks.append(hasher.submit(_check_pieces, item, pieces))
     return run_bytes * len(views)
+
+
+def _check_pieces(item: ReadItem, pieces: Sequence[tuple[int, Sequence[np.ndarray]]]) -> None:
+    for file_offset, buffers in pieces:
+        _check(item, file_offset, buffers)
 
 
 def _check(item: ReadItem, file_offset: int, buffers: Sequence[memoryview | np.ndarray]) -> None:

@@ -55,14 +55,18 @@ class LocalStorage:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.fspath(root)
+        self._inside: set[str] = set()  # paths already checked (a load reads one file many times)
 
     def _abs(self, path: str) -> str:
         """The file's absolute path; refuses paths that leave the root through a symlink."""
         full = os.path.join(self.root, check_relpath(path))
-        real_root = os.path.realpath(self.root)
-        real = os.path.realpath(full)
-        if real != real_root and not real.startswith(real_root + os.sep):
-            raise StorageError(f"{full} resolves to {real}, outside the checkpoint {real_root} (a symlink?)")
+        if path not in self._inside:
+            real_root = os.path.realpath(self.root)
+            real = os.path.realpath(full)
+            if real != real_root and not real.startswith(real_root + os.sep):
+                raise StorageError(f"{full} resolves to {real}, outside the checkpoint {real_root} (a symlink?)")
+            if os.path.exists(full):
+                self._inside.add(path)
         return full
 
     def size(self, path: str) -> int | None:
