@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
-__all__ = ["Box", "find_overlaps", "strides_of", "span_in", "split_for_span"]
+__all__ = ["Box", "first_overlap", "strides_of", "span_in", "split_for_span"]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -60,20 +61,51 @@ def strides_of(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def find_overlaps(boxes: list[Box]) -> list[tuple[int, int]]:
-    """Index pairs of boxes that overlap; a sweep over dimension 0 keeps it near-linear for tilings."""
-    if not boxes or boxes[0].ndim == 0:
-        return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes))]
-    order = sorted(range(len(boxes)), key=lambda i: boxes[i].offset[0])
-    pairs: list[tuple[int, int]] = []
+def first_overlap(boxes: list[Box], grid_limit: int = 4_000_000) -> tuple[int, int] | None:
+    """Indexes (i < j) of two boxes that overlap, or None when no two do.
+
+    Boxes cut by parallel layouts align to a grid: the distinct offsets and ends along each
+    dimension. When that grid is small, each box marks the cells it covers and a cell marked twice
+    is an overlap: linear in the number of boxes, and it stops at the first. Otherwise a sweep
+    along the dimension with the most distinct offsets compares only boxes that meet along it."""
+    if len(boxes) < 2:
+        return None
+    ndim = boxes[0].ndim
+    if ndim == 0:
+        return (0, 1)
+    nonempty = [i for i, b in enumerate(boxes) if b.volume]
+    cuts = [sorted({boxes[i].offset[d] for i in nonempty} | {boxes[i].offset[d] + boxes[i].shape[d] for i in nonempty})
+            for d in range(ndim)]
+    if math.prod(max(len(c) - 1, 1) for c in cuts) <= grid_limit:
+        return _grid_overlap(boxes, nonempty, cuts)
+    return _sweep_overlap(boxes)
+
+
+def _grid_overlap(boxes: list[Box], nonempty: list[int], cuts: list[list[int]]) -> tuple[int, int] | None:
+    position = [{v: k for k, v in enumerate(c)} for c in cuts]
+    owner: dict[tuple[int, ...], int] = {}
+    for i in nonempty:
+        b = boxes[i]
+        ranges = [range(position[d][b.offset[d]], position[d][b.offset[d] + b.shape[d]]) for d in range(b.ndim)]
+        for cell in itertools.product(*ranges):
+            j = owner.setdefault(cell, i)
+            if j != i:
+                return (min(i, j), max(i, j))
+    return None
+
+
+def _sweep_overlap(boxes: list[Box]) -> tuple[int, int] | None:
+    ndim = boxes[0].ndim
+    d = max(range(ndim), key=lambda k: len({b.offset[k] for b in boxes}))
+    order = sorted(range(len(boxes)), key=lambda i: boxes[i].offset[d])
     for pos, i in enumerate(order):
-        end0 = boxes[i].end[0]
+        end_d = boxes[i].offset[d] + boxes[i].shape[d]
         for j in order[pos + 1 :]:
-            if boxes[j].offset[0] >= end0:
+            if boxes[j].offset[d] >= end_d:
                 break
             if boxes[i].intersect(boxes[j]) is not None:
-                pairs.append((min(i, j), max(i, j)))
-    return pairs
+                return (min(i, j), max(i, j))
+    return None
 
 
 def span_in(inner: Box, outer: Box) -> tuple[int, int]:

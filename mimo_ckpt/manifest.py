@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .box import Box, find_overlaps
+from .box import Box, first_overlap
 from .dtypes import ITEMSIZE
 from .errors import CheckpointNotFoundError, LayoutError, ManifestError, StorageError
 from .layout import PARALLEL_DIMS, ModuleLayout
@@ -250,7 +250,9 @@ def _parse_tensor(tdoc: Any, where: str, module: str) -> StoredTensor:
               f"crc32c must be 8 lowercase hex digits, got {crc!r}")
         shards.append(StoredShard(box, file, begin, end, int(crc, 16), *_parse_blocks(sdoc.get("blocks"), begin, end, swhere)))
     boxes = [sh.box for sh in shards]
-    for i, j in find_overlaps(boxes)[:1]:
+    overlap = first_overlap(boxes)
+    if overlap is not None:
+        i, j = overlap
         _need(False, where, f"shards {i} and {j} overlap ({boxes[i]} and {boxes[j]})")
     covered, total = sum(b.volume for b in boxes), math.prod(shape)
     _need(covered == total, where, f"shards hold {covered} of the tensor's {total} elements")

@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .box import Box, find_overlaps
+from .box import Box, first_overlap
 from .dtypes import ITEMSIZE
 from .errors import PlanError
 from .layout import ModuleLayout
@@ -113,9 +113,9 @@ def plan_module_save(
     for key, holders in by_key.items():
         dtype, global_shape, _ = spec[key]
         boxes = list(holders)
-        overlaps = find_overlaps(boxes)
-        if overlaps:
-            a, b = boxes[overlaps[0][0]], boxes[overlaps[0][1]]
+        overlap = first_overlap(boxes)
+        if overlap is not None:
+            a, b = boxes[overlap[0]], boxes[overlap[1]]
             raise PlanError(
                 f"module {module!r}, tensor {key!r}: box {a} (ranks {holders[a]}) overlaps box {b} "
                 f"(ranks {holders[b]}); replicas must hold identical boxes"

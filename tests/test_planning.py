@@ -2,7 +2,7 @@
 
 import pytest
 
-from mimo_ckpt.box import Box, find_overlaps
+from mimo_ckpt.box import Box, first_overlap
 from mimo_ckpt.errors import ManifestError, PlanError
 from mimo_ckpt.load_plan import plan_module_load
 from mimo_ckpt.layout import ModuleLayout
@@ -52,9 +52,14 @@ def test_object_without_main_replica_is_an_error():
         plan_module_save("m", ModuleLayout(dp=4), {}, objs)
 
 
-def test_find_overlaps():
+@pytest.mark.parametrize("grid_limit", [4_000_000, 0])  # the grid path and the sweep path
+def test_first_overlap(grid_limit):
     boxes = [Box((0, 0), (2, 2)), Box((2, 0), (2, 2)), Box((1, 1), (2, 2)), Box((0, 0), (0, 5))]
-    assert sorted(find_overlaps(boxes)) == [(0, 2), (1, 2)]
+    assert first_overlap(boxes, grid_limit) in [(0, 2), (1, 2)]
+    tiling = [Box((r, c), (1, 2)) for r in range(4) for c in (0, 2)] + [Box((0, 0), (0, 4))]
+    assert first_overlap(tiling, grid_limit) is None
+    assert first_overlap(tiling + [Box((3, 1), (1, 2))], grid_limit) in [(6, 9), (7, 9)]
+    assert first_overlap([Box((), ()), Box((), ())], grid_limit) == (0, 1)
 
 
 def _stored_entry(boxes, gshape):
