@@ -13,6 +13,7 @@ timeout), separate from the one training uses.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Literal, Mapping
@@ -28,6 +29,8 @@ from .storage import Storage
 from .tensor_io import write_file_image
 
 __all__ = ["AsyncSaver", "AsyncSave", "HostStager", "async_save"]
+
+log = logging.getLogger("mimo_ckpt")
 
 
 class HostStager:
@@ -149,8 +152,8 @@ class AsyncSaver:
                 raise MimoCkptError(f"an async save to {pending.path} is still running on some rank")
         try:
             pending.wait()
-        except MimoCkptError:
-            pass  # its own waiter saw the error; a new save starts clean
+        except MimoCkptError as exc:  # reported here too, in case nobody waited on it
+            log.warning("the previous async save to %s failed: %s", pending.path, exc)
         self.pending = None
 
 
