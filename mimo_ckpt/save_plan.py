@@ -71,7 +71,7 @@ class ModuleSavePlan:
                 whole, block_bytes, blocks = (crc, 0, ()) if isinstance(crc, int) else (crc[0], crc[1], tuple(crc[2]))
                 shards[item.key].append(StoredShard(item.box, f.path, item.begin, item.end, whole, block_bytes, blocks))
         tensors = {
-            key: StoredTensor(dtype, shape, tuple(sorted(shards[key], key=lambda s: s.box)), split)
+            key: StoredTensor(dtype, shape, tuple(sorted(shards[key], key=lambda s: s.box.offset)), split)
             for key, (dtype, shape, split) in self.tensors.items()
         }
         objects = {key: StoredObject(grid, values) for key, (grid, values) in self.objects.items()}
@@ -133,14 +133,15 @@ def plan_module_save(
     # Largest first to the least-loaded holder: replicated bytes spread evenly over replicas.
     load: dict[int, int] = defaultdict(int)
     assigned: dict[int, list[tuple[str, Box]]] = defaultdict(list)
-    for nbytes, key, box, ranks in sorted(items, key=lambda it: (-it[0], it[1], it[2])):
-        writer = min(ranks, key=lambda r: (load[r], r))
+    # (Sort keys are plain tuples: comparing Box dataclasses dominates at 10^5 boxes.)
+    for nbytes, key, box, ranks in sorted(items, key=lambda it: (-it[0], it[1], it[2].offset)):
+        writer = ranks[0] if len(ranks) == 1 else min(ranks, key=lambda r: (load[r], r))
         load[writer] += nbytes
         assigned[writer].append((key, box))
 
     files = []
     for writer in sorted(assigned):
-        entries = sorted(assigned[writer])
+        entries = sorted(assigned[writer], key=lambda e: (e[0], e[1].offset))
         prefix, ranges = layout_file(
             [FileEntry(tensor_name(k, b), spec[k][0], b.shape) for k, b in entries],
             {"format": "mimo-ckpt", "module": module},
