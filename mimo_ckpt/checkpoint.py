@@ -28,13 +28,13 @@ from .errors import (
     CheckpointExistsError, CheckpointNotFoundError, KeyMismatchError, LayoutError, ManifestError,
     MimoCkptError, RemoteRankError, ShardError, StorageError,
 )
+from .faults import fault_point
 from .layout import ModuleLayout
 from .load_plan import KeyReport, check_keys, plan_module_load
 from .manifest import (
     FORMAT_NAME, FORMAT_VERSION, MANIFEST_PATH, READING_MARKER_PREFIX, SAVING_MARKER_PREFIX, Manifest,
-    ModuleEntry, check_module_name, module_to_json, read_manifest, read_manifest_bytes,
+    ModuleEntry, check_module_name, module_to_json, read_manifest_bytes,
 )
-from .faults import fault_point
 from .megatron_interop import kind as megatron_kind
 from .save_plan import ModuleSavePlan, plan_module_save
 from .shard import (
@@ -245,15 +245,16 @@ def finish_save(job: SaveJob, crcs: Mapping[str, list[Any]]) -> None:
     if got is not None:
         docs = [json.loads(b) for b in got]
         errors = [d["error"] for d in docs if "error" in d]
+        committed: Manifest | None = None
         if not errors:
             modules = {k: v for d in docs for k, v in d["ok"].items()}
             doc = {
                 "format": FORMAT_NAME, "version": FORMAT_VERSION, "world_size": comm.size,
                 "metadata": dict(job.metadata), "modules": dict(sorted(modules.items())),
             }
-            errors = _commit(job.storage, doc, job.save_id, job.path)
+            errors, committed = _commit(job.storage, doc, job.save_id, job.path)
             fault_point("save.committed", comm.rank)
-        _clean_up(job.storage, job.save_id, committed=not errors)
+        _clean_up(job.storage, job.save_id, committed)
     outcome = json.loads(comm.broadcast_bytes(_encode(errors), 0))
     run.finish(outcome)
 
@@ -288,28 +289,28 @@ def _begin_save(comm: Comm, storage: Storage, path: str) -> str:
     return reply[3:]
 
 
-def _commit(storage: Storage, doc: dict[str, Any], save_id: str, path: str) -> list[str]:
-    """Rank 0: publish the manifest, unless another save took this path over meanwhile."""
+def _commit(storage: Storage, doc: dict[str, Any], save_id: str, path: str) -> tuple[list[str], Manifest | None]:
+    """Rank 0: publish the manifest, unless another save took this path over meanwhile.
+    Returns the errors and, when committed, the manifest."""
     try:
         blob = json.dumps(doc, separators=(",", ":")).encode()
-        Manifest.from_bytes(blob, source="manifest being written")
+        manifest = Manifest.from_bytes(blob, source="manifest being written")
         if storage.size(_marker(save_id)) is None:
             return [f"another save to {path} started while this one ran (its marker replaced ours); "
-                    f"not committing save {save_id}"]
+                    f"not committing save {save_id}"], None
         fault_point("save.commit", 0)
         storage.commit_file(MANIFEST_PATH, blob, exclusive=True)
     except (MimoCkptError, OSError, TypeError, ValueError) as exc:
-        return [f"rank 0 committing the manifest: {exc}"]
-    return []
+        return [f"rank 0 committing the manifest: {exc}"], None
+    return [], manifest
 
 
-def _clean_up(storage: Storage, save_id: str, committed: bool) -> None:
+def _clean_up(storage: Storage, save_id: str, committed: Manifest | None) -> None:
     """Rank 0, best effort: after a commit, drop files the manifest does not name; else our own."""
     try:
         names = storage.list_files()
-        if committed:
-            manifest = read_manifest(storage)
-            keep = {MANIFEST_PATH} | {s.file for m in manifest.modules.values() for t in m.tensors.values() for s in t.shards}
+        if committed is not None:
+            keep = {MANIFEST_PATH} | {s.file for m in committed.modules.values() for t in m.tensors.values() for s in t.shards}
             doomed = [n for n in names if n not in keep and not n.startswith(READING_MARKER_PREFIX)]
         else:
             doomed = [n for n in names if save_id in n]

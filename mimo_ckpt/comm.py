@@ -8,6 +8,7 @@ members or not) and is cached, so repeated saves reuse the same groups.
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from typing import Any, Protocol, Sequence
 
 from .errors import RemoteRankError
@@ -56,8 +57,6 @@ class TorchComm:
     def with_timeout(cls, seconds: float) -> "TorchComm":
         """A comm over all ranks on its own gloo group whose collectives give up after `seconds`
         (a rank that died or hangs then fails the others with RemoteRankError). Collective."""
-        from datetime import timedelta
-
         import torch.distributed as dist
 
         group = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
@@ -142,14 +141,9 @@ class TorchComm:
                 self._dist.get_global_rank(self.group, r) if self.group is not None else r
                 for r in ranks
             ]
-            if self.timeout is None:
-                group = self._dist.new_group(global_ranks)
-            else:
-                from datetime import timedelta
-
-                group = self._dist.new_group(
-                    global_ranks, backend=self._dist.get_backend(self.group), timeout=timedelta(seconds=self.timeout)
-                )
+            same_timeout = {} if self.timeout is None else {
+                "backend": self._dist.get_backend(self.group), "timeout": timedelta(seconds=self.timeout)}
+            group = self._dist.new_group(global_ranks, **same_timeout)
             self._subgroups[ranks] = TorchComm(group, self.timeout) if self.rank in ranks else None
         return self._subgroups[ranks]
 

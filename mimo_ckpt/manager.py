@@ -22,7 +22,7 @@ from .comm import Comm, TorchComm
 from .errors import MimoCkptError, StorageError
 from .layout import ModuleLayout
 from .manifest import MANIFEST_PATH, READING_MARKER_PREFIX
-from .storage import LocalStorage, Storage, open_storage
+from .storage import LocalStorage, Storage, open_storage, read_small_file
 
 __all__ = ["CheckpointManager", "LATEST_PATH"]
 
@@ -73,14 +73,12 @@ class CheckpointManager:
 
     def latest_step(self) -> int | None:
         """The step `latest` names when it is committed; else the newest committed step."""
-        root = self._storage(self.root)
-        if root.size(LATEST_PATH):
-            buf = bytearray(root.size(LATEST_PATH) or 0)
-            root.read_into(LATEST_PATH, 0, memoryview(buf))
-            m = _STEP_DIR.fullmatch(buf.decode(errors="replace").strip())
+        latest = read_small_file(self._storage(self.root), LATEST_PATH)
+        if latest:
+            m = _STEP_DIR.fullmatch(latest.decode(errors="replace").strip())
             if m and self._storage(f"{self.root}/{m.group(0)}").size(MANIFEST_PATH) is not None:
                 return int(m.group(1))
-            log.warning("%s/%s names %r, which is not a committed checkpoint", self.root, LATEST_PATH, bytes(buf))
+            log.warning("%s/%s names %r, which is not a committed checkpoint", self.root, LATEST_PATH, latest)
         steps = self.committed_steps()
         return steps[-1] if steps else None
 
@@ -153,10 +151,8 @@ class CheckpointManager:
         now = time.time()
         for name in storage.list_files():
             if name.startswith(READING_MARKER_PREFIX):
-                buf = bytearray(storage.size(name) or 0)
-                storage.read_into(name, 0, memoryview(buf))
                 try:
-                    if now - float(buf.decode()) < self.reader_timeout_s:
+                    if now - float(read_small_file(storage, name) or b"") < self.reader_timeout_s:
                         return True
                 except ValueError:
                     return True

@@ -16,7 +16,7 @@ from .box import Box, first_overlap
 from .dtypes import ITEMSIZE
 from .errors import CheckpointNotFoundError, LayoutError, ManifestError, StorageError
 from .layout import PARALLEL_DIMS, ModuleLayout
-from .storage import Storage, check_relpath
+from .storage import Storage, check_relpath, read_small_file
 
 __all__ = [
     "FORMAT_NAME",
@@ -149,12 +149,10 @@ def module_to_json(m: ModuleEntry) -> dict[str, Any]:
 
 
 def read_manifest_bytes(storage: Storage, source: str = "manifest") -> bytes:
-    size = storage.size(MANIFEST_PATH)
-    if size is None:
+    data = read_small_file(storage, MANIFEST_PATH)
+    if data is None:
         raise CheckpointNotFoundError(f"{source}: no {MANIFEST_PATH}; not a committed checkpoint")
-    buf = bytearray(size)
-    storage.read_into(MANIFEST_PATH, 0, memoryview(buf))
-    return bytes(buf)
+    return data
 
 
 def read_manifest(storage: Storage, source: str = "manifest") -> Manifest:

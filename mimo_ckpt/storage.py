@@ -14,7 +14,7 @@ from typing import Any, Iterable, Protocol
 
 from .errors import CheckpointExistsError, StorageError
 
-__all__ = ["Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "check_relpath"]
+__all__ = ["Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "check_relpath", "read_small_file"]
 
 
 class Storage(Protocol):
@@ -38,6 +38,16 @@ class Storage(Protocol):
 
     def remove(self, path: str) -> None:
         """Delete a file; a missing file is not an error."""
+
+
+def read_small_file(storage: Storage, path: str) -> bytes | None:
+    """A whole (small) file's bytes, or None when it does not exist."""
+    size = storage.size(path)
+    if size is None:
+        return None
+    buf = bytearray(size)
+    storage.read_into(path, 0, memoryview(buf))
+    return bytes(buf)
 
 
 def check_relpath(path: str) -> str:

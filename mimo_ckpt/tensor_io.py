@@ -30,7 +30,7 @@ def host_bytes(tensor: torch.Tensor) -> memoryview:
 
 def write_shard_file(
     storage: Storage, plan: FilePlan, data: dict[tuple[str, Box], torch.Tensor], rank: int = -1,
-) -> list[int]:
+) -> list[list[Any]]:
     """Write one planned file; returns, per item in plan order, `[crc32c, block bytes, [block crcs]]`."""
     buffers = [host_bytes(data[(item.key, item.box)]) for item in plan.items]
     for item, buf in zip(plan.items, buffers):
@@ -39,21 +39,26 @@ def write_shard_file(
                 f"{plan.path}: tensor {item.key!r} box {item.box} has {len(buf)} bytes, plan says "
                 f"{item.end - item.begin}"
             )
-    with ThreadPoolExecutor(1) as hasher:  # crc32c releases the GIL: hash while writing
-        sums = hasher.map(shard_checksums, buffers)
-        storage.write_file(plan.path, _with_fault_point([plan.prefix, *buffers], rank))
-        return [[whole, BLOCK_BYTES, list(blocks)] for whole, blocks in sums]
+    return _write_checksummed(storage, plan.path, [plan.prefix, *buffers], buffers, rank)
 
 
-def write_file_image(storage: Storage, plan: FilePlan, image: torch.Tensor, rank: int = -1) -> list[Any]:
+def write_file_image(storage: Storage, plan: FilePlan, image: torch.Tensor, rank: int = -1) -> list[list[Any]]:
     """Write a staged file image (host uint8 tensor: header, then the items at their offsets);
     returns checksums like `write_shard_file`."""
     view = memoryview(image.numpy())
     buffers = [view[item.begin : item.end] for item in plan.items]
     middle = plan.items[len(plan.items) // 2].begin if plan.items else len(view)
+    return _write_checksummed(storage, plan.path, [view[:middle], view[middle:]], buffers, rank)
+
+
+def _write_checksummed(
+    storage: Storage, path: str, chunks: list[memoryview | bytes], items: list[memoryview], rank: int,
+) -> list[list[Any]]:
+    """Write `chunks` as the file while a worker thread checksums each item's bytes (crc32c
+    releases the GIL); per item `[crc32c, block bytes, [block crcs]]`."""
     with ThreadPoolExecutor(1) as hasher:
-        sums = hasher.map(shard_checksums, buffers)
-        storage.write_file(plan.path, _with_fault_point([view[:middle], view[middle:]], rank))
+        sums = hasher.map(shard_checksums, items)
+        storage.write_file(path, _with_fault_point(chunks, rank))
         return [[whole, BLOCK_BYTES, list(blocks)] for whole, blocks in sums]
 
 
