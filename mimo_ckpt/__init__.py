@@ -33,6 +33,9 @@ _LAZY = {
     "AsyncSaver": "background_save",
     "AsyncSave": "background_save",
     "async_save": "background_save",
+    "rng_state": "rank_state",
+    "restore_rng_state": "rank_state",
+    "LayoutChangedWarning": "rank_state",
 }
 
 __all__ = ["ModuleLayout", "PARALLEL_DIMS", "__version__", *_LAZY, *_error_names]

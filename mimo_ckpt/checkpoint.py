@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import uuid
+import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -36,6 +38,7 @@ from .manifest import (
     ModuleEntry, check_module_name, module_to_json, read_manifest_bytes,
 )
 from .megatron_interop import kind as megatron_kind
+from .rank_state import LayoutChangedWarning, is_layout_bound, same_grid
 from .save_plan import ModuleSavePlan, plan_module_save
 from .shard import (
     ModuleShards, ObjectMeta, TensorMeta, TensorShard, flatten_module_state, rebuild,
@@ -54,6 +57,9 @@ class LoadResult:
     """Per module, the state with tensors (filled in place) and loaded objects at its leaves."""
     report: KeyReport
     """Key differences found for the modules of this rank (empty under strict=True)."""
+    not_loaded: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """Per module, this rank's optional object keys the checkpoint could not give, left as they
+    were: layout-bound state saved under another layout, `_extra_state` it does not hold."""
 
 
 def _encode(obj: Any) -> bytes:
@@ -366,6 +372,7 @@ def load(
         run.fail(exc)
 
     report = KeyReport()
+    not_loaded: dict[str, list[str]] = {}
     loaded_objects: dict[tuple[str, int], Any] = {}
     bytes_read = 0
     for name in sorted(layouts):
@@ -373,6 +380,17 @@ def load(
         if mc is None:
             continue
         shards = local.get(name, ModuleShards([], [], []))
+        entry = manifest.modules.get(name)
+        if entry is not None:
+            shards, bound, extra = _without_unusable_optional(shards, entry, layouts[name])
+            if bound or extra:
+                not_loaded[name] = bound + extra
+                if comm.rank == layouts[name].rank_offset:
+                    warnings.warn(
+                        f"module {name!r}: layout-bound state {bound} was not loaded: it was saved "
+                        f"under another layout than {layouts[name].describe()} (or dropped by a reshard)",
+                        LayoutChangedWarning, stacklevel=2,
+                    )
         asked = {
             "tensors": sorted({(t.key, t.meta().dtype, t.global_shape) for t in shards.tensors}),
             "objects": sorted({(o.key, o.global_shape) for o in shards.objects}),
@@ -380,7 +398,6 @@ def load(
         gathered = run.unpack(mc.all_gather_bytes(run.payload(asked)))
         if gathered is None:
             continue
-        entry = manifest.modules.get(name)
         module_report, skipped = check_keys(
             name, entry,
             sorted({(k, d, tuple(s)) for g in gathered for k, d, s in g["tensors"]}),
@@ -414,7 +431,21 @@ def load(
             return loaded_objects.get((name, id(shard)), shard.data)
 
         result[name] = rebuild(module_state, value_of)
-    return LoadResult(state=result, report=report)
+    return LoadResult(state=result, report=report, not_loaded=not_loaded)
+
+
+def _without_unusable_optional(
+    shards: ModuleShards, entry: ModuleEntry, layout: ModuleLayout,
+) -> tuple[ModuleShards, list[str], list[str]]:
+    """The shards minus optional objects the checkpoint cannot give this layout: layout-bound
+    ones (all when the module's grid changed since the save, else those a reshard dropped), and
+    `_extra_state` the checkpoint lacks (written by a model without Transformer Engine state)."""
+    changed = not same_grid(entry.layout, layout)
+    bound = sorted({o.key for o in shards.objects
+                    if is_layout_bound(o.key) and (changed or o.key not in entry.objects)})
+    extra = sorted({o.key for o in shards.objects if o.key.endswith("_extra_state") and o.key not in entry.objects})
+    kept = [o for o in shards.objects if o.key not in bound and o.key not in extra]
+    return dataclasses.replace(shards, objects=kept), bound, extra
 
 
 def _load_module(

@@ -1,7 +1,8 @@
-"""The `mimo-ckpt` command line: inspect, verify, diff, reshard, export.
+"""The `mimo-ckpt` command line: inspect, verify, diff, reshard, export, import.
 
-Works offline on CPU with no process group; never imports torch or megatron-core. Errors are one
-line on stderr with exit status 2 (1 means "found a problem": a bad shard, a difference).
+Works offline on CPU with no process group; never imports megatron-core, and imports torch only
+for torch_dist import and export. Errors are one line on stderr with exit status 2 (1 means
+"found a problem": a bad shard, a difference).
 """
 
 from __future__ import annotations
@@ -216,11 +217,15 @@ def _reshard(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "torch_dist":
+        return _export_torch_dist(args)
     from .export import plan_export, run_export
     from .storage import LocalStorage
 
     storage, manifest = _open(args.src)
-    [module] = _modules(manifest, [args.module])
+    if not args.module or len(args.module) != 1:
+        raise LayoutError("--format hf exports one module: give exactly one --module")
+    [module] = _modules(manifest, args.module)
     rename = {}
     if args.rename:
         with open(args.rename) as f:
@@ -234,6 +239,28 @@ def _export(args: argparse.Namespace) -> int:
                        _budget(args), progress=_progress(args))
     print(f"exported {len(index['weight_map'])} tensors, {human_bytes(index['metadata']['total_size'])} "
           f"in {len(files)} files to {args.to}")
+    return 0
+
+
+def _export_torch_dist(args: argparse.Namespace) -> int:
+    from .torch_dist import export_torch_dist  # imports torch
+
+    counts = export_torch_dist(args.src, args.to, modules=args.module, main_param_name=args.main_param_name,
+                               progress=_progress(args))
+    print(f"exported {counts['tensors']} tensors ({human_bytes(counts['bytes'])}) and {counts['objects']} objects "
+          f"as megatron torch_dist to {args.to}"
+          + (f"; skipped {counts['skipped_layout_bound']} layout-bound objects" if counts["skipped_layout_bound"] else ""))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .torch_dist import import_torch_dist  # imports torch
+
+    report = import_torch_dist(args.src, args.dst, allow_pickle=args.allow_pickle, progress=_progress(args))
+    for line in report.dropped:
+        print(f"dropped {line}")
+    print(f"imported {report.tensors} tensor chunks ({human_bytes(report.bytes)}) and {report.objects} objects "
+          f"to {args.dst}")
     return 0
 
 
@@ -284,16 +311,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     p.set_defaults(run=_reshard)
 
-    p = command("export", "one module's consolidated tensors as Hugging Face style safetensors")
+    p = command("export", "consolidated tensors: one module as Hugging Face style safetensors (--format hf), "
+                          "or modules as a megatron-core torch_dist checkpoint (--format torch_dist)")
     p.add_argument("src")
-    p.add_argument("--module", required=True)
+    p.add_argument("--module", action="append", help="module to export (hf: exactly one; torch_dist: repeatable, default all)")
     p.add_argument("--to", required=True, metavar="DIR")
+    p.add_argument("--format", choices=("hf", "torch_dist"), default="hf")
+    p.add_argument("--main-param-name", choices=("fp32_param", "param"), default="fp32_param",
+                   help="torch_dist: name of fp32 main params, 'fp32_param' (Float16Optimizer) or 'param' "
+                        "(DistributedOptimizer, fully_reshardable)")
     p.add_argument("--max-shard-size", type=parse_size, default=5 << 30, help="largest file, e.g. 2G (default 5G)")
     p.add_argument("--rename", metavar="MAP.json", help="JSON object mapping checkpoint keys to exported names")
     p.add_argument("--include", metavar="REGEX", help="only keys matching")
     p.add_argument("--exclude", metavar="REGEX", help="skip keys matching (e.g. '^optimizer\\.')")
     p.add_argument("--max-memory", type=parse_size, default=default_max_memory(), help="peak memory, e.g. 512M")
     p.set_defaults(run=_export)
+
+    p = command("import", "a megatron-core torch_dist checkpoint of a MIMO model into mimo-ckpt's format")
+    p.add_argument("src", help="torch_dist checkpoint directory (written by megatron.core.dist_checkpointing.save)")
+    p.add_argument("dst")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="torch_dist stores objects (param_groups, common.pt) as pickles. By default only plain "
+                        "data is read from them (torch.load weights_only) and anything else is an error; this "
+                        "flag unpickles them fully, which can run code: use it only for checkpoints you trust")
+    p.set_defaults(run=_import)
     return parser
 
 

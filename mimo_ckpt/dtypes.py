@@ -6,7 +6,7 @@ from typing import Any
 
 from .errors import ShardError
 
-__all__ = ["ITEMSIZE", "from_torch"]
+__all__ = ["ITEMSIZE", "from_torch", "to_torch"]
 
 ITEMSIZE: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
@@ -29,3 +29,11 @@ def from_torch(dtype: Any, *, key: str = "?") -> str:
         if torch_name == name:
             return code
     raise ShardError(f"tensor {key!r}: dtype {dtype} cannot be stored (supported: {sorted(_TORCH_NAMES.values())})")
+
+
+def to_torch(code: str, *, key: str = "?") -> Any:
+    import torch
+
+    if code not in _TORCH_NAMES:
+        raise ShardError(f"tensor {key!r}: stored dtype {code!r} has no torch equivalent")
+    return getattr(torch, _TORCH_NAMES[code])

@@ -18,6 +18,7 @@ __all__ = [
     "KeyMismatchError",
     "CorruptShardError",
     "RemoteRankError",
+    "UnsafeCheckpointError",
 ]
 
 
@@ -67,3 +68,7 @@ class CorruptShardError(MimoCkptError, ValueError):
 
 class RemoteRankError(MimoCkptError, RuntimeError):
     """Another rank failed during a collective save or load; its message is included."""
+
+
+class UnsafeCheckpointError(MimoCkptError, ValueError):
+    """Reading the data would mean unpickling arbitrary objects, which was not allowed."""

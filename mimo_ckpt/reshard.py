@@ -19,6 +19,7 @@ from .layout import ModuleLayout
 from .load_plan import plan_tensor_reads
 from .manifest import MANIFEST_PATH, Manifest, ModuleEntry
 from .progress import Progress
+from .rank_state import is_layout_bound, same_grid
 from .save_plan import FilePlan, ModuleSavePlan, plan_module_save
 from .shard import ObjectMeta, TensorMeta
 from .sharding import box_for_rank
@@ -84,9 +85,12 @@ def plan_reshard(manifest: Manifest, layouts: Mapping[str, ModuleLayout]) -> dic
             for rank in layout.ranks:
                 box = box_for_rank(split, stored.global_shape, layout, rank)
                 metas[rank].append(TensorMeta(key, stored.dtype, stored.global_shape, box, True))
-        plain = {k: o for k, o in entry.objects.items() if not o.global_shape}
-        dropped = tuple(sorted(k for k, o in entry.objects.items() if o.global_shape))
-        objects = {layout.rank_offset: [ObjectMeta(k, (), (), True, o.values[()]) for k, o in plain.items()]}
+        changed = not same_grid(entry.layout, layout)
+        dropped = tuple(sorted(k for k in entry.objects if changed and is_layout_bound(k)))
+        objects = {layout.rank_offset: [
+            ObjectMeta(k, o.global_shape, offset, True, value)
+            for k, o in entry.objects.items() if k not in dropped for offset, value in o.values.items()
+        ]}
         plan = plan_module_save(name, layout, metas, objects)
         read_bytes = sum(
             r.end - r.begin

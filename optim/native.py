@@ -88,10 +88,10 @@ class NativeModuleOptimizer:
         self.shard_state = shard_state
         param_groups = _param_groups(params)
         self.params = [p for g in param_groups for p in g["params"]]
-        keys = [p.key for p in self.params]
-        if len(set(keys)) != len(keys):
-            dup = sorted({k for k in keys if keys.count(k) > 1})
-            raise ShardError(f"module {self.name!r}: parameter keys {dup} appear more than once")
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            dup = sorted({k for k in names if names.count(k) > 1})
+            raise ShardError(f"module {self.name!r}: parameters {dup} appear more than once")
         if not self.params:
             raise ShardError(f"module {self.name!r}: no parameters on rank {groups.rank}")
         self.device = self.params[0].param.device
@@ -121,6 +121,10 @@ class NativeModuleOptimizer:
         holders, key_holders = first_holders(refs), first_key_holders(refs)
         me = groups.rank
         self._counted = [holders[SliceRef(s.sp.key, s.box)] == me for s in self._slices]
+        # Stacked keys hold several slices on a rank; their scalars (one value per key) go once.
+        self._scalar_slices = {}
+        for s in self._slices:
+            self._scalar_slices.setdefault(s.sp.key, s)
         self._saves_scalars = {s.sp.key: key_holders[s.sp.key] == me for s in self._slices}
         self.main_rank = groups.layout.rank_of()  # all coordinates 0: saves module-wide objects
 
@@ -136,8 +140,9 @@ class NativeModuleOptimizer:
         s = _MainSlice(sp, (begin, end), torch.empty(0), sp.box)
         s.main = s.model_rows(p.detach()).float().clone()
         if p.dim() > 0:
-            offset = (sp.global_offset[0] + begin, *sp.global_offset[1:])
-            s.box = Box(offset, (end - begin, *p.shape[1:]))
+            k = sp.prepend_axes
+            offset = (*sp.global_offset[:k], sp.global_offset[k] + begin, *sp.global_offset[k + 1 :])
+            s.box = Box(offset, (1,) * k + (end - begin, *p.shape[1:]))
         else:
             s.main = s.main.reshape(())
         return s
@@ -232,6 +237,8 @@ class NativeModuleOptimizer:
             out["fp32_param"] = self._tensor_shard("fp32_param", s, s.main)
         for name, value in sorted(state.items()):
             if name in SCALAR_STATE or not torch.is_tensor(value):
+                if self._scalar_slices[key] is not s:
+                    continue
                 out[name] = ObjectShard(
                     f"{STATE_PREFIX}state.{name}.{key}", _to_number(value, key, name),
                     is_main_replica=self._saves_scalars[key],
@@ -247,14 +254,15 @@ class NativeModuleOptimizer:
         return out
 
     def _tensor_shard(self, name: str, s: _MainSlice, tensor: torch.Tensor) -> TensorShard:
-        return TensorShard(f"{STATE_PREFIX}state.{name}.{s.sp.key}", tensor, s.sp.global_shape, s.box.offset)
+        return TensorShard(f"{STATE_PREFIX}state.{name}.{s.sp.key}", tensor.reshape(s.box.shape),
+                           s.sp.global_shape, s.box.offset)
 
     def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
         """This rank's optimizer state as shards of model-space keys, for mimo_ckpt.save / load
         (the same structure either way: missing state is created first)."""
         self._ensure_state()
         out: dict[str, Any] = {
-            "state": {s.sp.key: self._entries(s) for s in self._slices},
+            "state": {s.sp.name: self._entries(s) for s in self._slices},
             "param_groups": ObjectShard(
                 f"{STATE_PREFIX}param_groups", _hyperparameters(self.optimizer),
                 is_main_replica=self.groups.rank == self.main_rank,
@@ -271,7 +279,8 @@ class NativeModuleOptimizer:
         """Apply what mimo_ckpt.load returned for `sharded_state_dict()` (tensors are already in place)."""
         for s in self._slices:
             state = self.optimizer.state[s.main]
-            for name, value in loaded["state"].get(s.sp.key, {}).items():
+            scalars = loaded["state"].get(self._scalar_slices[s.sp.key].sp.name, {})
+            for name, value in scalars.items():
                 if name in state and not torch.is_tensor(value):
                     state[name] = _scalar_like(state[name], value)
         self._refresh_unsaved_mains()
@@ -299,7 +308,7 @@ class NativeModuleOptimizer:
         self._ensure_state()
         out = {
             "state": {
-                s.sp.key: {**self.optimizer.state[s.main], **({"fp32_param": s.main} if s.saves_main else {})}
+                s.sp.name: {**self.optimizer.state[s.main], **({"fp32_param": s.main} if s.saves_main else {})}
                 for s in self._slices
             },
             "param_groups": _hyperparameters(self.optimizer),
@@ -312,9 +321,9 @@ class NativeModuleOptimizer:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self._ensure_state()
         for s in self._slices:
-            saved = state_dict["state"].get(s.sp.key)
+            saved = state_dict["state"].get(s.sp.name)
             if saved is None:
-                raise ShardError(f"module {self.name!r}: state_dict has no state for {s.sp.key!r}")
+                raise ShardError(f"module {self.name!r}: state_dict has no state for {s.sp.name!r}")
             state = self.optimizer.state[s.main]
             for name, value in saved.items():
                 if name == "fp32_param":

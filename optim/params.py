@@ -25,6 +25,9 @@ class ShardedParam:
     param: Any
     global_shape: tuple[int, ...]
     global_offset: tuple[int, ...]
+    prepend_axes: int = 0
+    """Leading global axes the parameter spans with extent 1: megatron stacks a module's layers
+    under one key this way (a ShardedTensor's `prepend_axis_num`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_shape", tuple(int(s) for s in self.global_shape))
@@ -38,7 +41,14 @@ class ShardedParam:
 
     @property
     def box(self) -> Box:
-        return Box(self.global_offset, tuple(self.param.shape))
+        return Box(self.global_offset, (1,) * self.prepend_axes + tuple(self.param.shape))
+
+    @property
+    def name(self) -> str:
+        """Unique on a rank: the key, plus the prepended offsets (the layer) for stacked keys."""
+        if not self.prepend_axes:
+            return self.key
+        return f"{self.key}[{','.join(str(o) for o in self.global_offset[: self.prepend_axes])}]"
 
     @classmethod
     def whole(cls, key: str, param: Any) -> "ShardedParam":

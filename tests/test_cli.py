@@ -56,7 +56,7 @@ def test_inspect_lists_modules_layouts_and_tensors(src):
     assert summary["modules"]["language"]["layout"]["pp"] == 2
     t = summary["modules"]["language"]["tensors"]["decoder.layers.mlp.experts.weight"]
     assert t == {"dtype": "F32", "shape": [6, 4, 6, 10], "shards": 4, "bytes": 6 * 4 * 6 * 10 * 4}
-    assert "rng" in summary["modules"]["images"]["objects"]
+    assert "rank_state.rng" in summary["modules"]["images"]["objects"]
     text = cli("inspect", src, "--module", "images", check=0).stdout
     assert "module images: tp2" in text and "vision.norm/bias" in text and "language" not in text
 
@@ -115,7 +115,7 @@ def test_diff_identical_then_one_changed_element(src, resharded, tmp_path):
     dst, _ = resharded
     found = json.loads(cli("diff", src, dst, "--json", check=1).stdout)
     assert [d for d in found if d["status"] != "identical"] == [
-        {"module": "images", "kind": "object", "key": "rng", "status": "only in A",
+        {"module": "images", "kind": "object", "key": "rank_state.rng", "status": "only in A",
          "max_abs_diff": None, "elements_differing": 0}]
     assert sum(d["kind"] == "tensor" for d in found) == 17
     assert cli("diff", src, src, check=0).stdout.strip().splitlines()[-1].startswith("IDENTICAL")
@@ -139,11 +139,11 @@ def test_diff_identical_then_one_changed_element(src, resharded, tmp_path):
 
 def test_reshard_shares_untouched_module_and_loads_like_reshard_on_load(src, resharded):
     dst, out = resharded
-    assert "drops layout-bound object 'rng'" in out.stdout
+    assert "drops layout-bound object 'rank_state.rng'" in out.stdout
     src_m = json.loads((src / "manifest.json").read_text())
     dst_m = json.loads((dst / "manifest.json").read_text())
     assert dst_m["modules"]["language"] == src_m["modules"]["language"]
-    assert dst_m["modules"]["images"]["layout"]["dp"] == 2 and "rng" not in dst_m["modules"]["images"]["objects"]
+    assert dst_m["modules"]["images"]["layout"]["dp"] == 2 and "rank_state.rng" not in dst_m["modules"]["images"]["objects"]
     for name in os.listdir(src / "language"):
         a, b = src / "language" / name, dst / "language" / name
         assert a.read_bytes() == b.read_bytes() and os.stat(a).st_ino == os.stat(b).st_ino
@@ -155,7 +155,7 @@ def test_reshard_shares_untouched_module_and_loads_like_reshard_on_load(src, res
         assert r["src"]["problems"] == [] and r["dst"]["problems"] == [], rank
         assert r["src"]["bytes"] == r["dst"]["bytes"], rank
         if rank < 2:  # the images module's rng is gone from DST only
-            assert r["src"]["unexpected"] == {"images": ["object 'rng'"]} and r["dst"]["unexpected"] == {}
+            assert r["src"]["unexpected"] == {"images": ["object 'rank_state.rng'"]} and r["dst"]["unexpected"] == {}
 
 
 def test_reshard_dry_run_writes_nothing(src, tmp_path):
@@ -170,7 +170,7 @@ def test_reshard_with_workers_matches(src, tmp_path):
     cli("reshard", src, dst, "--module", "language=pp1,tp1,dp4", "--workers", "2", "--max-memory", "512M", "-q", check=0)
     assert cli("verify", dst, "-q", check=0).returncode == 0
     found = json.loads(cli("diff", src, dst, "--module", "language", "--json", check=1).stdout)
-    assert [(d["key"], d["status"]) for d in found if d["status"] != "identical"] == [("rng", "only in A")]
+    assert [(d["key"], d["status"]) for d in found if d["status"] != "identical"] == [("rank_state.rng", "only in A")]
 
 
 def test_errors_are_one_line(src, tmp_path):

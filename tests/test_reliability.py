@@ -259,13 +259,15 @@ def test_a_hostile_manifest_fails_the_load_on_every_rank(committed):
 
 
 def test_no_read_path_can_unpickle():
-    """Loading never runs pickle: no pickle, no torch.load without weights_only, no allow_pickle."""
+    """Loading never runs pickle: no pickle, no torch.load without weights_only, no allow_pickle.
+    The one exception is importing megatron's torch_dist format, whose index and objects are
+    pickles (tests/test_torch_dist.py shows what it refuses)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     offenders = []
     for package in ("mimo_ckpt", "optim"):
         for dirpath, _, files in os.walk(os.path.join(root, package)):
             for name in files:
-                if not name.endswith(".py"):
+                if not name.endswith(".py") or (package, name) == ("mimo_ckpt", "torch_dist.py"):
                     continue
                 text = open(os.path.join(dirpath, name)).read()
                 for needle in ("import pickle", "pickle.load", "cloudpickle", "dill", "allow_pickle=True",

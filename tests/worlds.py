@@ -81,7 +81,7 @@ CLI_NEW = {"images": dict(dp=2), "language": dict(tp=2, pp=2, rank_offset=2)}
 def _with_rng(state: dict, layout: ModuleLayout, rank: int) -> dict:
     """Add per-rank (layout-bound) state, as RNG states are."""
     c = layout.coords(rank)
-    state["rng"] = mimo_ckpt.ObjectShard("rng", {"seed": rank}, (layout.pp, layout.tp), (c["pp"], c["tp"]))
+    state["rank_state.rng"] = mimo_ckpt.ObjectShard("rank_state.rng", {"seed": rank}, (layout.pp, layout.tp), (c["pp"], c["tp"]))
     return state
 
 

@@ -1,0 +1,149 @@
+"""Portable keys for megatron-core MIMO state, so checkpoints move between trainers.
+
+Megatron's keys depend on how a trainer wraps and names things: one `module.` per DDP or
+Float16Module wrapper, the module prefix (`language_model.`, `modality_submodules.<name>.`), the
+`mimo.<name>.` prefix megatron's MimoOptimizer adds, and the main-param name (`fp32_param` in
+Float16Optimizer, `param` in DistributedOptimizer). A checkpoint stores one spelling per module:
+
+    model weight      decoder.layers.mlp.linear_fc1.weight        (module prefix, wrappers gone)
+    optimizer state   optimizer.state.exp_avg.<model weight key>  (`fp32_param` for main params)
+    other objects     <key> with the prefixes above removed
+
+`_extra_state` entries are kept as they are (None, for layers without Transformer Engine), and a
+load tolerates their absence: a model with them loads a checkpoint written without. Tied output
+embeddings need no rule of ours:
+megatron keys the last stage's copy as the input embedding, a non-main replica, so it is never
+saved twice and loads from the embedding's boxes.
+
+Pure: megatron-core objects are recognised by class name (see megatron_interop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Mapping
+
+from .errors import ShardError
+from .megatron_interop import kind, to_shard
+
+__all__ = [
+    "LANGUAGE_MODULE", "split_key", "megatron_key", "from_megatron", "to_megatron", "iter_leaves",
+]
+
+LANGUAGE_MODULE = "language"  # megatron's MIMO_LANGUAGE_MODULE_KEY
+_LANGUAGE_PREFIX = "language_model."
+_MODALITY_PREFIX = "modality_submodules."
+_OPTIMIZER_STATE = "optimizer.state."
+_MAIN_PARAM_NAMES = {"param": "fp32_param", "fp32_param": "fp32_param"}
+
+
+def _strip_wrappers(key: str) -> str:
+    parts = key.split(".")
+    return ".".join(p for p in parts if p != "module")
+
+
+def _split_model_key(key: str) -> tuple[str, str]:
+    key = _strip_wrappers(key)
+    if key.startswith(_LANGUAGE_PREFIX):
+        return LANGUAGE_MODULE, key[len(_LANGUAGE_PREFIX):]
+    if key.startswith(_MODALITY_PREFIX):
+        name, _, rest = key[len(_MODALITY_PREFIX):].partition(".")
+        if name and rest:
+            return name, rest
+    raise ShardError(
+        f"key {key!r} names no MIMO module: expected 'language_model.' or 'modality_submodules.<name>.'"
+    )
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(module, canonical key) for a megatron MIMO model or optimizer key."""
+    stripped = _strip_wrappers(key)
+    if stripped.startswith("mimo."):  # megatron MimoOptimizer: mimo.<name>.<optimizer key>
+        module, _, rest = stripped[len("mimo."):].partition(".")
+        if rest.startswith(_OPTIMIZER_STATE):
+            name, _, model_key = rest[len(_OPTIMIZER_STATE):].partition(".")
+            inner_module, local = _split_model_key(model_key)
+            if inner_module != module:
+                raise ShardError(f"key {key!r}: optimizer of module {module!r} holds state of module {inner_module!r}")
+            return module, f"{_OPTIMIZER_STATE}{_MAIN_PARAM_NAMES.get(name, name)}.{local}"
+        for marker in (f"optimizer.mimo.{module}.", "optimizer.mimo."):
+            if rest.startswith(marker):  # param_groups etc. moved into ShardedObjects
+                return module, "optimizer." + rest[len(marker):]
+        return module, rest
+    if stripped.startswith(_OPTIMIZER_STATE):
+        name, _, model_key = stripped[len(_OPTIMIZER_STATE):].partition(".")
+        module, local = _split_model_key(model_key)
+        return module, f"{_OPTIMIZER_STATE}{_MAIN_PARAM_NAMES.get(name, name)}.{local}"
+    return _split_model_key(stripped)
+
+
+def megatron_key(module: str, key: str, *, main_param_name: str = "fp32_param", optimizer_prefix: bool = True) -> str:
+    """The megatron MIMO key for one of our canonical keys (the inverse of `split_key`)."""
+    prefix = _LANGUAGE_PREFIX if module == LANGUAGE_MODULE else f"{_MODALITY_PREFIX}{module}."
+    if key.startswith(_OPTIMIZER_STATE):
+        name, _, local = key[len(_OPTIMIZER_STATE):].partition(".")
+        if name == "fp32_param":
+            name = main_param_name
+        out = f"{_OPTIMIZER_STATE}{name}.{prefix}{local}"
+        return f"mimo.{module}.{out}" if optimizer_prefix else out
+    if key.startswith("optimizer."):
+        rest = key[len("optimizer."):]
+        return f"mimo.{module}.optimizer.mimo.{module}.{rest}" if optimizer_prefix else key
+    return prefix + key
+
+
+def iter_leaves(tree: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """(path, leaf) of nested dicts and lists, depth first in insertion order."""
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from iter_leaves(v, (*path, k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from iter_leaves(v, (*path, i))
+    else:
+        yield path, tree
+
+
+def from_megatron(sharded_state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Module-keyed state with canonical keys from a megatron MIMO `sharded_state_dict()` (model,
+    optimizer or both), for `mimo_ckpt.save` and `mimo_ckpt.load`.
+
+    Shards keep the megatron tensors as data, so a load fills the model in place. Each module's
+    entries are keyed by their path in the input, joined with '/', which `to_megatron` uses.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for path, value in iter_leaves(sharded_state_dict):
+        name = kind(value)
+        if name not in ("ShardedTensor", "ShardedObject"):
+            if name in (None, "LocalNonpersistentObject"):
+                continue  # not persisted by megatron either
+            raise ShardError(f"entry {'/'.join(map(str, path))!r}: megatron-core {name} is not supported")
+        module, key = split_key(value.key)
+        shard = to_shard(value, module=module)
+        out.setdefault(module, {})["/".join(map(str, path))] = dataclasses.replace(shard, key=key)
+    return out
+
+
+def to_megatron(sharded_state_dict: dict[str, Any], loaded: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """`sharded_state_dict` with each ShardedObject replaced by its loaded value (from `loaded`,
+    what `mimo_ckpt.load` returned for `from_megatron(sharded_state_dict)`) and each ShardedTensor
+    by its tensor, filled in place: the structure megatron's own `load` returns."""
+    values = {p: v for module in loaded.values() for p, v in module.items()}
+
+    def rebuild(tree: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(tree, dict):
+            return {k: rebuild(v, (*path, k)) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [rebuild(v, (*path, i)) for i, v in enumerate(tree)]
+        if kind(tree) == "ShardedTensor":
+            return tree.data  # filled in place
+        joined = "/".join(map(str, path))
+        if joined in values:
+            return values[joined]
+        if kind(tree) == "ShardedObject":
+            return tree.data
+        if kind(tree) == "LocalNonpersistentObject":
+            return tree.unwrap()
+        return tree
+
+    return rebuild(sharded_state_dict, ())

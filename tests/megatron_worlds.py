@@ -1,0 +1,174 @@
+"""megatron-core MimoModel runs on a 4-rank gloo world (see tests/test_megatron_mimo.py).
+
+Layout A: vision encoder TP2 on ranks 0-1, language model PP2 on ranks 2-3. Train 3 steps under A
+and save; then for each case, reshard the checkpoint offline with the `mimo-ckpt` CLI, rebuild the
+model under the new layout, load, train 3 more steps, and run the new layout uninterrupted from
+step 0 for the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from typing import Any
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+import mimo_ckpt
+from mimo_ckpt import LayoutChangedWarning, ModuleLayout
+from mimo_ckpt.megatron_interop import to_sharded_tensor
+from mimo_ckpt.megatron_keys import from_megatron, megatron_key, to_megatron
+from tools.megatron_mimo import IMAGES, LANGUAGE, MegatronMimoRun, cpu_dist_checkpointing
+
+WORLD = 4
+SAVED = {IMAGES: ModuleLayout(tp=2), LANGUAGE: ModuleLayout(pp=2, rank_offset=2)}
+CASES = {
+    # name: (--module arguments of `mimo-ckpt reshard`, the layouts they give)
+    "images_tp1_dp2": (["images=dp2"], {IMAGES: ModuleLayout(dp=2), LANGUAGE: SAVED[LANGUAGE]}),
+    "language_pp1": (["language=pp1"], {IMAGES: SAVED[IMAGES], LANGUAGE: ModuleLayout(rank_offset=2)}),
+    "language_dp2": (["language=dp2"], {IMAGES: SAVED[IMAGES], LANGUAGE: ModuleLayout(dp=2, rank_offset=2)}),
+}
+
+
+def _cli(*args: str) -> None:
+    """`mimo-ckpt ARGS` on rank 0 while the others wait."""
+    if dist.get_rank() == 0:
+        subprocess.run([sys.executable, "-m", "mimo_ckpt.cli", *args, "--quiet"], check=True,
+                       env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    dist.barrier()
+
+
+def _reshard(src: str, dst: str, modules: list[str]) -> None:
+    _cli("reshard", src, dst, *[arg for m in modules for arg in ("--module", m)])
+
+
+def resume_cases(root: str, steps: int, resume_at: int) -> dict[str, Any]:
+    saved = os.path.join(root, "saved")
+    run = MegatronMimoRun(SAVED)
+    out: dict[str, Any] = {"saved": [run.train_step(s) for s in range(resume_at)]}
+    run.save(saved, resume_at)
+    for name, (args, layouts) in CASES.items():
+        resharded = os.path.join(root, name)
+        _reshard(saved, resharded, args)
+        run = MegatronMimoRun(layouts)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LayoutChangedWarning)
+            result = run.load(resharded)
+        resumed = [run.train_step(s) for s in range(resume_at, steps)]
+        reference = MegatronMimoRun(layouts)
+        out[name] = {
+            "resumed": resumed,
+            "reference": [reference.train_step(s) for s in range(steps)],
+            "not_loaded": result.not_loaded,
+            "warnings": [str(w.message) for w in caught if w.category is LayoutChangedWarning],
+            "dir": resharded,
+        }
+    out["saved_dir"] = saved
+    return out
+
+
+def megatron_form(run: MegatronMimoRun) -> dict[str, Any]:
+    """The run's state as megatron's model and MimoOptimizer hand it to dist_checkpointing: model
+    ShardedTensors, Adam moments under `mimo.<name>.optimizer.state.<moment>.<model key>` with the
+    model's replica ids, and each module's param_groups as a ShardedObject."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    sd = dict(run.model.sharded_state_dict()) if run.model is not None else {}
+    replica = {(t.key, tuple(t.global_offset)): t.replica_id for t in sd.values() if hasattr(t, "global_offset")}
+    for module, state in run.opt.sharded_state_dict().items():
+        for entries in state["state"].values():
+            for shard in entries.values():
+                if not isinstance(shard, mimo_ckpt.TensorShard):
+                    continue
+                model_key = megatron_key(module, shard.key.split(".", 3)[3])
+                key = megatron_key(module, shard.key)
+                rid = replica[(model_key, shard.global_offset)]
+                sd[f"{key}@{shard.global_offset}"] = to_sharded_tensor(dataclasses.replace(shard, key=key), rid)
+        groups = state["param_groups"]
+        sd[f"mimo.{module}.param_groups"] = ShardedObject(
+            megatron_key(module, "optimizer.param_groups"), groups.data, (1,), (0,),
+            replica_id=0 if groups.is_main_replica else 1)
+    return sd
+
+
+def _values(sd: dict[str, Any], loaded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """(key, offset) -> tensor, and key -> object, of a megatron-form state (or of what megatron's
+    load returned for it)."""
+    out = {}
+    for name, entry in sd.items():
+        value = (loaded or {}).get(name, entry.data)
+        ident = f"{entry.key}@{list(entry.global_offset)}" if hasattr(entry, "local_shape") else entry.key
+        out[ident] = value.clone() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def _zeroed(layouts: dict[str, ModuleLayout]) -> tuple[MegatronMimoRun, dict[str, Any]]:
+    run = MegatronMimoRun(layouts)
+    sd = megatron_form(run)
+    with torch.no_grad():
+        for entry in sd.values():
+            if hasattr(entry, "local_shape"):
+                entry.data.zero_()
+    return run, sd
+
+
+def _mismatches(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    bad = sorted(set(a) ^ set(b))
+    for k in set(a) & set(b):
+        same = torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+        if not same:
+            bad.append(k)
+    return bad
+
+
+def torch_dist_round_trip(root: str, steps: int) -> dict[str, Any]:
+    """megatron save -> `mimo-ckpt import` -> `mimo-ckpt export --format torch_dist` -> megatron
+    load, under the saved layout (bit-exact against the trained state) and under another one
+    (equal to mimo_ckpt's own load of the imported checkpoint)."""
+    from megatron.core import dist_checkpointing
+
+    megatron_dir, ours, back = (os.path.join(root, n) for n in ("megatron", "imported", "exported"))
+    run = MegatronMimoRun(SAVED)
+    for step in range(steps):
+        run.train_step(step)
+    trained = megatron_form(run)
+    original = _values(trained)
+    if dist.get_rank() == 0:
+        os.makedirs(megatron_dir)
+    dist.barrier()
+    with cpu_dist_checkpointing():
+        dist_checkpointing.save(trained, megatron_dir)
+    _cli("import", megatron_dir, ours)
+    _cli("export", ours, "--format", "torch_dist", "--to", back)
+
+    out: dict[str, Any] = {"tensors": sum(isinstance(v, torch.Tensor) for v in original.values()),
+                           "objects": sum(not isinstance(v, torch.Tensor) for v in original.values())}
+    _, template = _zeroed(SAVED)
+    result = mimo_ckpt.load(from_megatron(template), ours, layouts=SAVED)
+    out["ours_vs_trained"] = _mismatches(_values(template, to_megatron(template, result.state)), original)
+    _, template = _zeroed(SAVED)
+    loaded = dist_checkpointing.load(template, back)
+    out["megatron_vs_trained"] = _mismatches(_values(template, loaded), original)
+    # another layout: megatron's loader and ours read the same values
+    other = CASES["language_dp2"][1]
+    _, template = _zeroed(other)
+    loaded = _values(template, dist_checkpointing.load(template, back))
+    _, mine = _zeroed(other)
+    result = mimo_ckpt.load(from_megatron(mine), ours, layouts=other)
+    out["megatron_vs_ours_resharded"] = _mismatches(loaded, _values(mine, to_megatron(mine, result.state)))
+    tensors = [v for v in loaded.values() if isinstance(v, torch.Tensor)]
+    out["resharded"] = {"tensors": len(tensors), "nonzero": sum(bool(v.abs().sum() > 0) for v in tensors)}
+    return out
+
+
+def suite(args: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "resume": resume_cases(args["root"], args["steps"], args["resume_at"]),
+        "torch_dist": torch_dist_round_trip(args["root"], 2),
+    }
+

@@ -1,0 +1,456 @@
+"""A small megatron-core `MimoModel` on per-module `HyperCommGrid`s, and one training step for it.
+
+The model: a vision encoder ("images": patch embedding, a TransformerBlock, an MLP projector, TP
+over its own grid) and a GPTModel language model ("language": local, non-Transformer-Engine layer
+spec, TP/PP/DP over its own grid), on disjoint ranks (megatron's non-colocated mode).
+
+megatron-core ships the model but not the glue between modules on different ranks, and some of
+its code paths assume CUDA. What this file does in their place, so the same code runs on CPU with
+gloo and on GPUs with NCCL:
+- weights are built with `use_cpu_initialization` and then set from a seeded function of each
+  tensor's global key and shape, so every layout starts from the same global weights;
+- encoder outputs travel to the language model's first stage, hidden states between its pipeline
+  stages, and gradients back, as point-to-point messages between the ranks that need them;
+- gradients are summed over each module's data-parallel group (megatron's DDP needs CUDA);
+- the attention mask is passed explicitly (megatron makes its default mask on CUDA);
+- megatron's CUDA RNG tracker, which attention forks around dropout, is replaced on CPU by one
+  whose fork does nothing (dropout then draws from the CPU generator; the model uses none);
+- megatron's `dist_checkpointing.save` synchronises and queries the current CUDA device; on CPU
+  `cpu_dist_checkpointing()` stands in for both (the tests write megatron checkpoints with it);
+- attention's scratch buffer (parallel_state's global memory buffer, allocated on the current
+  CUDA device) is replaced by one that allocates on the model's device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.mimo import MimoModel, MimoModelConfig
+from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import random as random_module
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mimo_ckpt import ModuleLayout
+
+VOCAB = 64
+SEQ = 16
+HIDDEN = 32
+HEADS = 4
+IMAGE_TOKENS = 4  # image token positions per sample
+PATCH_DIM = 12
+ENCODER_HIDDEN = 24
+IMAGE_TOKEN_ID = VOCAB - 1
+GLOBAL_BATCH = 4
+LANGUAGE, IMAGES = "language", "images"
+GRID_GROUPS = (["tp"], ["cp"], ["pp"], ["dp"], ["dp", "cp"], ["tp", "pp"])
+
+
+class _DeviceMemoryBuffer:
+    """Stands in for megatron's GlobalMemoryBuffer (which allocates on CUDA) on any device.
+    Attention uses it as the `beta=0` input of baddbmm, so fresh memory serves as well."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+
+    def get_tensor(self, shape: Any, dtype: torch.dtype, name: str, mem_alloc_context: Any = None) -> torch.Tensor:
+        return torch.empty(tuple(shape), dtype=dtype, device=self.device)
+
+
+def use_device_memory_buffer(device: Any) -> None:
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._GLOBAL_MEMORY_BUFFER = _DeviceMemoryBuffer(device)
+
+
+class _CpuRngTracker:
+    """megatron's CUDA RNG tracker interface with nothing to track on CPU."""
+
+    def fork(self, name: str = "") -> Any:
+        return contextlib.nullcontext()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def is_initialized(self) -> bool:
+        return True
+
+
+def seed_generators(device: str, seed: int, tp_rank: int) -> None:
+    """Seeds as megatron seeds them: CPU per rank, and on CUDA the tracker's per-TP-rank streams."""
+    torch.manual_seed(seed + tp_rank)
+    if device == "cpu":
+        random_module._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()
+        random_module._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    else:
+        random_module.model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0)
+
+
+@contextlib.contextmanager
+def cpu_dist_checkpointing() -> Any:
+    """Lets megatron's dist_checkpointing.save run on a machine without CUDA."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from unittest import mock
+
+    with mock.patch("torch.cuda.synchronize", lambda *a, **k: None), \
+            mock.patch("torch.cuda.current_device", lambda: "cpu"):
+        yield
+
+
+def build_grids(layouts: dict[str, ModuleLayout], backend: str) -> dict[str, Any]:
+    """One HyperCommGrid per module; every rank creates every group in the same order (collective)."""
+    grids = {}
+    for name in sorted(layouts):
+        grid = layouts[name].to_hyper_comm_grid(backend)
+        for dims in GRID_GROUPS:
+            grid.create_pg(dims)
+        grids[name] = grid
+    return grids
+
+
+def _pg_collection(grid: Any) -> Any:
+    return ProcessGroupCollection(
+        tp=grid.get_pg("tp"), cp=grid.get_pg("cp"), pp=grid.get_pg("pp"), dp=grid.get_pg("dp"),
+        dp_cp=grid.get_pg(["dp", "cp"]), mp=grid.get_pg(["tp", "pp"]), embd=None, pos_embd=None,
+    )
+
+
+def _config(layout: ModuleLayout, num_layers: int, hidden: int, dtype: torch.dtype) -> Any:
+    return TransformerConfig(
+        num_layers=num_layers, hidden_size=hidden, num_attention_heads=HEADS, ffn_hidden_size=2 * hidden,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=True, gradient_accumulation_fusion=False,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, normalization="LayerNorm",
+    )
+
+
+class PatchEncoder(MegatronModule):
+    """Image patches [b, n, PATCH_DIM] -> one row per patch [b * n, ENCODER_HIDDEN]."""
+
+    def __init__(self, config: Any, pg_collection: Any) -> None:
+        super().__init__(config)
+        self.tp_group = pg_collection.tp  # megatron falls back to its global groups without it
+        self.patch_embed = torch.nn.Linear(PATCH_DIM, config.hidden_size, dtype=config.params_dtype)
+        self.block = TransformerBlock(config, get_gpt_layer_local_spec(), pg_collection=pg_collection)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        h = self.patch_embed(patches).transpose(0, 1).contiguous()  # [n, b, h]
+        h = self.block(h, attention_mask=causal_mask(h.shape[0], h.device))
+        return h.transpose(0, 1).reshape(-1, h.shape[-1])
+
+
+def causal_mask(n: int, device: Any) -> torch.Tensor:
+    """megatron's mask convention: True where attention is masked out."""
+    return torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1).view(1, 1, n, n)
+
+
+def build_model(layouts: dict[str, ModuleLayout], grids: dict[str, Any], dtype: torch.dtype = torch.float32) -> Any:
+    """The MimoModel parts this rank runs, or None on a rank outside every grid."""
+    rank = dist.get_rank()
+    if not any(layout.contains(rank) for layout in layouts.values()):
+        return None
+    lm, enc = layouts[LANGUAGE], layouts[IMAGES]
+    lm_pg = _pg_collection(grids[LANGUAGE]) if lm.contains(rank) else None
+    enc_pg = _pg_collection(grids[IMAGES]) if enc.contains(rank) else None
+    pp_rank = lm.coords(rank)["pp"] if lm.contains(rank) else 0
+    language = ModuleSpec(module=GPTModel, params=dict(
+        config=_config(lm, 2, HIDDEN, dtype), transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=VOCAB, max_sequence_length=SEQ, pre_process=pp_rank == 0, post_process=pp_rank == lm.pp - 1,
+        share_embeddings_and_output_weights=False, position_embedding_type="learned_absolute",
+        pg_collection=lm_pg,
+    ))
+    projector_config = _config(enc, 1, HIDDEN, dtype)
+    images = ModuleSpec(module=VisionModalitySubmodules, params=dict(pg_collection=enc_pg), submodules={
+        "encoders": {"patches": ModuleSpec(module=PatchEncoder, params=dict(
+            config=_config(enc, 1, ENCODER_HIDDEN, dtype), pg_collection=enc_pg))},
+        "input_projections": [ModuleSpec(
+            module=MultimodalProjector,
+            params=dict(config=projector_config, projector_type="mlp", input_size=ENCODER_HIDDEN, pg_collection=enc_pg),
+            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        )],
+    })
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "MimoModel is experimental"
+        return MimoModel(MimoModelConfig(
+            language_model_spec=language, modality_submodules_spec={IMAGES: images},
+            special_token_ids={IMAGES: IMAGE_TOKEN_ID}, module_to_grid_map=grids,
+        ))
+
+
+# -- weights and parameters ---------------------------------------------------------------------
+
+
+def _global_init(module: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor's initial global value: a function of its module, key and shape only."""
+    seed = int.from_bytes(hashlib.sha256(f"{module}/{key}".encode()).digest()[:8], "little") >> 1
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float32)
+    if key.endswith(("layer_norm_weight", "layernorm.weight", "norm.weight")):
+        return 1.0 + 0.1 * t
+    return 0.2 * t if key.endswith("bias") else t / max(1.0, shape[-1] ** 0.5)
+
+
+def module_tensors(model: Any) -> dict[str, list[Any]]:
+    """This rank's model ShardedTensors per module, with canonical keys (mimo_ckpt.megatron_keys)."""
+    from mimo_ckpt.megatron_keys import from_megatron
+
+    state = from_megatron(model.sharded_state_dict()) if model is not None else {}
+    return {m: [s for s in shards.values() if hasattr(s, "box")] for m, shards in state.items()}
+
+
+@torch.no_grad()
+def init_weights(model: Any) -> None:
+    """Set every weight box from its layout-independent global value."""
+    for module, shards in module_tensors(model).items():
+        for s in shards:
+            full = _global_init(module, s.key, s.global_shape)
+            box = tuple(slice(o, o + n) for o, n in zip(s.box.offset, s.box.shape))
+            s.data.copy_(full[box].to(s.data.dtype))
+
+
+def sharded_params(model: Any) -> dict[str, list[Any]]:
+    """Per module, the trainable parameters as optim.ShardedParams (the model's own boxes)."""
+    from optim import ShardedParam
+
+    params = {p.data_ptr(): p for p in model.parameters()} if model is not None else {}
+    out: dict[str, list[Any]] = {}
+    seen: set[int] = set()
+    for module, shards in module_tensors(model).items():
+        for s in shards:
+            p = params.get(s.data.data_ptr())
+            if p is None or id(p) in seen:  # a buffer, or a tied copy
+                continue
+            seen.add(id(p))
+            prepend = s.data.dim() - p.dim()
+            out.setdefault(module, []).append(ShardedParam(s.key, p, s.global_shape, s.global_offset, prepend))
+    return out
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def global_batch(step: int, device: Any = "cpu") -> dict[str, torch.Tensor]:
+    """Step `step`'s whole batch, the same on every rank: tokens with IMAGE_TOKENS image slots,
+    labels, a loss mask and the image patches."""
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, IMAGE_TOKEN_ID, (GLOBAL_BATCH, SEQ), generator=g)
+    tokens[:, 1 : 1 + IMAGE_TOKENS] = IMAGE_TOKEN_ID
+    labels = torch.randint(0, IMAGE_TOKEN_ID, (GLOBAL_BATCH, SEQ), generator=g)
+    loss_mask = torch.ones(GLOBAL_BATCH, SEQ)
+    loss_mask[:, : 1 + IMAGE_TOKENS] = 0.0
+    patches = torch.randn(GLOBAL_BATCH, IMAGE_TOKENS, PATCH_DIM, generator=g)
+    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "patches": patches}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def samples(layout: ModuleLayout, rank: int) -> tuple[int, int]:
+    """The rows of the global batch the rank's data-parallel replica processes."""
+    per = GLOBAL_BATCH // layout.dp
+    dp = layout.coords(rank)["dp"]
+    return dp * per, (dp + 1) * per
+
+
+# -- moving activations and gradients between module ranks ---------------------------------------
+
+
+def encoder_routes(enc: ModuleLayout, lm: ModuleLayout) -> list[tuple[int, int, int, int]]:
+    """(encoder rank, language rank, first sample, end sample): who sends which encoder rows to
+    the language model's first stage. Encoder TP ranks hold the same output; TP rank 0 sends it."""
+    routes = []
+    for r in lm.ranks:
+        c = lm.coords(r)
+        if c["pp"] != 0:
+            continue
+        lo, hi = samples(lm, r)
+        for s in enc.ranks:
+            if enc.coords(s)["tp"] != 0 or enc.coords(s)["cp"] != 0:
+                continue
+            elo, ehi = samples(enc, s)
+            if max(lo, elo) < min(hi, ehi):
+                routes.append((s, r, max(lo, elo), min(hi, ehi)))
+    return sorted(routes)
+
+
+def gradient_routes(enc: ModuleLayout, lm: ModuleLayout) -> list[tuple[int, int, int, int]]:
+    """(language rank, encoder rank, first, end): the gradient of encoder rows goes back from the
+    language model's first-stage TP rank 0 to every encoder rank of the matching replica."""
+    routes = []
+    for _, r, lo, hi in encoder_routes(enc, lm):
+        if lm.coords(r)["tp"] != 0:
+            continue
+        for t in enc.ranks:
+            elo, ehi = samples(enc, t)
+            if max(lo, elo) < min(hi, ehi):
+                routes.append((r, t, max(lo, elo), min(hi, ehi)))
+    return sorted(routes)
+
+
+def _exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> None:
+    ops = [dist.P2POp(dist.isend, t, peer) for peer, t in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def _stage_peer(lm: ModuleLayout, rank: int, step: int) -> int:
+    c = lm.coords(rank)
+    return lm.rank_of(**{**c, "pp": c["pp"] + step})
+
+
+# -- training -------------------------------------------------------------------------------------
+
+LR = {IMAGES: 2e-3, LANGUAGE: 1e-3}
+MAX_GRAD_NORM = 1.0
+
+
+class MegatronMimoRun:
+    """The model, a MimoOptimizer over per-module AdamW, one training step, save and load."""
+
+    def __init__(self, layouts: dict[str, ModuleLayout], *, backend: str = "gloo", device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        from optim import MimoOptimizer, NativeModuleOptimizer, build_module_groups
+
+        self.rank, self.layouts, self.device, self.dtype = dist.get_rank(), layouts, device, dtype
+        use_device_memory_buffer(device)
+        mine = [layout for layout in layouts.values() if layout.contains(self.rank)]
+        seed_generators(device, 1234, mine[0].coords(self.rank)["tp"] if mine else 0)
+        self.grids = build_grids(layouts, backend)
+        self.model = build_model(layouts, self.grids, dtype)
+        if self.model is not None:
+            self.model.to(device)
+            init_weights(self.model)
+        self.groups = build_module_groups(layouts)
+        modules = {
+            m: NativeModuleOptimizer(
+                params, self.groups[m], lambda gs, m=m: torch.optim.AdamW(gs, lr=LR[m], weight_decay=0.01),
+                make_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + 0.1 * s)),
+            )
+            for m, params in sharded_params(self.model).items()
+        }
+        self.opt = MimoOptimizer(modules, self.grids, max_grad_norm=MAX_GRAD_NORM)
+
+    def train_step(self, step: int) -> tuple[float, float | None]:
+        """(loss over the global batch, global grad norm); the same on every rank."""
+        batch = global_batch(step, self.device)
+        self.opt.zero_grad()
+        local = self._forward_backward(batch)
+        self._reduce_grads()
+        _, grad_norm, _ = self.opt.step()
+        loss = torch.tensor([local], dtype=torch.float64, device=self.device)
+        dist.all_reduce(loss)
+        return loss.item(), grad_norm
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> float:
+        enc, lm, r = self.layouts[IMAGES], self.layouts[LANGUAGE], self.rank
+        to_lm, to_enc = encoder_routes(enc, lm), gradient_routes(enc, lm)
+        per = IMAGE_TOKENS
+
+        if enc.contains(r):
+            lo, hi = samples(enc, r)
+            out = self.model(input_ids=batch["tokens"][lo:hi],
+                             modality_inputs={IMAGES: {"patches": {"patches": batch["patches"][lo:hi].to(self.dtype)}}})[0][IMAGES]
+            _exchange([(dst, out[(a - lo) * per : (b - lo) * per].detach().contiguous())
+                       for src, dst, a, b in to_lm if src == r], [])
+            grad = torch.zeros_like(out)
+            _exchange([], [(src, grad[(a - lo) * per : (b - lo) * per]) for src, dst, a, b in to_enc if dst == r])
+            out.backward(grad)
+            return 0.0
+        if not lm.contains(r):
+            return 0.0
+
+        c, (lo, hi) = lm.coords(r), samples(lm, r)
+        first, last = c["pp"] == 0, c["pp"] == lm.pp - 1
+        if first:
+            inp = torch.empty(((hi - lo) * per, HIDDEN), dtype=self.dtype, device=self.device)
+            _exchange([], [(src, inp[(a - lo) * per : (b - lo) * per]) for src, dst, a, b in to_lm if dst == r])
+            self.model.set_input_tensor({IMAGES: inp.requires_grad_()})
+        else:
+            inp = torch.empty((SEQ, hi - lo, HIDDEN), dtype=self.dtype, device=self.device)
+            _exchange([], [(_stage_peer(lm, r, -1), inp)])
+            self.model.set_input_tensor({LANGUAGE: inp.requires_grad_()})
+        positions = torch.arange(SEQ, device=self.device).expand(hi - lo, SEQ)
+        out, _ = self.model(input_ids=batch["tokens"][lo:hi], position_ids=positions,
+                            attention_mask=causal_mask(SEQ, self.device), loss_mask=batch["loss_mask"][lo:hi],
+                            labels=batch["labels"][lo:hi])
+        value = 0.0
+        if last:
+            # Each replica's share of the global mean, so gradients are summed over replicas.
+            objective = (out.float() * batch["loss_mask"][lo:hi]).sum() / batch["loss_mask"].sum()
+            objective.backward()
+            value = objective.item() if c["tp"] == 0 else 0.0
+        else:
+            hidden = out[LANGUAGE]
+            _exchange([(_stage_peer(lm, r, 1), hidden.detach().contiguous())], [])
+            grad = torch.empty_like(hidden)
+            _exchange([], [(_stage_peer(lm, r, 1), grad)])
+            hidden.backward(grad)
+        if first:
+            _exchange([(dst, inp.grad[(a - lo) * per : (b - lo) * per].contiguous())
+                       for src, dst, a, b in to_enc if src == r], [])
+        else:
+            _exchange([(_stage_peer(lm, r, -1), inp.grad.contiguous())], [])
+        return value
+
+    @torch.no_grad()
+    def _reduce_grads(self) -> None:
+        """Sum gradients over each module's data-parallel replicas (what megatron's DDP does)."""
+        for name, opt in self.opt.modules.items():
+            if len(self.groups[name].members["dp_cp"]) == 1:
+                continue
+            params = [sp.param for sp in opt.params]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.groups[name].group("dp_cp"))
+            for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+                p.grad = chunk.view_as(p).clone()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def state(self, is_loading: bool = False) -> dict[str, dict[str, Any]]:
+        """Model, optimizer and generator state per module, with canonical keys."""
+        from mimo_ckpt import rng_state
+        from mimo_ckpt.megatron_keys import from_megatron
+
+        state = from_megatron(self.model.sharded_state_dict()) if self.model is not None else {}
+        optimizer = self.opt.sharded_state_dict(is_loading)
+        trackers = random_module.get_cuda_rng_tracker().get_states()
+        for m in state:
+            state[m]["optimizer"] = optimizer[m]
+            state[m]["rng"] = rng_state(self.layouts[m], self.rank, trackers)
+        return state
+
+    def save(self, path: str, step: int) -> None:
+        import mimo_ckpt
+
+        mimo_ckpt.save(self.state(), path, layouts=self.layouts, metadata={"step": step})
+
+    def load(self, path: str) -> Any:
+        import mimo_ckpt
+
+        result = mimo_ckpt.load(self.state(is_loading=True), path, layouts=self.layouts)
+        self.opt.load_sharded_state_dict({m: s["optimizer"] for m, s in result.state.items()})
+        for name, s in result.state.items():
+            if name not in result.not_loaded:
+                random_module.get_cuda_rng_tracker().set_states(mimo_ckpt.restore_rng_state(s["rng"]))
+        return result
