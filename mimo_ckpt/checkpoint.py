@@ -402,6 +402,7 @@ def load(
             name, entry,
             sorted({(k, d, tuple(s)) for g in gathered for k, d, s in g["tensors"]}),
             sorted({(k, tuple(s)) for g in gathered for k, s in g["objects"]}),
+            unused_ok=_unusable_layout_bound(entry, layouts[name]),
         )
         report.merge(module_report)
         if module_report and strict:
@@ -434,15 +435,22 @@ def load(
     return LoadResult(state=result, report=report, not_loaded=not_loaded)
 
 
+def _unusable_layout_bound(entry: ModuleEntry | None, layout: ModuleLayout) -> set[str]:
+    """The module's stored layout-bound keys when its grid changed since the save."""
+    if entry is None or same_grid(entry.layout, layout):
+        return set()
+    return {k for k in entry.objects if is_layout_bound(k)}
+
+
 def _without_unusable_optional(
     shards: ModuleShards, entry: ModuleEntry, layout: ModuleLayout,
 ) -> tuple[ModuleShards, list[str], list[str]]:
     """The shards minus optional objects the checkpoint cannot give this layout: layout-bound
     ones (all when the module's grid changed since the save, else those a reshard dropped), and
     `_extra_state` the checkpoint lacks (written by a model without Transformer Engine state)."""
-    changed = not same_grid(entry.layout, layout)
+    unusable = _unusable_layout_bound(entry, layout)
     bound = sorted({o.key for o in shards.objects
-                    if is_layout_bound(o.key) and (changed or o.key not in entry.objects)})
+                    if is_layout_bound(o.key) and (o.key in unusable or o.key not in entry.objects)})
     extra = sorted({o.key for o in shards.objects if o.key.endswith("_extra_state") and o.key not in entry.objects})
     kept = [o for o in shards.objects if o.key not in bound and o.key not in extra]
     return dataclasses.replace(shards, objects=kept), bound, extra

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -76,8 +76,10 @@ def check_keys(
     entry: ModuleEntry | None,
     tensors: Sequence[tuple[str, str, tuple[int, ...]]],
     objects: Sequence[tuple[str, tuple[int, ...]]],
+    unused_ok: Collection[str] = (),
 ) -> tuple[KeyReport, set[str]]:
     """Compare the union of a module's requests (key, dtype, global shape) with its stored keys.
+    Stored keys in `unused_ok` may go unrequested (layout-bound state of another layout).
 
     Returns the report and the requested keys that cannot be loaded (missing or mismatched).
     """
@@ -89,7 +91,7 @@ def check_keys(
     missing = [f"tensor {k!r}" for k in sorted(asked_t) if k not in stored_t]
     missing += [f"object {k!r}" for k in sorted(asked_o) if k not in stored_o]
     unexpected = [f"tensor {k!r}" for k in sorted(stored_t) if k not in asked_t]
-    unexpected += [f"object {k!r}" for k in sorted(stored_o) if k not in asked_o]
+    unexpected += [f"object {k!r}" for k in sorted(stored_o) if k not in asked_o and k not in unused_ok]
     skipped = {k for k in asked_t if k not in stored_t} | {k for k in asked_o if k not in stored_o}
     mismatched = []
     for k, (dtype, shape) in sorted(asked_t.items()):

@@ -82,3 +82,11 @@ def test_a_grid_with_extra_dimensions_is_refused():
         as_layout("vision", Grid())
     with pytest.raises(LayoutError, match="'vision'"):
         as_layout("vision", {"tp": 2})
+
+
+def test_stacked_layers_share_a_key_and_differ_in_their_box():
+    """megatron stacks a module's layers under one key with a prepended layer axis."""
+    layer1 = ShardedParam("decoder.layers.w", torch.nn.Parameter(torch.zeros(3, 2)), (4, 3, 2), (1, 0, 0), prepend_axes=1)
+    assert layer1.box == Box((1, 0, 0), (1, 3, 2)) and layer1.name == "decoder.layers.w[1]"
+    with pytest.raises(ShardError, match="does not fit"):
+        ShardedParam("decoder.layers.w", torch.nn.Parameter(torch.zeros(3, 2)), (4, 3, 2), (4, 0, 0), prepend_axes=1)
