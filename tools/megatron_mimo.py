@@ -1,24 +1,31 @@
-"""A small megatron-core `MimoModel` on per-module `HyperCommGrid`s, and one training step for it.
+"""A small megatron-core `MimoModel` on per-module `HyperCommGrid`s, trained with
+optim.MimoOptimizer and checkpointed with mimo_ckpt: the example to copy.
 
 The model: a vision encoder ("images": patch embedding, a TransformerBlock, an MLP projector, TP
 over its own grid) and a GPTModel language model ("language": local, non-Transformer-Engine layer
-spec, TP/PP/DP over its own grid), on disjoint ranks (megatron's non-colocated mode).
+spec, TP/PP/DP over its own grid), on disjoint ranks (megatron's non-colocated mode) or on the
+same ranks (colocated, PP 1).
+
+    torchrun --nproc-per-node 4 -m tools.megatron_mimo --images tp2 --language pp2 --steps 3 --save /ckpt/a
+    mimo-ckpt reshard /ckpt/a /ckpt/b --module images=dp2
+    torchrun --nproc-per-node 4 -m tools.megatron_mimo --images dp2 --language pp2 --steps 3 --load /ckpt/b
 
 megatron-core ships the model but not the glue between modules on different ranks, and some of
 its code paths assume CUDA. What this file does in their place, so the same code runs on CPU with
-gloo and on GPUs with NCCL:
+gloo and on GPUs with NCCL (docs/megatron.md):
 - weights are built with `use_cpu_initialization` and then set from a seeded function of each
   tensor's global key and shape, so every layout starts from the same global weights;
 - encoder outputs travel to the language model's first stage, hidden states between its pipeline
   stages, and gradients back, as point-to-point messages between the ranks that need them;
 - gradients are summed over each module's data-parallel group (megatron's DDP needs CUDA);
-- the attention mask is passed explicitly (megatron makes its default mask on CUDA);
+- the attention mask is passed explicitly where megatron lets us, and on CPU megatron's default
+  causal mask (made on CUDA; the colocated path asks for it) is made on the CPU;
 - megatron's CUDA RNG tracker, which attention forks around dropout, is replaced on CPU by one
   whose fork does nothing (dropout then draws from the CPU generator; the model uses none);
-- megatron's `dist_checkpointing.save` synchronises and queries the current CUDA device; on CPU
-  `cpu_dist_checkpointing()` stands in for both (the tests write megatron checkpoints with it);
 - attention's scratch buffer (parallel_state's global memory buffer, allocated on the current
-  CUDA device) is replaced by one that allocates on the model's device.
+  CUDA device) is replaced on CPU by one that allocates there;
+- megatron's `dist_checkpointing.save` synchronises and queries the current CUDA device; on CPU
+  `cpu_dist_checkpointing()` stands in for both (the tests write megatron checkpoints with it).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mimo_ckpt import ModuleLayout
+from mimo_ckpt import LayoutError, ModuleLayout
 
 VOCAB = 64
 SEQ = 16
@@ -60,20 +67,16 @@ LANGUAGE, IMAGES = "language", "images"
 GRID_GROUPS = (["tp"], ["cp"], ["pp"], ["dp"], ["dp", "cp"], ["tp", "pp"])
 
 
-class _DeviceMemoryBuffer:
-    """Stands in for megatron's GlobalMemoryBuffer (which allocates on CUDA) on any device.
-    Attention uses it as the `beta=0` input of baddbmm, so fresh memory serves as well."""
-
-    def __init__(self, device: Any) -> None:
-        self.device = device
+class _CpuMemoryBuffer:
+    """Stands in for megatron's GlobalMemoryBuffer (which allocates on CUDA). Attention uses it
+    as the `beta=0` input of baddbmm, so fresh memory serves as well."""
 
     def get_tensor(self, shape: Any, dtype: torch.dtype, name: str, mem_alloc_context: Any = None) -> torch.Tensor:
-        return torch.empty(tuple(shape), dtype=dtype, device=self.device)
+        return torch.empty(tuple(shape), dtype=dtype)
 
 
-def use_device_memory_buffer(device: Any) -> None:
-    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
-        parallel_state._GLOBAL_MEMORY_BUFFER = _DeviceMemoryBuffer(device)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
 class _CpuRngTracker:
@@ -92,13 +95,21 @@ class _CpuRngTracker:
         return True
 
 
+def use_cpu() -> None:
+    """Replace the CUDA-only pieces megatron reaches for during a forward pass (module docstring)."""
+    from megatron.core.fusions import fused_softmax
+
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._GLOBAL_MEMORY_BUFFER = _CpuMemoryBuffer()
+    random_module._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()
+    random_module._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+
+
 def seed_generators(device: str, seed: int, tp_rank: int) -> None:
     """Seeds as megatron seeds them: CPU per rank, and on CUDA the tracker's per-TP-rank streams."""
     torch.manual_seed(seed + tp_rank)
-    if device == "cpu":
-        random_module._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()
-        random_module._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    else:
+    if device != "cpu":
         random_module.model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0)
 
 
@@ -332,7 +343,12 @@ class MegatronMimoRun:
         from optim import MimoOptimizer, NativeModuleOptimizer, build_module_groups
 
         self.rank, self.layouts, self.device, self.dtype = dist.get_rank(), layouts, device, dtype
-        use_device_memory_buffer(device)
+        enc, lm = layouts[IMAGES], layouts[LANGUAGE]
+        if enc.contains(self.rank) and lm.contains(self.rank) and (enc.dp, enc.pp, lm.pp) != (lm.dp, 1, 1):
+            raise LayoutError("colocated modules need the same DP size and PP 1 here "
+                              f"(images {enc.describe()}, language {lm.describe()})")
+        if device == "cpu":
+            use_cpu()
         mine = [layout for layout in layouts.values() if layout.contains(self.rank)]
         seed_generators(device, 1234, mine[0].coords(self.rank)["tp"] if mine else 0)
         self.grids = build_grids(layouts, backend)
@@ -366,6 +382,8 @@ class MegatronMimoRun:
         to_lm, to_enc = encoder_routes(enc, lm), gradient_routes(enc, lm)
         per = IMAGE_TOKENS
 
+        if enc.contains(r) and lm.contains(r):
+            return self._forward_backward_colocated(batch)
         if enc.contains(r):
             lo, hi = samples(enc, r)
             out = self.model(input_ids=batch["tokens"][lo:hi],
@@ -412,6 +430,20 @@ class MegatronMimoRun:
             _exchange([(_stage_peer(lm, r, -1), inp.grad.contiguous())], [])
         return value
 
+    def _forward_backward_colocated(self, batch: dict[str, torch.Tensor]) -> float:
+        """Both modules on this rank (megatron's colocated mode): one forward through MimoModel."""
+        lm = self.layouts[LANGUAGE]
+        lo, hi = samples(lm, self.rank)
+        loss, _ = self.model(
+            input_ids=batch["tokens"][lo:hi], position_ids=torch.arange(SEQ, device=self.device).expand(hi - lo, SEQ),
+            attention_mask=causal_mask(SEQ, self.device), loss_mask=batch["loss_mask"][lo:hi],
+            labels=batch["labels"][lo:hi],
+            modality_inputs={IMAGES: {"patches": {"patches": batch["patches"][lo:hi].to(self.dtype)}}},
+        )
+        objective = (loss.float() * batch["loss_mask"][lo:hi]).sum() / batch["loss_mask"].sum()
+        objective.backward()
+        return objective.item() if lm.coords(self.rank)["tp"] == 0 else 0.0
+
     @torch.no_grad()
     def _reduce_grads(self) -> None:
         """Sum gradients over each module's data-parallel replicas (what megatron's DDP does)."""
@@ -454,3 +486,56 @@ class MegatronMimoRun:
             if name not in result.not_loaded:
                 random_module.get_cuda_rng_tracker().set_states(mimo_ckpt.restore_rng_state(s["rng"]))
         return result
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train some steps under torchrun, optionally loading first and saving at the end."""
+    import argparse
+    import os
+
+    import mimo_ckpt
+    from mimo_ckpt.reshard import parse_layout_arg
+
+    p = argparse.ArgumentParser(prog="python -m tools.megatron_mimo", description=main.__doc__)
+    p.add_argument("--images", default="tp1", help="encoder layout, e.g. tp2 or dp2 (ranks from 0)")
+    p.add_argument("--language", default="tp1", help="language model layout, e.g. pp2 or tp2,dp2 (ranks after "
+                                                     "the encoder's, or from 0 with --colocated)")
+    p.add_argument("--colocated", action="store_true", help="both modules on the same ranks (PP 1)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--load", metavar="DIR", help="checkpoint to resume from (any layouts)")
+    p.add_argument("--save", metavar="DIR", help="checkpoint to write after the last step")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    images = parse_layout_arg(f"images={args.images}", None)[1]
+    offset = 0 if args.colocated else images.size
+    language = parse_layout_arg(f"language={args.language},offset={offset}", None)[1]
+    layouts = {IMAGES: images, LANGUAGE: language}
+    if max(layout.rank_offset + layout.size for layout in layouts.values()) > dist.get_world_size():
+        raise SystemExit(f"layouts need more than the {dist.get_world_size()} ranks started")
+
+    run = MegatronMimoRun(layouts, backend=dist.get_backend(), device=args.device)
+    first = 0
+    if args.load:
+        run.load(args.load)
+        manifest = mimo_ckpt.read_manifest(mimo_ckpt.open_storage(args.load), args.load)
+        first = int(manifest.metadata.get("step", 0))
+    for step in range(first, first + args.steps):
+        loss, grad_norm = run.train_step(step)
+        if dist.get_rank() == 0:
+            print(f"step {step + 1}: loss {loss:.6f} grad norm {grad_norm:.6f}", flush=True)
+    if args.save:
+        run.save(args.save, first + args.steps)
+        if dist.get_rank() == 0:
+            print(f"saved {args.save}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
