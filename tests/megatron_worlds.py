@@ -14,16 +14,13 @@ import sys
 import warnings
 from typing import Any
 
-import dataclasses
-
 import torch
 import torch.distributed as dist
 
 import mimo_ckpt
 from mimo_ckpt import LayoutChangedWarning, ModuleLayout
-from mimo_ckpt.megatron_interop import to_sharded_tensor
-from mimo_ckpt.megatron_keys import from_megatron, megatron_key, to_megatron
-from tools.megatron_mimo import IMAGES, LANGUAGE, MegatronMimoRun, cpu_dist_checkpointing
+from mimo_ckpt.megatron_keys import from_megatron, to_megatron
+from tools.megatron_mimo import IMAGES, LANGUAGE, MegatronMimoRun, cpu_dist_checkpointing, megatron_state
 
 WORLD = 4
 SAVED = {IMAGES: ModuleLayout(tp=2), LANGUAGE: ModuleLayout(pp=2, rank_offset=2)}
@@ -72,30 +69,6 @@ def resume_cases(root: str, steps: int, resume_at: int) -> dict[str, Any]:
     return out
 
 
-def megatron_form(run: MegatronMimoRun) -> dict[str, Any]:
-    """The run's state as megatron's model and MimoOptimizer hand it to dist_checkpointing: model
-    ShardedTensors, Adam moments under `mimo.<name>.optimizer.state.<moment>.<model key>` with the
-    model's replica ids, and each module's param_groups as a ShardedObject."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    sd = dict(run.model.sharded_state_dict()) if run.model is not None else {}
-    replica = {(t.key, tuple(t.global_offset)): t.replica_id for t in sd.values() if hasattr(t, "global_offset")}
-    for module, state in run.opt.sharded_state_dict().items():
-        for entries in state["state"].values():
-            for shard in entries.values():
-                if not isinstance(shard, mimo_ckpt.TensorShard):
-                    continue
-                model_key = megatron_key(module, shard.key.split(".", 3)[3])
-                key = megatron_key(module, shard.key)
-                rid = replica[(model_key, shard.global_offset)]
-                sd[f"{key}@{shard.global_offset}"] = to_sharded_tensor(dataclasses.replace(shard, key=key), rid)
-        groups = state["param_groups"]
-        sd[f"mimo.{module}.param_groups"] = ShardedObject(
-            megatron_key(module, "optimizer.param_groups"), groups.data, (1,), (0,),
-            replica_id=0 if groups.is_main_replica else 1)
-    return sd
-
-
 def _values(sd: dict[str, Any], loaded: dict[str, Any] | None = None) -> dict[str, Any]:
     """(key, offset) -> tensor, and key -> object, of a megatron-form state (or of what megatron's
     load returned for it)."""
@@ -109,7 +82,7 @@ def _values(sd: dict[str, Any], loaded: dict[str, Any] | None = None) -> dict[st
 
 def _zeroed(layouts: dict[str, ModuleLayout]) -> tuple[MegatronMimoRun, dict[str, Any]]:
     run = MegatronMimoRun(layouts)
-    sd = megatron_form(run)
+    sd = megatron_state(run)
     with torch.no_grad():
         for entry in sd.values():
             if hasattr(entry, "local_shape"):
@@ -136,7 +109,7 @@ def torch_dist_round_trip(root: str, steps: int) -> dict[str, Any]:
     run = MegatronMimoRun(SAVED)
     for step in range(steps):
         run.train_step(step)
-    trained = megatron_form(run)
+    trained = megatron_state(run)
     original = _values(trained)
     if dist.get_rank() == 0:
         os.makedirs(megatron_dir)

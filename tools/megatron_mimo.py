@@ -354,7 +354,7 @@ class MegatronMimoRun:
         self.grids = build_grids(layouts, backend)
         self.model = build_model(layouts, self.grids, dtype)
         if self.model is not None:
-            self.model.to(device)
+            self.model.to(device=device, dtype=dtype)  # as megatron's Float16Module does
             init_weights(self.model)
         self.groups = build_module_groups(layouts)
         modules = {
@@ -486,6 +486,37 @@ class MegatronMimoRun:
             if name not in result.not_loaded:
                 random_module.get_cuda_rng_tracker().set_states(mimo_ckpt.restore_rng_state(s["rng"]))
         return result
+
+
+def megatron_state(run: MegatronMimoRun) -> dict[str, Any]:
+    """The run's state as megatron's model and MimoOptimizer hand it to `dist_checkpointing`, for
+    writing checkpoints stock megatron reads: model ShardedTensors, Adam state under
+    `mimo.<name>.optimizer.state.<name>.<model key>` with the model's replica ids, and each
+    module's param_groups as a ShardedObject."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from mimo_ckpt import TensorShard
+    from mimo_ckpt.megatron_interop import to_sharded_tensor
+    from mimo_ckpt.megatron_keys import megatron_key
+
+    sd = dict(run.model.sharded_state_dict()) if run.model is not None else {}
+    replica = {(t.key, tuple(t.global_offset)): t.replica_id for t in sd.values() if hasattr(t, "global_offset")}
+    for module, state in run.opt.sharded_state_dict().items():
+        for entries in state["state"].values():
+            for shard in entries.values():
+                if not isinstance(shard, TensorShard):
+                    continue
+                model_key = megatron_key(module, shard.key.split(".", 3)[3])  # optimizer.state.<name>.<key>
+                key = megatron_key(module, shard.key)
+                sd[f"{key}@{shard.global_offset}"] = to_sharded_tensor(
+                    dataclasses.replace(shard, key=key), replica[(model_key, shard.global_offset)])
+        groups = state["param_groups"]
+        sd[f"mimo.{module}.param_groups"] = ShardedObject(
+            megatron_key(module, "optimizer.param_groups"), groups.data, (1,), (0,),
+            replica_id=0 if groups.is_main_replica else 1)
+    return sd
 
 
 # -- command line ---------------------------------------------------------------------------------
