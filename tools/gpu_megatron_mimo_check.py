@@ -13,6 +13,7 @@ the colocated single rank. For fp32 and bf16:
 Rank 0 writes one JSON document.
 
 Run: torchrun --nproc-per-node N tools/gpu_megatron_mimo_check.py --out $OUT/gpu_megatron_mimo.json
+     [--size large --dtypes bf16 --steps 5]   (a 0.5B-parameter language model: timings mean something)
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-K = 10
-DEVICE = "cuda"  # "cpu" (gloo) when the machine has no GPU: a dry run of the same steps
+STEPS = 10  # default steps before the save, and after the load
 
 
 def _cli(*args: str) -> str:
@@ -52,7 +52,7 @@ def _layouts(world: int) -> tuple[dict, dict, list[str]]:
     return a, b, ["--module", "images=tp2,offset=0", "--module", "language=tp2,offset=0"]
 
 
-def _check(dtype_name: str, root: str) -> dict:
+def _check(dtype_name: str, root: str, device: str, size: Any, k: int) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -64,25 +64,25 @@ def _check(dtype_name: str, root: str) -> dict:
     layouts_a, layouts_b, reshard_args = _layouts(world)
 
     def run(layouts: dict) -> MegatronMimoRun:
-        return MegatronMimoRun(layouts, backend=dist.get_backend(), device=DEVICE, dtype=dtype)
+        return MegatronMimoRun(layouts, backend=dist.get_backend(), device=device, dtype=dtype, size=size)
 
     reference = run(layouts_b)
-    ref = [reference.train_step(s) for s in range(2 * K)]
+    ref = [reference.train_step(s) for s in range(2 * k)]
 
     first = run(layouts_a)
-    for s in range(K):
+    for s in range(k):
         first.train_step(s)
     saver = mimo_ckpt.AsyncSaver()
     blocking = []
     for name in ("warm-up", "a"):
-        if DEVICE == "cuda":
+        if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         handle = saver.save(first.state(), os.path.join(root, dtype_name, name), layouts=layouts_a,
-                            metadata={"step": K})
+                            metadata={"step": k})
         blocking.append(time.perf_counter() - t0)
         handle.wait()
-    state_bytes = sum(p.numel() * p.element_size() for p in first.model.parameters()) if first.model else 0
+    state_bytes, copy_s = _plain_copy(first.state(), device)
 
     path_b = os.path.join(root, dtype_name, "b")
     if reshard_args and rank == 0:
@@ -92,10 +92,11 @@ def _check(dtype_name: str, root: str) -> dict:
     dist.barrier()
     second = run(layouts_b)
     second.load(path_b)
-    resumed = [second.train_step(s) for s in range(K, 2 * K)]
+    resumed = [second.train_step(s) for s in range(k, 2 * k)]
 
     per_rank = [None] * world
-    dist.all_gather_object(per_rank, {"blocking_s": blocking, "model_bytes": state_bytes})
+    dist.all_gather_object(per_rank, {"blocking_s": blocking, "state_bytes": state_bytes,
+                                      "plain_copy_to_pinned_s": copy_s})
 
     def rel(a: float, b: float) -> float:
         return abs(a - b) / max(abs(b), 1e-30)
@@ -105,11 +106,34 @@ def _check(dtype_name: str, root: str) -> dict:
         "layout_b": {m: l.describe() for m, l in layouts_b.items()},
         "reference_losses": [loss for loss, _ in ref],
         "resumed_losses": [loss for loss, _ in resumed],
-        "max_rel_diff_resumed_vs_reference": max(
-            max(rel(a[0], b[0]), rel(a[1], b[1])) for a, b in zip(resumed, ref[K:])),
+        "reference_grad_norms": [norm for _, norm in ref],
+        "resumed_grad_norms": [norm for _, norm in resumed],
+        "max_rel_diff_loss": max(rel(a[0], b[0]) for a, b in zip(resumed, ref[k:])),
+        "max_rel_diff_grad_norm": max(rel(a[1], b[1]) for a, b in zip(resumed, ref[k:])),
         "async_save_per_rank": per_rank,
         "megatron": _megatron_round(first, lambda: run(layouts_a), os.path.join(root, dtype_name)),
     }
+
+
+def _plain_copy(state: dict, device: str) -> tuple[int, float]:
+    """Bytes of the rank's tensors in `state`, and the time to copy them once into pinned host
+    buffers allocated beforehand: what an async save's blocking time is measured against."""
+    import torch
+
+    from mimo_ckpt.megatron_keys import iter_leaves
+
+    tensors = [leaf.data for _, leaf in iter_leaves(state) if hasattr(leaf, "box")]
+    if device != "cuda" or not tensors:
+        return sum(t.numel() * t.element_size() for t in tensors), 0.0
+    buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for _ in range(2):  # the second pass is timed
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b, t in zip(buffers, tensors):
+            b.copy_(t, non_blocking=True)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+    return sum(t.numel() * t.element_size() for t in tensors), elapsed
 
 
 def _megatron_round(trained: Any, make_run: Any, root: str) -> dict:
@@ -143,25 +167,31 @@ def _megatron_round(trained: Any, make_run: Any, root: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--size", choices=("tiny", "large"), default="tiny")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--steps", type=int, default=STEPS, help="steps before the save and after the load")
     args = p.parse_args()
+    from tools.megatron_mimo import TINY, Size
+
+    size = TINY if args.size == "tiny" else Size(
+        vocab=32000, seq=1024, hidden=2048, heads=16, layers=8, encoder_hidden=1024, encoder_layers=4,
+        image_tokens=64, patch_dim=588, batch=8)
     import torch
     import torch.distributed as dist
 
-    global DEVICE
-    if torch.cuda.is_available():
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a gloo dry run of the same steps
+    if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
-    else:
-        DEVICE = "cpu"
-        dist.init_process_group("gloo")
-    name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
-    out: dict = {"device": name, "ranks": dist.get_world_size(), "torch": torch.__version__}
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    out: dict = {"device": name, "ranks": dist.get_world_size(), "torch": torch.__version__,
+                 "size": args.size, "steps_each_side": args.steps}
     root = tempfile.mkdtemp(prefix="mimo-gpu-") if dist.get_rank() == 0 else ""
     shared = [root]
     dist.broadcast_object_list(shared, 0)
-    for dtype_name in ("fp32", "bf16"):
+    for dtype_name in args.dtypes.split(","):
         try:
-            out[dtype_name] = _check(dtype_name, shared[0])
+            out[dtype_name] = _check(dtype_name, shared[0], device, size, args.steps)
         except Exception:  # noqa: BLE001 - report and go on to the next variant
             out[dtype_name] = {"error": traceback.format_exc()[-3000:]}
     if dist.get_rank() == 0:

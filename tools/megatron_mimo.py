@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,15 +55,27 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mimo_ckpt import LayoutError, ModuleLayout
 
-VOCAB = 64
-SEQ = 16
-HIDDEN = 32
-HEADS = 4
-IMAGE_TOKENS = 4  # image token positions per sample
-PATCH_DIM = 12
-ENCODER_HIDDEN = 24
-IMAGE_TOKEN_ID = VOCAB - 1
-GLOBAL_BATCH = 4
+@dataclass(frozen=True)
+class Size:
+    """Model and batch dimensions; the default is the tiny model the tests train on CPU."""
+
+    vocab: int = 64
+    seq: int = 16
+    hidden: int = 32
+    heads: int = 4
+    layers: int = 2
+    encoder_hidden: int = 24
+    encoder_layers: int = 1
+    image_tokens: int = 4  # image token positions per sample
+    patch_dim: int = 12
+    batch: int = 4  # global batch
+
+    @property
+    def image_token_id(self) -> int:
+        return self.vocab - 1
+
+
+TINY = Size()
 LANGUAGE, IMAGES = "language", "images"
 GRID_GROUPS = (["tp"], ["cp"], ["pp"], ["dp"], ["dp", "cp"], ["tp", "pp"])
 
@@ -144,9 +157,9 @@ def _pg_collection(grid: Any) -> Any:
     )
 
 
-def _config(layout: ModuleLayout, num_layers: int, hidden: int, dtype: torch.dtype) -> Any:
+def _config(layout: ModuleLayout, num_layers: int, hidden: int, heads: int, dtype: torch.dtype) -> Any:
     return TransformerConfig(
-        num_layers=num_layers, hidden_size=hidden, num_attention_heads=HEADS, ffn_hidden_size=2 * hidden,
+        num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=2 * hidden,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=True, gradient_accumulation_fusion=False,
@@ -156,12 +169,12 @@ def _config(layout: ModuleLayout, num_layers: int, hidden: int, dtype: torch.dty
 
 
 class PatchEncoder(MegatronModule):
-    """Image patches [b, n, PATCH_DIM] -> one row per patch [b * n, ENCODER_HIDDEN]."""
+    """Image patches [b, n, patch_dim] -> one row per patch [b * n, encoder hidden]."""
 
-    def __init__(self, config: Any, pg_collection: Any) -> None:
+    def __init__(self, config: Any, pg_collection: Any, patch_dim: int) -> None:
         super().__init__(config)
         self.tp_group = pg_collection.tp  # megatron falls back to its global groups without it
-        self.patch_embed = torch.nn.Linear(PATCH_DIM, config.hidden_size, dtype=config.params_dtype)
+        self.patch_embed = torch.nn.Linear(patch_dim, config.hidden_size, dtype=config.params_dtype)
         self.block = TransformerBlock(config, get_gpt_layer_local_spec(), pg_collection=pg_collection)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
@@ -175,7 +188,8 @@ def causal_mask(n: int, device: Any) -> torch.Tensor:
     return torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1).view(1, 1, n, n)
 
 
-def build_model(layouts: dict[str, ModuleLayout], grids: dict[str, Any], dtype: torch.dtype = torch.float32) -> Any:
+def build_model(layouts: dict[str, ModuleLayout], grids: dict[str, Any], dtype: torch.dtype = torch.float32,
+                size: Size = TINY) -> Any:
     """The MimoModel parts this rank runs, or None on a rank outside every grid."""
     rank = dist.get_rank()
     if not any(layout.contains(rank) for layout in layouts.values()):
@@ -185,18 +199,19 @@ def build_model(layouts: dict[str, ModuleLayout], grids: dict[str, Any], dtype: 
     enc_pg = _pg_collection(grids[IMAGES]) if enc.contains(rank) else None
     pp_rank = lm.coords(rank)["pp"] if lm.contains(rank) else 0
     language = ModuleSpec(module=GPTModel, params=dict(
-        config=_config(lm, 2, HIDDEN, dtype), transformer_layer_spec=get_gpt_layer_local_spec(),
-        vocab_size=VOCAB, max_sequence_length=SEQ, pre_process=pp_rank == 0, post_process=pp_rank == lm.pp - 1,
+        config=_config(lm, size.layers, size.hidden, size.heads, dtype), transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=size.vocab, max_sequence_length=size.seq, pre_process=pp_rank == 0, post_process=pp_rank == lm.pp - 1,
         share_embeddings_and_output_weights=False, position_embedding_type="learned_absolute",
         pg_collection=lm_pg,
     ))
-    projector_config = _config(enc, 1, HIDDEN, dtype)
+    projector_config = _config(enc, 1, size.hidden, size.heads, dtype)
     images = ModuleSpec(module=VisionModalitySubmodules, params=dict(pg_collection=enc_pg), submodules={
         "encoders": {"patches": ModuleSpec(module=PatchEncoder, params=dict(
-            config=_config(enc, 1, ENCODER_HIDDEN, dtype), pg_collection=enc_pg))},
+            config=_config(enc, size.encoder_layers, size.encoder_hidden, size.heads, dtype), pg_collection=enc_pg,
+            patch_dim=size.patch_dim))},
         "input_projections": [ModuleSpec(
             module=MultimodalProjector,
-            params=dict(config=projector_config, projector_type="mlp", input_size=ENCODER_HIDDEN, pg_collection=enc_pg),
+            params=dict(config=projector_config, projector_type="mlp", input_size=size.encoder_hidden, pg_collection=enc_pg),
             submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
         )],
     })
@@ -204,7 +219,7 @@ def build_model(layouts: dict[str, ModuleLayout], grids: dict[str, Any], dtype: 
         warnings.simplefilter("ignore", UserWarning)  # "MimoModel is experimental"
         return MimoModel(MimoModelConfig(
             language_model_spec=language, modality_submodules_spec={IMAGES: images},
-            special_token_ids={IMAGES: IMAGE_TOKEN_ID}, module_to_grid_map=grids,
+            special_token_ids={IMAGES: size.image_token_id}, module_to_grid_map=grids,
         ))
 
 
@@ -260,23 +275,24 @@ def sharded_params(model: Any) -> dict[str, list[Any]]:
 # -- data -----------------------------------------------------------------------------------------
 
 
-def global_batch(step: int, device: Any = "cpu") -> dict[str, torch.Tensor]:
-    """Step `step`'s whole batch, the same on every rank: tokens with IMAGE_TOKENS image slots,
+def global_batch(step: int, device: Any = "cpu", size: Size = TINY) -> dict[str, torch.Tensor]:
+    """Step `step`'s whole batch, the same on every rank: tokens with `image_tokens` image slots,
     labels, a loss mask and the image patches."""
     g = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, IMAGE_TOKEN_ID, (GLOBAL_BATCH, SEQ), generator=g)
-    tokens[:, 1 : 1 + IMAGE_TOKENS] = IMAGE_TOKEN_ID
-    labels = torch.randint(0, IMAGE_TOKEN_ID, (GLOBAL_BATCH, SEQ), generator=g)
-    loss_mask = torch.ones(GLOBAL_BATCH, SEQ)
-    loss_mask[:, : 1 + IMAGE_TOKENS] = 0.0
-    patches = torch.randn(GLOBAL_BATCH, IMAGE_TOKENS, PATCH_DIM, generator=g)
+    shape, image = (size.batch, size.seq), size.image_token_id
+    tokens = torch.randint(0, image, shape, generator=g)
+    tokens[:, 1 : 1 + size.image_tokens] = image
+    labels = torch.randint(0, image, shape, generator=g)
+    loss_mask = torch.ones(shape)
+    loss_mask[:, : 1 + size.image_tokens] = 0.0
+    patches = torch.randn(size.batch, size.image_tokens, size.patch_dim, generator=g)
     batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "patches": patches}
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def samples(layout: ModuleLayout, rank: int) -> tuple[int, int]:
+def samples(layout: ModuleLayout, rank: int, batch: int) -> tuple[int, int]:
     """The rows of the global batch the rank's data-parallel replica processes."""
-    per = GLOBAL_BATCH // layout.dp
+    per = batch // layout.dp
     dp = layout.coords(rank)["dp"]
     return dp * per, (dp + 1) * per
 
@@ -284,7 +300,7 @@ def samples(layout: ModuleLayout, rank: int) -> tuple[int, int]:
 # -- moving activations and gradients between module ranks ---------------------------------------
 
 
-def encoder_routes(enc: ModuleLayout, lm: ModuleLayout) -> list[tuple[int, int, int, int]]:
+def encoder_routes(enc: ModuleLayout, lm: ModuleLayout, batch: int) -> list[tuple[int, int, int, int]]:
     """(encoder rank, language rank, first sample, end sample): who sends which encoder rows to
     the language model's first stage. Encoder TP ranks hold the same output; TP rank 0 sends it."""
     routes = []
@@ -292,25 +308,25 @@ def encoder_routes(enc: ModuleLayout, lm: ModuleLayout) -> list[tuple[int, int, 
         c = lm.coords(r)
         if c["pp"] != 0:
             continue
-        lo, hi = samples(lm, r)
+        lo, hi = samples(lm, r, batch)
         for s in enc.ranks:
             if enc.coords(s)["tp"] != 0 or enc.coords(s)["cp"] != 0:
                 continue
-            elo, ehi = samples(enc, s)
+            elo, ehi = samples(enc, s, batch)
             if max(lo, elo) < min(hi, ehi):
                 routes.append((s, r, max(lo, elo), min(hi, ehi)))
     return sorted(routes)
 
 
-def gradient_routes(enc: ModuleLayout, lm: ModuleLayout) -> list[tuple[int, int, int, int]]:
+def gradient_routes(enc: ModuleLayout, lm: ModuleLayout, batch: int) -> list[tuple[int, int, int, int]]:
     """(language rank, encoder rank, first, end): the gradient of encoder rows goes back from the
     language model's first-stage TP rank 0 to every encoder rank of the matching replica."""
     routes = []
-    for _, r, lo, hi in encoder_routes(enc, lm):
+    for _, r, lo, hi in encoder_routes(enc, lm, batch):
         if lm.coords(r)["tp"] != 0:
             continue
         for t in enc.ranks:
-            elo, ehi = samples(enc, t)
+            elo, ehi = samples(enc, t, batch)
             if max(lo, elo) < min(hi, ehi):
                 routes.append((r, t, max(lo, elo), min(hi, ehi)))
     return sorted(routes)
@@ -339,20 +355,23 @@ class MegatronMimoRun:
     """The model, a MimoOptimizer over per-module AdamW, one training step, save and load."""
 
     def __init__(self, layouts: dict[str, ModuleLayout], *, backend: str = "gloo", device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, size: Size = TINY) -> None:
         from optim import MimoOptimizer, NativeModuleOptimizer, build_module_groups
 
         self.rank, self.layouts, self.device, self.dtype = dist.get_rank(), layouts, device, dtype
+        self.size = size
         enc, lm = layouts[IMAGES], layouts[LANGUAGE]
         if enc.contains(self.rank) and lm.contains(self.rank) and (enc.dp, enc.pp, lm.pp) != (lm.dp, 1, 1):
             raise LayoutError("colocated modules need the same DP size and PP 1 here "
                               f"(images {enc.describe()}, language {lm.describe()})")
         if device == "cpu":
             use_cpu()
+        elif parallel_state._GLOBAL_MEMORY_BUFFER is None:  # made by initialize_model_parallel, unused here
+            parallel_state._set_global_memory_buffer()
         mine = [layout for layout in layouts.values() if layout.contains(self.rank)]
         seed_generators(device, 1234, mine[0].coords(self.rank)["tp"] if mine else 0)
         self.grids = build_grids(layouts, backend)
-        self.model = build_model(layouts, self.grids, dtype)
+        self.model = build_model(layouts, self.grids, dtype, size)
         if self.model is not None:
             self.model.to(device=device, dtype=dtype)  # as megatron's Float16Module does
             init_weights(self.model)
@@ -368,7 +387,7 @@ class MegatronMimoRun:
 
     def train_step(self, step: int) -> tuple[float, float | None]:
         """(loss over the global batch, global grad norm); the same on every rank."""
-        batch = global_batch(step, self.device)
+        batch = global_batch(step, self.device, self.size)
         self.opt.zero_grad()
         local = self._forward_backward(batch)
         self._reduce_grads()
@@ -379,13 +398,14 @@ class MegatronMimoRun:
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> float:
         enc, lm, r = self.layouts[IMAGES], self.layouts[LANGUAGE], self.rank
-        to_lm, to_enc = encoder_routes(enc, lm), gradient_routes(enc, lm)
-        per = IMAGE_TOKENS
+        size = self.size
+        to_lm, to_enc = encoder_routes(enc, lm, size.batch), gradient_routes(enc, lm, size.batch)
+        per, seq = size.image_tokens, size.seq
 
         if enc.contains(r) and lm.contains(r):
             return self._forward_backward_colocated(batch)
         if enc.contains(r):
-            lo, hi = samples(enc, r)
+            lo, hi = samples(enc, r, size.batch)
             out = self.model(input_ids=batch["tokens"][lo:hi],
                              modality_inputs={IMAGES: {"patches": {"patches": batch["patches"][lo:hi].to(self.dtype)}}})[0][IMAGES]
             _exchange([(dst, out[(a - lo) * per : (b - lo) * per].detach().contiguous())
@@ -397,19 +417,19 @@ class MegatronMimoRun:
         if not lm.contains(r):
             return 0.0
 
-        c, (lo, hi) = lm.coords(r), samples(lm, r)
+        c, (lo, hi) = lm.coords(r), samples(lm, r, size.batch)
         first, last = c["pp"] == 0, c["pp"] == lm.pp - 1
         if first:
-            inp = torch.empty(((hi - lo) * per, HIDDEN), dtype=self.dtype, device=self.device)
+            inp = torch.empty(((hi - lo) * per, size.hidden), dtype=self.dtype, device=self.device)
             _exchange([], [(src, inp[(a - lo) * per : (b - lo) * per]) for src, dst, a, b in to_lm if dst == r])
             self.model.set_input_tensor({IMAGES: inp.requires_grad_()})
         else:
-            inp = torch.empty((SEQ, hi - lo, HIDDEN), dtype=self.dtype, device=self.device)
+            inp = torch.empty((seq, hi - lo, size.hidden), dtype=self.dtype, device=self.device)
             _exchange([], [(_stage_peer(lm, r, -1), inp)])
             self.model.set_input_tensor({LANGUAGE: inp.requires_grad_()})
-        positions = torch.arange(SEQ, device=self.device).expand(hi - lo, SEQ)
+        positions = torch.arange(seq, device=self.device).expand(hi - lo, seq)
         out, _ = self.model(input_ids=batch["tokens"][lo:hi], position_ids=positions,
-                            attention_mask=causal_mask(SEQ, self.device), loss_mask=batch["loss_mask"][lo:hi],
+                            attention_mask=causal_mask(seq, self.device), loss_mask=batch["loss_mask"][lo:hi],
                             labels=batch["labels"][lo:hi])
         value = 0.0
         if last:
@@ -432,11 +452,11 @@ class MegatronMimoRun:
 
     def _forward_backward_colocated(self, batch: dict[str, torch.Tensor]) -> float:
         """Both modules on this rank (megatron's colocated mode): one forward through MimoModel."""
-        lm = self.layouts[LANGUAGE]
-        lo, hi = samples(lm, self.rank)
+        lm, seq = self.layouts[LANGUAGE], self.size.seq
+        lo, hi = samples(lm, self.rank, self.size.batch)
         loss, _ = self.model(
-            input_ids=batch["tokens"][lo:hi], position_ids=torch.arange(SEQ, device=self.device).expand(hi - lo, SEQ),
-            attention_mask=causal_mask(SEQ, self.device), loss_mask=batch["loss_mask"][lo:hi],
+            input_ids=batch["tokens"][lo:hi], position_ids=torch.arange(seq, device=self.device).expand(hi - lo, seq),
+            attention_mask=causal_mask(seq, self.device), loss_mask=batch["loss_mask"][lo:hi],
             labels=batch["labels"][lo:hi],
             modality_inputs={IMAGES: {"patches": {"patches": batch["patches"][lo:hi].to(self.dtype)}}},
         )
