@@ -20,9 +20,8 @@ import json
 import logging
 import os
 import uuid
-import dataclasses
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from .comm import Comm, TorchComm
@@ -57,7 +56,7 @@ class LoadResult:
     """Per module, the state with tensors (filled in place) and loaded objects at its leaves."""
     report: KeyReport
     """Key differences found for the modules of this rank (empty under strict=True)."""
-    not_loaded: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    not_loaded: dict[str, list[str]] = field(default_factory=dict)
     """Per module, this rank's optional object keys the checkpoint could not give, left as they
     were: layout-bound state saved under another layout, `_extra_state` it does not hold."""
 
@@ -385,12 +384,12 @@ def load(
             shards, bound, extra = _without_unusable_optional(shards, entry, layouts[name])
             if bound or extra:
                 not_loaded[name] = bound + extra
-                if comm.rank == layouts[name].rank_offset:
-                    warnings.warn(
-                        f"module {name!r}: layout-bound state {bound} was not loaded: it was saved "
-                        f"under another layout than {layouts[name].describe()} (or dropped by a reshard)",
-                        LayoutChangedWarning, stacklevel=2,
-                    )
+            if bound and comm.rank == layouts[name].rank_offset:
+                warnings.warn(
+                    f"module {name!r}: layout-bound state {bound} was not loaded: it was saved "
+                    f"under another layout than {layouts[name].describe()} (or dropped by a reshard)",
+                    LayoutChangedWarning, stacklevel=2,
+                )
         asked = {
             "tensors": sorted({(t.key, t.meta().dtype, t.global_shape) for t in shards.tensors}),
             "objects": sorted({(o.key, o.global_shape) for o in shards.objects}),
@@ -453,7 +452,7 @@ def _without_unusable_optional(
                     if is_layout_bound(o.key) and (o.key in unusable or o.key not in entry.objects)})
     extra = sorted({o.key for o in shards.objects if o.key.endswith("_extra_state") and o.key not in entry.objects})
     kept = [o for o in shards.objects if o.key not in bound and o.key not in extra]
-    return dataclasses.replace(shards, objects=kept), bound, extra
+    return replace(shards, objects=kept), bound, extra
 
 
 def _load_module(

@@ -114,13 +114,19 @@ def from_megatron(sharded_state_dict: Mapping[str, Any]) -> dict[str, dict[str, 
     out: dict[str, dict[str, Any]] = {}
     for path, value in iter_leaves(sharded_state_dict):
         name = kind(value)
+        where = "/".join(map(str, path))
+        if name == "LocalNonpersistentObject":
+            continue  # not persisted by megatron either
+        if name is None:
+            raise ShardError(
+                f"entry {where!r} is a plain {type(value).__name__}, which names no module (megatron keeps "
+                f"such values in rank 0's common state); add it to a module's state under a key of yours"
+            )
         if name not in ("ShardedTensor", "ShardedObject"):
-            if name in (None, "LocalNonpersistentObject"):
-                continue  # not persisted by megatron either
-            raise ShardError(f"entry {'/'.join(map(str, path))!r}: megatron-core {name} is not supported")
+            raise ShardError(f"entry {where!r}: megatron-core {name} is not supported")
         module, key = split_key(value.key)
         shard = to_shard(value, module=module)
-        out.setdefault(module, {})["/".join(map(str, path))] = dataclasses.replace(shard, key=key)
+        out.setdefault(module, {})[where] = dataclasses.replace(shard, key=key)
     return out
 
 

@@ -134,3 +134,15 @@ def test_a_missing_extra_state_is_tolerated_other_missing_objects_are_not(tmp_pa
     assert torch.equal(result.state["lm"]["w"], torch.ones(2)) and result.state["lm"]["x"] is None
     with pytest.raises(AssertionError, match="missing: object 'decoder.something'"):
         _run(tmp_path, one, load("decoder.something"))
+
+
+def test_from_megatron_refuses_values_that_name_no_module():
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from mimo_ckpt.megatron_keys import from_megatron
+
+    w = ShardedTensor.from_rank_offsets("language_model.module.decoder.w", torch.ones(2, 3), replica_id=0)
+    state = from_megatron({"a": {"w": w}})
+    assert state["language"]["a/w"].key == "decoder.w" and state["language"]["a/w"].data is w.data
+    with pytest.raises(ShardError, match="'a/iteration' is a plain int"):
+        from_megatron({"a": {"w": w, "iteration": 3}})
