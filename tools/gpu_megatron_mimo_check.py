@@ -2,7 +2,9 @@
 
 With 2 GPUs: layout A puts the vision encoder on rank 0 and the language model on rank 1
 (non-colocated); layout B puts both, TP2, on ranks 0-1 (colocated). With 1 GPU both layouts are
-the colocated single rank. For fp32 and bf16:
+the colocated single rank. With 8 GPUs: A is megatron's own MIMO test layout (encoder TP2 on
+ranks 0-1, language TP2 x PP3 on ranks 2-7), B the encoder at TP1 x DP2 and the language model at
+TP2 x PP2 on ranks 2-5 (give `--layers 6`). `--a` / `--b` take any others. For each dtype:
 - the reference trains 2K steps under B;
 - a run trains K steps under A and saves with mimo_ckpt's AsyncSaver (pinned host buffers; the
   time each rank is blocked is measured, for a first save and one with the buffers reused);
@@ -14,11 +16,13 @@ Rank 0 writes one JSON document.
 
 Run: torchrun --nproc-per-node N tools/gpu_megatron_mimo_check.py --out $OUT/gpu_megatron_mimo.json
      [--size large --dtypes bf16 --steps 5]   (a 0.5B-parameter language model: timings mean something)
+     8 GPUs: torchrun --nproc-per-node 8 tools/gpu_megatron_mimo_check.py --dtypes bf16 --layers 6 --out ...
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,19 +44,31 @@ def _cli(*args: str) -> str:
     return out.stdout
 
 
-def _layouts(world: int) -> tuple[dict, dict, list[str]]:
-    from mimo_ckpt import ModuleLayout
-    from tools.megatron_mimo import IMAGES, LANGUAGE
-
-    if world == 1:
-        one = {IMAGES: ModuleLayout(), LANGUAGE: ModuleLayout()}
-        return one, one, []
-    a = {IMAGES: ModuleLayout(), LANGUAGE: ModuleLayout(rank_offset=1)}
-    b = {IMAGES: ModuleLayout(tp=2), LANGUAGE: ModuleLayout(tp=2)}
-    return a, b, ["--module", "images=tp2,offset=0", "--module", "language=tp2,offset=0"]
+DEFAULT_LAYOUTS = {
+    # ranks: (layout A, layout B), each "module=sizes[,offset=N];..." as `mimo-ckpt reshard` takes
+    1: ("images=tp1;language=tp1", "images=tp1;language=tp1"),
+    2: ("images=tp1;language=tp1,offset=1", "images=tp2;language=tp2,offset=0"),
+    # megatron's own MIMO test layout, and the reshard of the 8-GPU issue (ranks 6-7 idle under B)
+    8: ("images=tp2;language=tp2,pp3,offset=2", "images=dp2;language=tp2,pp2,offset=2"),
+}
 
 
-def _check(dtype_name: str, root: str, device: str, size: Any, k: int) -> dict:
+def _parse(text: str) -> dict:
+    from mimo_ckpt.reshard import parse_layout_arg
+
+    return dict(parse_layout_arg(part, None) for part in text.split(";"))
+
+
+def _spec(layout: Any) -> str:
+    sizes = ",".join(f"{d}{getattr(layout, d)}" for d in ("tp", "cp", "ep", "pp", "dp"))
+    return f"{sizes},offset={layout.rank_offset},order={'-'.join(layout.order)}"
+
+
+def _reshard_args(a: dict, b: dict) -> list[str]:
+    return [arg for m in sorted(b) if a[m] != b[m] for arg in ("--module", f"{m}={_spec(b[m])}")]
+
+
+def _check(dtype_name: str, root: str, device: str, size: Any, k: int, layouts: tuple[str, str]) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -61,7 +77,8 @@ def _check(dtype_name: str, root: str, device: str, size: Any, k: int) -> dict:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     rank, world = dist.get_rank(), dist.get_world_size()
-    layouts_a, layouts_b, reshard_args = _layouts(world)
+    layouts_a, layouts_b = _parse(layouts[0]), _parse(layouts[1])
+    reshard_args = _reshard_args(layouts_a, layouts_b)
 
     def run(layouts: dict) -> MegatronMimoRun:
         return MegatronMimoRun(layouts, backend=dist.get_backend(), device=device, dtype=dtype, size=size)
@@ -170,12 +187,17 @@ def main() -> None:
     p.add_argument("--size", choices=("tiny", "large"), default="tiny")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--steps", type=int, default=STEPS, help="steps before the save and after the load")
+    p.add_argument("--a", help="layout A, e.g. 'images=tp2;language=tp2,pp3,offset=2' (default by rank count)")
+    p.add_argument("--b", help="layout B, the one resharded to")
+    p.add_argument("--layers", type=int, help="language model layers (divisible by every PP size used)")
     args = p.parse_args()
     from tools.megatron_mimo import TINY, Size
 
     size = TINY if args.size == "tiny" else Size(
         vocab=32000, seq=1024, hidden=2048, heads=16, layers=8, encoder_hidden=1024, encoder_layers=4,
         image_tokens=64, patch_dim=588, batch=8)
+    if args.layers:
+        size = dataclasses.replace(size, layers=args.layers)
     import torch
     import torch.distributed as dist
 
@@ -189,9 +211,14 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="mimo-gpu-") if dist.get_rank() == 0 else ""
     shared = [root]
     dist.broadcast_object_list(shared, 0)
+    default = DEFAULT_LAYOUTS.get(dist.get_world_size(), (None, None))
+    layouts = (args.a or default[0], args.b or default[1])
+    if None in layouts:
+        raise SystemExit(f"give --a and --b for {dist.get_world_size()} ranks")
+    out["layouts"] = layouts
     for dtype_name in args.dtypes.split(","):
         try:
-            out[dtype_name] = _check(dtype_name, shared[0], device, size, args.steps)
+            out[dtype_name] = _check(dtype_name, shared[0], device, size, args.steps, layouts)
         except Exception:  # noqa: BLE001 - report and go on to the next variant
             out[dtype_name] = {"error": traceback.format_exc()[-3000:]}
     if dist.get_rank() == 0:
