@@ -6,10 +6,14 @@ and so arrives at the same plan, including every file's byte layout, without fur
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from .box import Box, first_overlap
 from .dtypes import ITEMSIZE
@@ -18,7 +22,7 @@ from .layout import ModuleLayout
 from .manifest import ModuleEntry, StoredObject, StoredShard, StoredTensor
 from .shard import ObjectMeta, TensorMeta
 from .sharding import SplitSpec, infer_split
-from .tensor_file import FileEntry, layout_file
+from .tensor_file import layout_files
 
 __all__ = ["WriteItem", "FilePlan", "ModuleSavePlan", "plan_module_save", "shard_file_path"]
 
@@ -67,15 +71,22 @@ class ModuleSavePlan:
                     f"module {self.module!r}: writer rank {f.writer} reported {len(crcs)} checksums "
                     f"for {len(f.items)} shards of {f.path}"
                 )
+            path = f.path
             for item, crc in zip(f.items, crcs):
-                whole, block_bytes, blocks = (crc, 0, ()) if isinstance(crc, int) else (crc[0], crc[1], tuple(crc[2]))
-                shards[item.key].append(StoredShard(item.box, f.path, item.begin, item.end, whole, block_bytes, blocks))
+                if isinstance(crc, int):
+                    shard = StoredShard(item.box, path, item.begin, item.end, crc)
+                else:
+                    shard = StoredShard(item.box, path, item.begin, item.end, crc[0], crc[1], tuple(crc[2]))
+                shards[item.key].append(shard)
         tensors = {
-            key: StoredTensor(dtype, shape, tuple(sorted(shards[key], key=lambda s: s.box.offset)), split)
+            key: StoredTensor(dtype, shape, tuple(sorted(shards[key], key=_shard_offset)), split)
             for key, (dtype, shape, split) in self.tensors.items()
         }
         objects = {key: StoredObject(grid, values) for key, (grid, values) in self.objects.items()}
         return ModuleEntry(layout=layout, tensors=tensors, objects=objects)
+
+
+_shard_offset = operator.attrgetter("box.offset")
 
 
 def shard_file_path(module: str, rank: int, tag: str = "") -> str:
@@ -85,7 +96,20 @@ def shard_file_path(module: str, rank: int, tag: str = "") -> str:
 
 def tensor_name(key: str, box: Box) -> str:
     """Name of a box inside a shard file: unique per file, readable in safetensors tools."""
-    return f"{key}@{','.join(map(str, box.offset))}"
+    return f"{key}@{_offset_text(box.offset)}"
+
+
+def _offset_text(offset: tuple[int, ...]) -> str:
+    return ",".join(map(str, offset))
+
+
+def _offset_texts(offsets: list[tuple[int, ...]]) -> list[str]:
+    """`_offset_text` of each offset; when all have one length, through one format string (the
+    same text: "{}" formats as str does), which is faster."""
+    ndim = len(offsets[0]) if offsets else 0
+    if set(map(len, offsets)) != {ndim}:
+        return [_offset_text(o) for o in offsets]
+    return list(itertools.starmap(",".join(["{}"] * ndim).format, offsets))
 
 
 def plan_module_save(
@@ -96,66 +120,278 @@ def plan_module_save(
     file_tag: str = "",
 ) -> ModuleSavePlan:
     """Dedupe boxes, check they tile each tensor, and spread writes of replicas by bytes."""
-    by_key: dict[str, dict[Box, list[int]]] = defaultdict(dict)
-    spec: dict[str, tuple[str, tuple[int, ...], int]] = {}
-    for rank in sorted(tensors_by_rank):
-        for m in tensors_by_rank[rank]:
-            seen = spec.setdefault(m.key, (m.dtype, m.global_shape, rank))
-            if seen[:2] != (m.dtype, m.global_shape):
-                raise PlanError(
-                    f"module {module!r}, tensor {m.key!r}: rank {seen[2]} has {seen[0]} "
-                    f"{list(seen[1])} but rank {rank} has {m.dtype} {list(m.global_shape)}"
-                )
-            by_key[m.key].setdefault(m.box, []).append(rank)
-
-    items: list[tuple[int, str, Box, list[int]]] = []
+    groups = _group_by_tensor(module, tensors_by_rank)
+    tilings: dict[str, _Tiling] = {}
     splits: dict[str, SplitSpec] = {}
-    for key, holders in by_key.items():
-        dtype, global_shape, _ = spec[key]
-        boxes = list(holders)
-        overlap = first_overlap(boxes)
-        if overlap is not None:
-            a, b = boxes[overlap[0]], boxes[overlap[1]]
-            raise PlanError(
-                f"module {module!r}, tensor {key!r}: box {a} (ranks {holders[a]}) overlaps box {b} "
-                f"(ranks {holders[b]}); replicas must hold identical boxes"
-            )
-        covered, total = sum(b.volume for b in boxes), math.prod(global_shape)
-        if covered != total:
-            raise PlanError(
-                f"module {module!r}, tensor {key!r}: the ranks' boxes cover {covered} of {total} "
-                f"elements of global shape {list(global_shape)}"
-            )
-        for box in boxes:
-            items.append((box.volume * ITEMSIZE[dtype], key, box, holders[box]))
-        splits[key] = infer_split(layout, {r: b for b, ranks in holders.items() for r in ranks}, len(global_shape))
+    checked: dict[tuple, list[str]] = defaultdict(list)  # _TensorGroup.sketch() -> keys
+    for key, g in groups.items():
+        alike = next((k for k in checked[g.sketch()] if groups[k].cut_like(g)), None)
+        if alike is None:
+            tilings[key] = _check_tiling(module, key, g)
+            splits[key] = infer_split(layout, _box_of_rank(g), len(g.global_shape))
+            checked[g.sketch()].append(key)
+        else:  # the same boxes and holders: the same checks pass, and find the same order and split
+            tilings[key], splits[key] = tilings[alike], splits[alike]
+        ITEMSIZE[g.dtype]  # an unknown dtype raises KeyError here, before later tensors are checked
 
-    # Largest first to the least-loaded holder: replicated bytes spread evenly over replicas.
-    load: dict[int, int] = defaultdict(int)
-    assigned: dict[int, list[tuple[str, Box]]] = defaultdict(list)
-    # (Sort keys are plain tuples: comparing Box dataclasses dominates at 10^5 boxes.)
-    for nbytes, key, box, ranks in sorted(items, key=lambda it: (-it[0], it[1], it[2].offset)):
-        writer = ranks[0] if len(ranks) == 1 else min(ranks, key=lambda r: (load[r], r))
-        load[writer] += nbytes
-        assigned[writer].append((key, box))
-
-    files = []
-    for writer in sorted(assigned):
-        entries = sorted(assigned[writer], key=lambda e: (e[0], e[1].offset))
-        prefix, ranges = layout_file(
-            [FileEntry(tensor_name(k, b), spec[k][0], b.shape) for k, b in entries],
-            {"format": "mimo-ckpt", "module": module},
-        )
-        files.append(FilePlan(
-            shard_file_path(module, writer, file_tag), writer, prefix,
-            tuple(WriteItem(k, b, spec[k][0], lo, hi) for (k, b), (lo, hi) in zip(entries, ranges)),
-        ))
-
+    items = _Items.in_file_order(groups, tilings)
+    writers = sorted(_assign_writers(items).items())
+    layouts = layout_files(
+        (items.header_entries(indexes) for _, indexes in writers), {"format": "mimo-ckpt", "module": module}
+    )
+    files = tuple(
+        _file_plan(shard_file_path(module, writer, file_tag), writer, items, indexes, prefix, ranges)
+        for (writer, indexes), (prefix, ranges) in zip(writers, layouts)
+    )
     return ModuleSavePlan(
         module=module,
-        tensors={k: (v[0], v[1], splits[k]) for k, v in spec.items()},
-        files=tuple(files),
+        tensors={k: (g.dtype, g.global_shape, splits[k]) for k, g in groups.items()},
+        files=files,
         objects=_plan_objects(module, objects_by_rank),
+    )
+
+
+# Every rank plans over every shard of the module: 10^5 to 10^6 of them at scale. The helpers below
+# keep the Python work per box to a few list and dict operations: boxes are numbered once, by first
+# appearance, and looked up by number after that (hashing a Box runs Python code). They also avoid
+# objects per box that outlive a step: each is more for the garbage collector to traverse.
+
+
+@dataclass(slots=True)
+class _TensorGroup:
+    """One tensor's distinct boxes as gathered from every rank of the module, numbered in order of
+    first appearance."""
+
+    dtype: str
+    global_shape: tuple[int, ...]
+    first_rank: int
+    """The rank whose metadata fixed dtype and shape (named when another rank disagrees)."""
+    number: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = field(default_factory=dict)
+    """(offset, shape) of each box -> its number. (Equal boxes have equal tuples, which hash
+    without running Python code as a Box does.)"""
+    boxes: list[Box] = field(default_factory=list)
+    holder: list[int] = field(default_factory=list)
+    """Per box, the lowest rank that holds it."""
+    replicas: dict[int, list[int]] = field(default_factory=dict)
+    """Boxes that more than one rank holds -> all their holders, ascending."""
+
+    def holders(self, i: int) -> list[int]:
+        return self.replicas.get(i) or [self.holder[i]]
+
+    def sketch(self) -> tuple:
+        """What tensors cut and held alike have in common; cheap to compare."""
+        return self.global_shape, len(self.boxes), len(self.replicas)
+
+    def cut_like(self, other: _TensorGroup) -> bool:
+        """Whether `other` has the same boxes, numbered alike, held by the same ranks. A weight's
+        optimizer states (main copy, Adam moments) are: planning checks them once."""
+        return (
+            self.sketch() == other.sketch() and self.holder == other.holder
+            and self.replicas == other.replicas and self.number == other.number
+        )
+
+    def holdings(self) -> int:
+        """(rank, box) pairs: one per shard."""
+        return len(self.boxes) + sum(len(ranks) - 1 for ranks in self.replicas.values())
+
+
+def _group_by_tensor(module: str, tensors_by_rank: Mapping[int, Sequence[TensorMeta]]) -> dict[str, _TensorGroup]:
+    groups: dict[str, _TensorGroup] = {}
+    for rank in sorted(tensors_by_rank):
+        for m in tensors_by_rank[rank]:
+            g = groups.get(m.key)
+            if g is None:
+                g = groups[m.key] = _TensorGroup(m.dtype, m.global_shape, rank)
+            elif m.dtype != g.dtype or m.global_shape != g.global_shape:
+                raise PlanError(
+                    f"module {module!r}, tensor {m.key!r}: rank {g.first_rank} has {g.dtype} "
+                    f"{list(g.global_shape)} but rank {rank} has {m.dtype} {list(m.global_shape)}"
+                )
+            box, new = m.box, len(g.boxes)
+            i = g.number.setdefault((box.offset, box.shape), new)
+            if i == new:
+                g.boxes.append(box)
+                g.holder.append(rank)
+            else:
+                ranks = g.replicas.get(i)
+                if ranks is None:
+                    g.replicas[i] = [g.holder[i], rank]
+                else:
+                    ranks.append(rank)
+    return groups
+
+
+def _box_of_rank(g: _TensorGroup) -> dict[int, Box]:
+    """Rank -> its box, for `infer_split`. A rank with several boxes keeps the one numbered last."""
+    out = dict(zip(g.holder, g.boxes))
+    for i, ranks in g.replicas.items():
+        out.update(dict.fromkeys(ranks, g.boxes[i]))
+    if len(out) < g.holdings():  # some rank holds several boxes: which one it keeps depends on order
+        out = {r: box for i, box in enumerate(g.boxes) for r in g.holders(i)}
+    return out
+
+
+@dataclass(slots=True)
+class _Tiling:
+    """What checking a tensor's boxes found, for laying them out."""
+
+    order: list[int]
+    """Box numbers by offset, then by size (largest first), then by number."""
+    volumes: list[int]
+    """Elements per box, by box number."""
+    offset_texts: list[str]
+    """How `tensor_name` writes each box's offset, in that order."""
+
+
+def _check_tiling(module: str, key: str, g: _TensorGroup) -> _Tiling:
+    """The distinct boxes of a tensor must not overlap and must cover it; their order by offset
+    and their volumes."""
+    boxes = g.boxes
+    table = _BoxTable.of(boxes)
+    volumes = table.volumes() if table is not None else None
+    if volumes is None:
+        volumes = [math.prod(b.shape) for b in boxes]
+    order = table.cell_order() if table is not None else None
+    if order is None:
+        overlap = first_overlap(boxes)
+        if overlap is not None:
+            i, j = overlap
+            raise PlanError(
+                f"module {module!r}, tensor {key!r}: box {boxes[i]} (ranks {g.holders(i)}) overlaps box "
+                f"{boxes[j]} (ranks {g.holders(j)}); replicas must hold identical boxes"
+            )
+        # Equal offsets (an empty box beside another): larger first, then by number, as the
+        # writer assignment meets them.
+        order = sorted(range(len(boxes)), key=lambda i: (boxes[i].offset, -volumes[i]))
+    covered, total = sum(volumes), math.prod(g.global_shape)
+    if covered != total:
+        raise PlanError(
+            f"module {module!r}, tensor {key!r}: the ranks' boxes cover {covered} of {total} "
+            f"elements of global shape {list(g.global_shape)}"
+        )
+    return _Tiling(order, volumes, _offset_texts([boxes[i].offset for i in order]))
+
+
+@dataclass(slots=True)
+class _BoxTable:
+    """A tensor's boxes as int64 arrays, to check the usual layouts in bulk."""
+
+    offsets: np.ndarray
+    shapes: np.ndarray
+
+    @classmethod
+    def of(cls, boxes: list[Box]) -> _BoxTable | None:
+        """None unless all boxes have the same ndim >= 1 and positive sizes, in int64 range."""
+        ndim = boxes[0].ndim
+        offsets = _int64_rows([b.offset for b in boxes], ndim)
+        shapes = _int64_rows([b.shape for b in boxes], ndim)
+        if ndim == 0 or offsets is None or shapes is None or not (shapes > 0).all():
+            return None
+        return cls(offsets, shapes)
+
+    def cell_order(self) -> list[int] | None:
+        """Box numbers by offset, when each box is exactly one cell of the grid that all their offsets
+        and ends cut, and no two are the same cell: then no two overlap. None otherwise."""
+        offsets, n = self.offsets, len(self.offsets)
+        ends = offsets + self.shapes  # an overflow wraps below the offset, and fails the check below
+        cell = np.zeros(n, dtype=np.int64)
+        cells = 1
+        for d in range(offsets.shape[1]):
+            cuts = np.unique(np.concatenate((offsets[:, d], ends[:, d])))
+            index = np.searchsorted(cuts, offsets[:, d])
+            if not (np.searchsorted(cuts, ends[:, d]) == index + 1).all():
+                return None  # a box spans several cells
+            cells *= len(cuts) - 1
+            if cells >= 2**62:
+                return None
+            cell = cell * (len(cuts) - 1) + index  # row-major: cells in the order of their offsets
+        order = np.argsort(cell)
+        if (cell[order[1:]] == cell[order[:-1]]).any():
+            return None  # two boxes are the same cell
+        return order.tolist()
+
+    def volumes(self) -> list[int] | None:
+        """Elements per box; None if some volume, or their sum, could pass int64."""
+        if math.prod(self.shapes.max(axis=0).tolist()) * len(self.shapes) >= 2**63:
+            return None
+        return self.shapes.prod(axis=1).tolist()
+
+
+def _int64_rows(rows: list[tuple[int, ...]], width: int) -> np.ndarray | None:
+    """Tuples of ints as a (len(rows), width) array; None if one has another length or a number
+    beyond int64. (np.fromiter over the flat numbers is faster than np.array over the tuples.)"""
+    if set(map(len, rows)) != {width}:
+        return None
+    try:
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=len(rows) * width)
+    except OverflowError:
+        return None
+    return flat.reshape(len(rows), width)
+
+
+@dataclass(slots=True)
+class _Items:
+    """Every distinct box of a module in file order (tensor key, then box offset), as parallel
+    lists indexed by position."""
+
+    keys: list[str] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
+    dtypes: list[str] = field(default_factory=list)
+    offset_texts: list[str] = field(default_factory=list)
+    """How `tensor_name` writes each box's offset."""
+    nbytes: list[int] = field(default_factory=list)
+    holder: list[int] = field(default_factory=list)
+    replicas: list[list[int] | None] = field(default_factory=list)
+
+    @classmethod
+    def in_file_order(cls, groups: Mapping[str, _TensorGroup], tilings: Mapping[str, _Tiling]) -> _Items:
+        items = cls()
+        for key in sorted(groups):
+            g, order, volumes = groups[key], tilings[key].order, tilings[key].volumes
+            itemsize = ITEMSIZE[g.dtype]
+            boxes = [g.boxes[i] for i in order]
+            items.keys.extend(itertools.repeat(key, len(boxes)))
+            items.boxes.extend(boxes)
+            items.dtypes.extend(itertools.repeat(g.dtype, len(boxes)))
+            items.offset_texts.extend(tilings[key].offset_texts)
+            items.nbytes.extend(volumes[i] * itemsize for i in order)
+            items.holder.extend(map(g.holder.__getitem__, order))
+            items.replicas.extend(map(g.replicas.get, order))
+        return items
+
+    def header_entries(self, indexes: list[int]) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of these items, as a file's header lists them."""
+        keys, texts, dtypes, boxes = self.keys, self.offset_texts, self.dtypes, self.boxes
+        return [(f"{keys[i]}@{texts[i]}", dtypes[i], boxes[i].shape) for i in indexes]  # tensor_name
+
+
+def _assign_writers(items: _Items) -> dict[int, list[int]]:
+    """Writer rank -> indexes of the items it writes, in file order.
+
+    Largest first to the least-loaded holder (the lowest rank on ties): replicated bytes spread
+    evenly over replicas. The sort is stable, so equal sizes go in file order."""
+    nbytes, replicas = items.nbytes, items.replicas
+    load: dict[int, int] = defaultdict(int)
+    writer_of = items.holder.copy()
+    for i in sorted(range(len(nbytes)), key=nbytes.__getitem__, reverse=True):
+        ranks = replicas[i]
+        # Holders are ascending, and min() keeps the first of equals: the lowest least-loaded rank.
+        writer = writer_of[i] if ranks is None else min(ranks, key=load.__getitem__)
+        load[writer] += nbytes[i]
+        writer_of[i] = writer
+    by_writer: dict[int, list[int]] = defaultdict(list)
+    for i, writer in enumerate(writer_of):
+        by_writer[writer].append(i)
+    return by_writer
+
+
+def _file_plan(
+    path: str, writer: int, items: _Items, indexes: list[int], prefix: bytes, ranges: list[tuple[int, int]]
+) -> FilePlan:
+    keys, boxes, dtypes = items.keys, items.boxes, items.dtypes
+    return FilePlan(
+        path, writer, prefix,
+        tuple([WriteItem(keys[i], boxes[i], dtypes[i], lo, hi) for i, (lo, hi) in zip(indexes, ranges)]),
     )
 
 
