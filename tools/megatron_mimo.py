@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.fusions import fused_softmax
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.mimo import MimoModel, MimoModelConfig
@@ -54,6 +55,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mimo_ckpt import LayoutError, ModuleLayout
+
 
 @dataclass(frozen=True)
 class Size:
@@ -110,8 +112,6 @@ class _CpuRngTracker:
 
 def use_cpu() -> None:
     """Replace the CUDA-only pieces megatron reaches for during a forward pass (module docstring)."""
-    from megatron.core.fusions import fused_softmax
-
     if parallel_state._GLOBAL_MEMORY_BUFFER is None:
         parallel_state._GLOBAL_MEMORY_BUFFER = _CpuMemoryBuffer()
     random_module._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()
