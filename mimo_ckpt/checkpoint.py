@@ -380,8 +380,9 @@ def load(
             continue
         shards = local.get(name, ModuleShards([], [], []))
         entry = manifest.modules.get(name)
+        unusable = _unusable_layout_bound(entry, layouts[name])
         if entry is not None:
-            shards, bound, extra = _without_unusable_optional(shards, entry, layouts[name])
+            shards, bound, extra = _without_unusable_optional(shards, entry, unusable)
             if bound or extra:
                 not_loaded[name] = bound + extra
             if bound and comm.rank == layouts[name].rank_offset:
@@ -401,7 +402,7 @@ def load(
             name, entry,
             sorted({(k, d, tuple(s)) for g in gathered for k, d, s in g["tensors"]}),
             sorted({(k, tuple(s)) for g in gathered for k, s in g["objects"]}),
-            unused_ok=_unusable_layout_bound(entry, layouts[name]),
+            unused_ok=unusable,
         )
         report.merge(module_report)
         if module_report and strict:
@@ -442,12 +443,11 @@ def _unusable_layout_bound(entry: ModuleEntry | None, layout: ModuleLayout) -> s
 
 
 def _without_unusable_optional(
-    shards: ModuleShards, entry: ModuleEntry, layout: ModuleLayout,
+    shards: ModuleShards, entry: ModuleEntry, unusable: set[str],
 ) -> tuple[ModuleShards, list[str], list[str]]:
     """The shards minus optional objects the checkpoint cannot give this layout: layout-bound
-    ones (all when the module's grid changed since the save, else those a reshard dropped), and
+    ones (the `unusable` ones stored for another grid, and those a reshard dropped), and
     `_extra_state` the checkpoint lacks (written by a model without Transformer Engine state)."""
-    unusable = _unusable_layout_bound(entry, layout)
     bound = sorted({o.key for o in shards.objects
                     if is_layout_bound(o.key) and (o.key in unusable or o.key not in entry.objects)})
     extra = sorted({o.key for o in shards.objects if o.key.endswith("_extra_state") and o.key not in entry.objects})

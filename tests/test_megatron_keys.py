@@ -60,29 +60,13 @@ def test_same_grid_ignores_the_rank_offset_and_unit_dimensions():
     assert not same_grid(ModuleLayout(tp=2, dp=2), ModuleLayout(tp=2, dp=2, order=("dp", "tp", "cp", "ep", "pp")))
 
 
-def _run(tmp_path, layout, fn):
-    world = ThreadWorld(layout.size)
-    out, errors = {}, {}
-
-    import threading
-
-    def go(rank):
-        try:
-            out[rank] = fn(world.comm(rank), rank)
-        except BaseException as exc:  # noqa: BLE001
-            errors[rank] = exc
-            world.abort()
-
-    threads = [threading.Thread(target=go, args=(r,)) for r in range(layout.size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+def _run(threads, layout, fn):
+    results, errors = threads(ThreadWorld(layout.size), fn)
     assert not errors, errors
-    return out
+    return dict(enumerate(results))
 
 
-def test_rank_state_loads_under_the_same_grid_and_is_left_alone_with_a_warning_otherwise(tmp_path):
+def test_rank_state_loads_under_the_same_grid_and_is_left_alone_with_a_warning_otherwise(threads, tmp_path):
     saved = ModuleLayout(tp=2)
 
     def save(comm, rank):
@@ -91,7 +75,7 @@ def test_rank_state_loads_under_the_same_grid_and_is_left_alone_with_a_warning_o
         mimo_ckpt.save(state, "ckpt", layouts={"lm": saved}, comm=comm, storage=LocalStorage(tmp_path))
         return state["lm"]["rng"].data
 
-    saved_rng = _run(tmp_path, saved, save)
+    saved_rng = _run(threads, saved, save)
 
     def load(layout):
         def fn(comm, rank):
@@ -103,7 +87,7 @@ def test_rank_state_loads_under_the_same_grid_and_is_left_alone_with_a_warning_o
 
         with warnings.catch_warnings(record=True) as caught:  # ranks are threads: one record for all
             warnings.simplefilter("always", LayoutChangedWarning)
-            out = _run(tmp_path, layout, fn)
+            out = _run(threads, layout, fn)
         return out, [str(w.message) for w in caught if w.category is LayoutChangedWarning]
 
     same, caught = load(saved)
@@ -118,9 +102,9 @@ def test_rank_state_loads_under_the_same_grid_and_is_left_alone_with_a_warning_o
         assert torch.equal(result.state["lm"]["w"], torch.tensor([0.0, 1.0]))
 
 
-def test_a_missing_extra_state_is_tolerated_other_missing_objects_are_not(tmp_path):
+def test_a_missing_extra_state_is_tolerated_other_missing_objects_are_not(threads, tmp_path):
     one = ModuleLayout()
-    _run(tmp_path, one, lambda comm, rank: mimo_ckpt.save(
+    _run(threads, one, lambda comm, rank: mimo_ckpt.save(
         {"lm": {"w": torch.ones(2)}}, "ckpt", layouts={"lm": one}, comm=comm, storage=LocalStorage(tmp_path)))
 
     def load(extra_key):
@@ -129,11 +113,11 @@ def test_a_missing_extra_state_is_tolerated_other_missing_objects_are_not(tmp_pa
             return mimo_ckpt.load(template, "ckpt", layouts={"lm": one}, comm=comm, storage=LocalStorage(tmp_path))
         return fn
 
-    result = _run(tmp_path, one, load("decoder.layers.mlp.linear_fc1._extra_state"))[0]
+    result = _run(threads, one, load("decoder.layers.mlp.linear_fc1._extra_state"))[0]
     assert result.not_loaded == {"lm": ["decoder.layers.mlp.linear_fc1._extra_state"]}
     assert torch.equal(result.state["lm"]["w"], torch.ones(2)) and result.state["lm"]["x"] is None
     with pytest.raises(AssertionError, match="missing: object 'decoder.something'"):
-        _run(tmp_path, one, load("decoder.something"))
+        _run(threads, one, load("decoder.something"))
 
 
 def test_from_megatron_refuses_values_that_name_no_module():
