@@ -336,3 +336,17 @@ def test_block_checks_cover_exactly_the_complete_blocks():
     assert check_blocks(100, 100 + len(data), 4096, blocks, 100, pieces, "x") == 4
     with pytest.raises(CorruptShardError, match="block 1"):
         check_blocks(100, 100 + len(data), 4096, blocks, 100, [memoryview(bad)[i:i + 100] for i in range(0, len(bad), 100)], "x")
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 5])
+def test_whole_shard_crc_combined_from_blocks_equals_one_pass(size):
+    import crc32c
+
+    from mimo_ckpt.checksums import crc32c_combine, shard_checksums
+
+    data = os.urandom(size)
+    whole, blocks = shard_checksums(memoryview(data), 4096)
+    assert whole == crc32c.crc32c(data)
+    assert blocks == (() if size <= 4096 else tuple(crc32c.crc32c(data[i:i + 4096]) for i in range(0, size, 4096)))
+    cut = size // 3
+    assert crc32c_combine(crc32c.crc32c(data[:cut]), crc32c.crc32c(data[cut:]), size - cut) == crc32c.crc32c(data)
