@@ -12,7 +12,7 @@ from .checksums import BLOCK_BYTES, shard_checksums
 from .errors import CorruptShardError
 from .faults import fault_point
 from .load_plan import ReadItem
-from .reads import execute_reads
+from .reads import IO_THREADS, execute_reads
 from .save_plan import FilePlan
 from .storage import Storage
 
@@ -92,7 +92,7 @@ def fill_tensors(
             staged.append((t, host))
             t = host
         hosts.append((_raw(t).numpy(), box))
-    nbytes = execute_reads(storage, items, hosts, verify=verify)
+    nbytes = execute_reads(storage, items, hosts, verify=verify, threads=IO_THREADS)
     for device_tensor, host in staged:
         device_tensor.copy_(host)
     return nbytes

@@ -28,19 +28,20 @@ def _store(tmp_path, full, boxes):
     return ModuleEntry(ModuleLayout(), {"w": StoredTensor("F32", full.shape, tuple(shards))}, {})
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("min_run", [4, 1 << 30], ids=["runs", "spans"])
 @pytest.mark.parametrize("temp_bytes", [None, 4, 40, 400])
 @pytest.mark.parametrize("want", [
     Box((0, 0, 0), (4, 6, 8)), Box((1, 2, 3), (2, 3, 4)), Box((0, 5, 0), (4, 1, 8)), Box((3, 0, 7), (1, 6, 1)),
 ])
-def test_any_box_from_any_tiling(tmp_path, monkeypatch, min_run, temp_bytes, want):
+def test_any_box_from_any_tiling(tmp_path, monkeypatch, min_run, temp_bytes, want, threads):
     monkeypatch.setattr(reads, "MIN_RUN_BYTES", min_run)
     full = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)
     boxes = [Box((0, 0, 0), (4, 3, 5)), Box((0, 0, 5), (4, 3, 3)), Box((0, 3, 0), (2, 3, 8)), Box((2, 3, 0), (2, 3, 8))]
     entry = _store(tmp_path, full, boxes)
     items = plan_module_load("m", entry, [TensorMeta("w", "F32", (4, 6, 8), want, True)])
     out = np.full(want.shape, np.nan, dtype=np.float32).view(np.uint32)
-    execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True, temp_bytes=temp_bytes)
+    execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True, temp_bytes=temp_bytes, threads=threads)
     ref = full[tuple(slice(o, o + n) for o, n in zip(want.offset, want.shape))]
     assert np.array_equal(out.view(np.float32), ref)
 
@@ -78,3 +79,20 @@ def test_run_reads_verify_whole_shards(tmp_path, monkeypatch, flip):
     else:
         execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True)
         assert np.array_equal(out.view(np.float32), full)
+
+
+def test_parallel_piece_writes_keep_order_and_allow_buffer_reuse(tmp_path, monkeypatch):
+    from mimo_ckpt import storage
+
+    monkeypatch.setattr(storage, "WRITE_PIECE_BYTES", 7)  # many pieces in flight per chunk
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (0, 1, 6, 7, 8, 50, 301)]
+    reused = bytearray(max(map(len, parts)))
+
+    def chunks():  # one buffer, refilled for every chunk
+        for part in parts:
+            reused[: len(part)] = part
+            yield memoryview(reused)[: len(part)]
+
+    LocalStorage(tmp_path, io_threads=4).write_file("m/f.bin", chunks())
+    assert (tmp_path / "m" / "f.bin").read_bytes() == b"".join(parts)
