@@ -37,6 +37,7 @@ from .manifest import (
     ModuleEntry, check_module_name, module_to_json, read_manifest_bytes,
 )
 from .megatron_interop import kind as megatron_kind
+from .reads import IO_THREADS
 from .rank_state import LayoutChangedWarning, is_layout_bound, same_grid
 from .save_plan import ModuleSavePlan, plan_module_save
 from .shard import (
@@ -334,13 +335,15 @@ def load(
     storage: Storage | None = None,
     strict: bool = True,
     verify: bool = True,
+    io_threads: int = IO_THREADS,
 ) -> LoadResult:
     """Fill this rank's shards from a checkpoint saved under any layouts; every rank calls it.
 
     Each rank reads only the stored bytes that overlap its own boxes. With `strict`, any missing,
     unexpected or mismatched key raises `KeyMismatchError` listing them per module; otherwise
     matching keys load and the differences come back in `LoadResult.report`. With `verify`,
-    every stored shard read whole is checked against its crc32c.
+    every stored shard read whole, and every checksummed block of a partial read, is checked
+    against its crc32c. Each rank keeps up to `io_threads` reads in flight.
     """
     comm = comm or TorchComm()
     storage = storage or open_storage(path)
@@ -411,7 +414,7 @@ def load(
             continue
         try:
             fault_point("load.read", comm.rank)
-            bytes_read += _load_module(name, entry, shards, skipped, storage, verify, loaded_objects)
+            bytes_read += _load_module(name, entry, shards, skipped, storage, verify, io_threads, loaded_objects)
         except (MimoCkptError, OSError) as exc:
             run.fail(exc)
 
@@ -457,11 +460,11 @@ def _without_unusable_optional(
 
 def _load_module(
     name: str, entry: ModuleEntry, shards: ModuleShards, bad: set[str], storage: Storage,
-    verify: bool, loaded_objects: dict[tuple[str, int], Any],
+    verify: bool, io_threads: int, loaded_objects: dict[tuple[str, int], Any],
 ) -> int:
     wanted = [t for t in shards.tensors if t.key not in bad]
     items = plan_module_load(name, entry, [t.meta() for t in wanted])
-    nbytes = fill_tensors(storage, items, [(t.data, t.box) for t in wanted], verify=verify)
+    nbytes = fill_tensors(storage, items, [(t.data, t.box) for t in wanted], verify=verify, threads=io_threads)
     for obj in shards.objects:
         if obj.key in bad:
             continue

@@ -80,10 +80,10 @@ _RAW_TORCH = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
 
 def fill_tensors(
     storage: Storage, items: Sequence[ReadItem], targets: Sequence[tuple[torch.Tensor, Box]],
-    *, verify: bool,
+    *, verify: bool, threads: int = IO_THREADS,
 ) -> int:
-    """Fill torch tensors in place from a read plan; returns bytes read. Device tensors are
-    staged through host memory."""
+    """Fill torch tensors in place from a read plan, `threads` reads at a time; returns bytes
+    read. Device tensors are staged through host memory."""
     hosts, staged = [], []
     for tensor, box in targets:
         t = tensor.detach()
@@ -92,7 +92,7 @@ def fill_tensors(
             staged.append((t, host))
             t = host
         hosts.append((_raw(t).numpy(), box))
-    nbytes = execute_reads(storage, items, hosts, verify=verify, threads=IO_THREADS)
+    nbytes = execute_reads(storage, items, hosts, verify=verify, threads=threads)
     for device_tensor, host in staged:
         device_tensor.copy_(host)
     return nbytes

@@ -4,8 +4,8 @@ One invocation measures, for each world size in `--ranks` (gloo CPU processes on
 
 * raw:       each rank os.write()s its share of the bytes to its own file + fsync, and reads it
              back with os.preadv into preallocated tensors (the disk's bandwidth for this pattern);
-* mimo_ckpt: `mimo_ckpt.save` / `mimo_ckpt.load` (load with verify=True, the default, and with
-             verify=False);
+* mimo_ckpt: `mimo_ckpt.save` / `mimo_ckpt.load` (load with verify=True, the default, with
+             verify=False, and with io_threads=1: one read in flight per rank instead of several);
 * dcp:       torch.distributed.checkpoint save/load, FileSystemWriter/Reader (defaults: fsync on,
              one writer thread), shards expressed as DTensors on per-module-stage device meshes;
 * megatron:  megatron.core.dist_checkpointing save/load (torch_dist, defaults), shards as
@@ -338,7 +338,7 @@ class _BytesRead(logging.Handler):
 _READ = _BytesRead()
 
 
-def _ours_ops(w: World, verify: bool = True) -> Ops:
+def _ours_ops(w: World, verify: bool = True, io_threads: int | None = None) -> Ops:
     import mimo_ckpt
     from mimo_ckpt import TensorShard
 
@@ -359,8 +359,9 @@ def _ours_ops(w: World, verify: bool = True) -> Ops:
         mimo_ckpt.save(shards(w.boxes["save"], w.state), path, layouts=w.layouts["save"], comm=comm)
 
     def load(path: str, scenario: str) -> None:
+        threads = {} if io_threads is None else {"io_threads": io_threads}
         mimo_ckpt.load(shards(w.boxes[scenario], w.targets[scenario]), path,
-                       layouts=w.layouts[scenario], comm=comm, verify=verify)
+                       layouts=w.layouts[scenario], comm=comm, verify=verify, **threads)
 
     return save, load
 
@@ -456,7 +457,9 @@ def _loads(system: str, w: World, ops: Ops) -> list[tuple[str, str, Callable[[st
         out.append(("load_reshard", "reshard", ops[1]))
     if system == "mimo_ckpt":
         nover = _ours_ops(w, verify=False)[1]
-        out += [("load_same_noverify", "same", nover), ("load_reshard_noverify", "reshard", nover)]
+        serial = _ours_ops(w, io_threads=1)[1]
+        out += [("load_same_noverify", "same", nover), ("load_reshard_noverify", "reshard", nover),
+                ("load_same_1thread", "same", serial), ("load_reshard_1thread", "reshard", serial)]
     return out
 
 
@@ -632,7 +635,7 @@ def add_ratios(res: dict[str, Any]) -> None:
             for peer in ("raw", "dcp", "megatron"):
                 peer_g = sy.get(peer, {}).get(field, {})
                 ref = peer_g.get("save" if op == "save" else "load_same") if peer == "raw" else \
-                    peer_g.get(op.replace("_noverify", ""))
+                    peer_g.get(op.replace("_noverify", "").replace("_1thread", ""))
                 if ref:
                     out.setdefault(op, {})[f"ours/{peer}"] = g / ref
         res[stat] = out
