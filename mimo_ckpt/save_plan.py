@@ -18,6 +18,7 @@ import numpy as np
 from .box import Box, first_overlap
 from .dtypes import ITEMSIZE
 from .errors import PlanError
+from .gc_pause import collector_paused
 from .layout import ModuleLayout
 from .manifest import ModuleEntry, StoredObject, StoredShard, StoredTensor
 from .shard import ObjectMeta, TensorMeta
@@ -60,6 +61,7 @@ class ModuleSavePlan:
                 return f
         return None
 
+    @collector_paused()
     def module_entry(self, layout: ModuleLayout, crcs_by_writer: Mapping[int, Sequence[Any]]) -> ModuleEntry:
         """This module's manifest entry, given each writer's checksums in its file's item order:
         per item a crc, or `[crc, block_bytes, [block crcs]]`."""
@@ -112,6 +114,7 @@ def _offset_texts(offsets: list[tuple[int, ...]]) -> list[str]:
     return list(itertools.starmap(",".join(["{}"] * ndim).format, offsets))
 
 
+@collector_paused()
 def plan_module_save(
     module: str,
     layout: ModuleLayout,
@@ -166,9 +169,9 @@ class _TensorGroup:
     global_shape: tuple[int, ...]
     first_rank: int
     """The rank whose metadata fixed dtype and shape (named when another rank disagrees)."""
-    number: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = field(default_factory=dict)
-    """(offset, shape) of each box -> its number. (Equal boxes have equal tuples, which hash
-    without running Python code as a Box does.)"""
+    number: dict[tuple, int] = field(default_factory=dict)
+    """Offset of each box -> its number; (offset, shape) for a box whose offset an earlier box of
+    another shape has. (Tuples hash without running Python code, as a Box's hash does.)"""
     boxes: list[Box] = field(default_factory=list)
     holder: list[int] = field(default_factory=list)
     """Per box, the lowest rank that holds it."""
@@ -208,7 +211,9 @@ def _group_by_tensor(module: str, tensors_by_rank: Mapping[int, Sequence[TensorM
                     f"{list(g.global_shape)} but rank {rank} has {m.dtype} {list(m.global_shape)}"
                 )
             box, new = m.box, len(g.boxes)
-            i = g.number.setdefault((box.offset, box.shape), new)
+            i = g.number.setdefault(box.offset, new)  # the offset tuple exists already: no allocation
+            if i != new and g.boxes[i].shape != box.shape:  # another box at this offset (an empty one)
+                i = g.number.setdefault((box.offset, box.shape), new)
             if i == new:
                 g.boxes.append(box)
                 g.holder.append(rank)

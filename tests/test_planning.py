@@ -100,3 +100,35 @@ def test_save_plan_at_scale():
     plan = plan_module_save("lm", ModuleLayout(tp=tp, dp=dp), metas, {})
     assert sum(len(f.items) for f in plan.files) == 20 * tp
     assert len(plan.files) == 20 * tp  # spread: one box per writer
+
+
+def test_collector_pause_nests_across_threads_and_restores_the_callers_setting():
+    import gc
+    import threading
+
+    from mimo_ckpt.gc_pause import collector_paused
+
+    assert gc.isenabled()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with collector_paused():
+            inside.set()
+            release.wait(10)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    inside.wait(10)
+    with collector_paused():
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread is still planning
+    release.set()
+    other.join()
+    assert gc.isenabled()
+    gc.disable()  # a caller who runs with the collector off keeps it off
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
