@@ -37,13 +37,12 @@ from .manifest import (
     ModuleEntry, check_module_name, module_to_json, read_manifest_bytes,
 )
 from .megatron_interop import kind as megatron_kind
-from .reads import IO_THREADS
 from .rank_state import LayoutChangedWarning, is_layout_bound, same_grid
 from .save_plan import ModuleSavePlan, plan_module_save
 from .shard import (
     ModuleShards, ObjectMeta, TensorMeta, TensorShard, flatten_module_state, rebuild,
 )
-from .storage import Storage, open_storage
+from .storage import IO_THREADS, Storage, open_storage
 from .tensor_io import fill_tensors, write_shard_file
 
 __all__ = ["save", "load", "LoadResult", "SaveJob", "start_save", "finish_save"]

@@ -10,9 +10,8 @@ Each planned read takes the cheapest of three routes:
   reading no byte twice and none in vain;
 - span: read the stored span from the overlap's first to last element into a reused scratch
   buffer and copy out through a strided view (short rows, where many small reads would cost more).
-Several items are read at once, each checking its own checksums (of the whole shard, or of the
-blocks a partial read covers): one sequential stream of reads leaves this disk at a fraction of
-what several in flight reach (docs/performance.md).
+Several items can be read at once, each checking its own checksums (of the whole shard, or of
+the blocks a partial read covers), so hashing runs in parallel with reading.
 """
 
 from __future__ import annotations
@@ -31,14 +30,12 @@ from .errors import CorruptShardError, StorageError
 from .load_plan import ReadItem
 from .storage import Storage
 
-__all__ = ["RAW_DTYPES", "IO_THREADS", "raw_dtype", "execute_reads"]
+__all__ = ["RAW_DTYPES", "raw_dtype", "execute_reads"]
 
 RAW_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 MIN_RUN_BYTES = 16 << 10
 """Runs at least this long are read straight into the target instead of through a span."""
 MAX_IOV = 1024
-IO_THREADS = 4
-"""Reads a load keeps in flight per rank (several streams reach this disk's bandwidth; one does not)."""
 
 
 def raw_dtype(code: str) -> type:

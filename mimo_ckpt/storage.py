@@ -15,10 +15,13 @@ from typing import Any, Iterable, Protocol
 
 from .errors import CheckpointExistsError, StorageError
 
+IO_THREADS = 4
+"""Reads or writes a rank keeps in flight. One sequential stream sometimes drops to a fraction of
+the disk's rate where several hold it (docs/performance.md)."""
 WRITE_PIECE_BYTES = 16 << 20
 """Unit of parallel writing within a file."""
 
-__all__ = ["Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "check_relpath", "read_small_file"]
+__all__ = ["IO_THREADS", "Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "check_relpath", "read_small_file"]
 
 
 class Storage(Protocol):
@@ -68,7 +71,7 @@ def check_relpath(path: str) -> str:
 class LocalStorage:
     """A directory on a local or shared POSIX filesystem, written with plain write(2) and fsync."""
 
-    def __init__(self, root: str | os.PathLike[str], io_threads: int = 4) -> None:
+    def __init__(self, root: str | os.PathLike[str], io_threads: int = IO_THREADS) -> None:
         self.root = os.fspath(root)
         self.io_threads = io_threads
         self._inside: set[str] = set()  # paths already checked (a load reads one file many times)

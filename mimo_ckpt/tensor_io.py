@@ -12,9 +12,9 @@ from .checksums import BLOCK_BYTES, shard_checksums
 from .errors import CorruptShardError
 from .faults import fault_point
 from .load_plan import ReadItem
-from .reads import IO_THREADS, execute_reads
+from .reads import execute_reads
 from .save_plan import FilePlan
-from .storage import Storage
+from .storage import IO_THREADS, Storage
 
 __all__ = ["host_bytes", "write_shard_file", "write_file_image", "fill_tensors"]
 
