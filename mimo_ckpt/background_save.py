@@ -1,9 +1,9 @@
 """Async save: training stalls only while this rank's state is copied into host buffers.
 
 `AsyncSaver.save` plans the save with its peers (small collectives), copies every tensor this rank
-writes into a host buffer laid out exactly as its file (pinned memory when CUDA is in use, so
+writes into host buffers laid out exactly as its files (pinned memory when CUDA is in use, so
 device-to-host copies run at full speed and need no second copy), and returns a handle. A
-background thread then writes the file image, checksums it, and takes part in the commit. The
+background thread then writes the file images, checksums them, and takes part in the commit. The
 saver keeps its buffers between saves, so memory does not grow, and a new save first waits for
 (or, with `if_pending="raise"`, refuses) the one still running.
 
@@ -16,17 +16,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 from typing import Any, Literal, Mapping
 
 import torch
 
-from .checkpoint import SaveJob, finish_save, start_save
+from .checkpoint import SaveJob, finish_save, gather_by_module, start_save
 from .comm import Comm, TorchComm
 from .errors import MimoCkptError
 from .layout import ModuleLayout
 from .save_plan import FilePlan
 from .storage import Storage
-from .tensor_io import write_file_image
+from .tensor_io import all_at_once, write_file_image
 
 __all__ = ["AsyncSaver", "AsyncSave", "HostStager", "async_save"]
 
@@ -34,28 +35,30 @@ log = logging.getLogger("mimo_ckpt")
 
 
 class HostStager:
-    """Reusable host buffers, one per module this rank writes, each holding a whole file image."""
+    """Reusable host buffers, one per file this rank writes (by module and place among that
+    module's files, which stay the same from save to save), each holding a whole file image."""
 
     def __init__(self, pin: bool | None = None) -> None:
         self.pin = torch.cuda.is_available() if pin is None else pin
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
 
     @property
     def nbytes(self) -> int:
         return sum(b.numel() for b in self._buffers.values())
 
-    def buffer(self, module: str, size: int) -> torch.Tensor:
-        buf = self._buffers.get(module)
+    def buffer(self, slot: tuple[str, int], size: int) -> torch.Tensor:
+        buf = self._buffers.get(slot)
         if buf is None or buf.numel() < size:
             buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
-            self._buffers[module] = buf
+            self._buffers[slot] = buf
         return buf[:size]
 
-    def stage(self, module: str, plan: FilePlan, data: Mapping[tuple[str, Any], torch.Tensor]) -> torch.Tensor:
-        """Copy the file's header and every item's bytes into this module's buffer; returns the image.
-        Device copies are asynchronous: call `synchronize()` before the image is read."""
+    def stage(self, slot: tuple[str, int], plan: FilePlan, data: Mapping[tuple[str, Any], torch.Tensor]) -> torch.Tensor:
+        """Copy the file's header and every item's bytes into the slot's buffer (module, place
+        among its files); returns the image. Device copies are asynchronous: call
+        `synchronize()` before the image is read."""
         size = plan.items[-1].end if plan.items else len(plan.prefix)
-        image = self.buffer(module, size)
+        image = self.buffer(slot, size)
         image[: len(plan.prefix)] = torch.frombuffer(bytearray(plan.prefix), dtype=torch.uint8)
         for item in plan.items:
             src = data[(item.key, item.box)].detach()
@@ -91,14 +94,15 @@ class AsyncSave:
         if self._error is not None:
             raise self._error
 
-    def _run(self, job: SaveJob, images: Mapping[str, tuple[FilePlan, torch.Tensor]]) -> None:
+    def _run(self, job: SaveJob, images: list[tuple[str, FilePlan, torch.Tensor]]) -> None:
         start = time.perf_counter()
         try:
-            crcs: dict[str, list[Any]] = {}
+            crcs: dict[str, dict[str, list[Any]]] = {}
             if job.run.failure is None:
                 try:
-                    for name, (plan, image) in images.items():
-                        crcs[name] = write_file_image(job.storage, plan, image, job.comm.rank)
+                    crcs = gather_by_module([(name, plan) for name, plan, _ in images], all_at_once(
+                        [partial(write_file_image, job.storage, plan, image, job.comm.rank) for _, plan, image in images]
+                    ))
                 except (MimoCkptError, OSError) as exc:
                     job.run.fail(exc)
             finish_save(job, crcs)
@@ -127,12 +131,15 @@ class AsyncSaver:
         start = time.perf_counter()
         self._settle_pending(if_pending)
         job = start_save(state, path, layouts=layouts, comm=self.comm, storage=storage, metadata=metadata)
-        images: dict[str, tuple[FilePlan, torch.Tensor]] = {}
+        images: list[tuple[str, FilePlan, torch.Tensor]] = []
         if job.run.failure is None:
             try:
-                for name, plan in job.my_files().items():
-                    data = {(t.key, t.box): t.data for t in job.local[name].tensors}
-                    images[name] = (plan, self.stager.stage(name, plan, data))
+                data = {name: {(t.key, t.box): t.data for t in shards.tensors} for name, shards in job.local.items()}
+                place: dict[str, int] = {}
+                for name, plan in job.my_files():
+                    slot = (name, place.setdefault(name, 0))
+                    place[name] += 1
+                    images.append((name, plan, self.stager.stage(slot, plan, data[name])))
                 self.stager.synchronize()
             except (MimoCkptError, RuntimeError) as exc:
                 job.run.fail(exc if isinstance(exc, MimoCkptError) else MimoCkptError(f"staging: {exc}"))

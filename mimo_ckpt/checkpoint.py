@@ -2,7 +2,7 @@
 
 save: rank 0 takes the path (save id, `.saving` marker) -> flatten state -> per module, all-gather
 shard metadata over the module's ranks -> plan (pure, identical on every module rank) [that much is
-`start_save`] -> each rank writes its own file -> module leaders send their manifest section to
+`start_save`] -> each rank writes its own files, all at once -> module leaders send their manifest section to
 rank 0 -> rank 0 commits the manifest and cleans up -> everyone learns the outcome [`finish_save`].
 Async saves run the two halves in different threads (see background_save.py).
 
@@ -22,6 +22,7 @@ import os
 import uuid
 import warnings
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Mapping
 
 from .comm import Comm, TorchComm
@@ -38,14 +39,14 @@ from .manifest import (
 )
 from .megatron_interop import kind as megatron_kind
 from .rank_state import LayoutChangedWarning, is_layout_bound, same_grid
-from .save_plan import ModuleSavePlan, plan_module_save
+from .save_plan import FilePlan, ModuleSavePlan, plan_module_save
 from .shard import (
     ModuleShards, ObjectMeta, TensorMeta, TensorShard, flatten_module_state, rebuild,
 )
 from .storage import IO_THREADS, Storage, open_storage
-from .tensor_io import fill_tensors, write_shard_file
+from .tensor_io import all_at_once, fill_tensors, write_shard_file
 
-__all__ = ["save", "load", "LoadResult", "SaveJob", "start_save", "finish_save"]
+__all__ = ["save", "load", "LoadResult", "SaveJob", "start_save", "finish_save", "gather_by_module"]
 
 log = logging.getLogger("mimo_ckpt")
 
@@ -144,12 +145,14 @@ def save(
     manifest does not name (left by saves that died) are removed; after a failure, this save's own.
     """
     job = start_save(state, path, layouts=layouts, comm=comm, storage=storage, metadata=metadata)
-    crcs: dict[str, list[Any]] = {}
+    crcs: dict[str, dict[str, list[Any]]] = {}
     if job.run.failure is None:
+        data = {name: {(t.key, t.box): t.data for t in shards.tensors} for name, shards in job.local.items()}
+        files = job.my_files()
         try:
-            for name, file_plan in job.my_files().items():
-                data = {(t.key, t.box): t.data for t in job.local[name].tensors}
-                crcs[name] = write_shard_file(job.storage, file_plan, data, job.comm.rank)
+            crcs = gather_by_module(files, all_at_once(
+                [partial(write_shard_file, job.storage, plan, data[name], job.comm.rank) for name, plan in files]
+            ))
         except (MimoCkptError, OSError) as exc:
             job.run.fail(exc)
     finish_save(job, crcs)
@@ -170,14 +173,9 @@ class SaveJob:
     plans: dict[str, ModuleSavePlan]
     module_comms: dict[str, Comm]
 
-    def my_files(self) -> dict[str, Any]:
-        """The file this rank writes, per module (FilePlan)."""
-        out = {}
-        for name, plan in self.plans.items():
-            file_plan = plan.file_of(self.comm.rank)
-            if file_plan is not None:
-                out[name] = file_plan
-        return out
+    def my_files(self) -> list[tuple[str, FilePlan]]:
+        """(module, file plan) of each file this rank writes."""
+        return [(name, f) for name, plan in self.plans.items() for f in plan.files_of(self.comm.rank)]
 
 
 def start_save(
@@ -226,21 +224,28 @@ def start_save(
     return SaveJob(comm, storage, os.fspath(path), layouts, dict(metadata or {}), save_id, run, local, plans, module_comms)
 
 
-def finish_save(job: SaveJob, crcs: Mapping[str, list[Any]]) -> None:
-    """The collective second half, after each rank wrote its files (`crcs`: checksums per module):
+def gather_by_module(files: list[tuple[str, FilePlan]], results: list[list[Any]]) -> dict[str, dict[str, list[Any]]]:
+    """Each file's checksums (`results`, in the order of `files`) as module -> file path -> checksums."""
+    out: dict[str, dict[str, list[Any]]] = {}
+    for (name, plan), crcs in zip(files, results):
+        out.setdefault(name, {})[plan.path] = crcs
+    return out
+
+
+def finish_save(job: SaveJob, crcs: Mapping[str, Mapping[str, list[Any]]]) -> None:
+    """The collective second half, after each rank wrote its files (`crcs`: module -> file -> checksums):
     gather checksums, commit the manifest on rank 0, and raise everywhere if anything failed."""
     comm, run = job.comm, job.run
     fault_point("save.written", comm.rank)
     sections: dict[str, Any] = {}
     for name, mc in job.module_comms.items():
-        got = mc.gather_bytes(run.payload(crcs.get(name, [])), root=0)
+        got = mc.gather_bytes(run.payload(crcs.get(name, {})), root=0)
         if got is None:
             continue
         per_rank = run.unpack(got)
         if per_rank is not None:
-            ranks = job.layouts[name].ranks
             try:
-                entry = job.plans[name].module_entry(job.layouts[name], {ranks[i]: c for i, c in enumerate(per_rank)})
+                entry = job.plans[name].module_entry(job.layouts[name], {p: c for by_file in per_rank for p, c in by_file.items()})
                 sections[name] = module_to_json(entry)
             except MimoCkptError as exc:
                 run.fail(exc)

@@ -154,20 +154,20 @@ def run_reshard(
     bar = Progress("reshard", total) if progress else None
     for name, rp in plans.items():
         entry = manifest.modules[name]
-        crcs: dict[int, list[int]] = {}
+        crcs: dict[str, list[int]] = {}
         if workers > 1:
             with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
-                futures = {
-                    f.writer: pool.submit(_write_file_in_worker, src_url, dst_url, name, f, entry, budget)
+                futures = [
+                    (f, pool.submit(_write_file_in_worker, src_url, dst_url, name, f, entry, budget))
                     for f in rp.plan.files
-                }
-                for writer, fut in futures.items():
-                    crcs[writer] = fut.result()
+                ]
+                for f, fut in futures:
+                    crcs[f.path] = fut.result()
                     if bar:
-                        bar.advance(sum(i.end - i.begin for i in rp.plan.file_of(writer).items))
+                        bar.advance(sum(i.end - i.begin for i in f.items))
         else:
             for f in rp.plan.files:
-                crcs[f.writer] = _write_file(src, dst, name, f, entry, budget, bar)
+                crcs[f.path] = _write_file(src, dst, name, f, entry, budget, bar)
         modules[name] = rp.plan.module_entry(rp.new, crcs)
     if bar:
         bar.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -16,7 +16,9 @@ from .reads import execute_reads
 from .save_plan import FilePlan
 from .storage import IO_THREADS, Storage
 
-__all__ = ["host_bytes", "write_shard_file", "write_file_image", "fill_tensors"]
+__all__ = ["host_bytes", "write_shard_file", "write_file_image", "all_at_once", "fill_tensors"]
+
+T = TypeVar("T")
 
 
 def host_bytes(tensor: torch.Tensor) -> memoryview:
@@ -49,6 +51,16 @@ def write_file_image(storage: Storage, plan: FilePlan, image: torch.Tensor, rank
     buffers = [view[item.begin : item.end] for item in plan.items]
     middle = plan.items[len(plan.items) // 2].begin if plan.items else len(view)
     return _write_checksummed(storage, plan.path, [view[:middle], view[middle:]], buffers, rank)
+
+
+def all_at_once(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Run each call on a thread of its own (file writes: each file's fsync runs in parallel);
+    their results in order. Returns once all have finished; then raises the first failure."""
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
 
 
 def _write_checksummed(

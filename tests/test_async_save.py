@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mimo_ckpt
-from mimo_ckpt import AsyncSaver, MimoCkptError, ModuleLayout, ThreadWorld
+from mimo_ckpt import AsyncSaver, MimoCkptError, ModuleLayout, ThreadWorld, save_plan
 from mimo_ckpt.storage import LocalStorage
 from tests.conftest import run_threads
 from tools.synthetic_state import check_rank_state, rank_state
@@ -37,7 +37,11 @@ def load_problems(path):
     return [p for r in results for p in r]
 
 
-def test_async_save_snapshots_at_call_time_and_reuses_its_buffers(tmp_path):
+@pytest.mark.parametrize("part_bytes", [None, 64])  # one file per module and rank, or several
+def test_async_save_snapshots_at_call_time_and_reuses_its_buffers(tmp_path, monkeypatch, part_bytes):
+    if part_bytes:
+        monkeypatch.setattr(save_plan, "PART_BYTES", part_bytes)
+
     def fn(comm, rank):
         saver = AsyncSaver(comm)
         state = state_of(rank)
@@ -49,10 +53,11 @@ def test_async_save_snapshots_at_call_time_and_reuses_its_buffers(tmp_path):
         second = saver.save(state_of(rank), str(tmp_path / "b"), layouts=LAYOUTS)
         second.wait()
         reused = pointers == {m: b.data_ptr() for m, b in saver.stager._buffers.items()}
-        return first.blocking_seconds, reused, nbytes == saver.stager.nbytes, first.done()
+        return len(pointers), reused, nbytes == saver.stager.nbytes, first.done()
     results, errors = run_threads(ThreadWorld(WORLD), fn)
     assert errors == {}, errors
     assert all(r[1] and r[2] and r[3] for r in results)
+    assert all((r[0] > 1) == bool(part_bytes) for r in results)  # a buffer per file
     assert load_problems(str(tmp_path / "a")) == []
     assert load_problems(str(tmp_path / "b")) == []
 
@@ -114,8 +119,8 @@ def test_cuda_free_staging_copies_every_dtype_bit_exactly():
 
     state = rank_state("images", ModuleLayout(), 0)
     tensors = [v for v in state.values() if isinstance(v, mimo_ckpt.TensorShard)]
-    plan = plan_module_save("images", ModuleLayout(), {0: [t.meta() for t in tensors]}, {0: []}).file_of(0)
-    image = HostStager(pin=False).stage("images", plan, {(t.key, t.box): t.data for t in tensors})
+    plan = plan_module_save("images", ModuleLayout(), {0: [t.meta() for t in tensors]}, {0: []}).files_of(0)[0]
+    image = HostStager(pin=False).stage(("images", 0), plan, {(t.key, t.box): t.data for t in tensors})
     for item in plan.items:
         t = next(t for t in tensors if t.key == item.key)
         assert bytes(image[item.begin:item.end].numpy()) == t.data.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

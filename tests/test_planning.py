@@ -6,6 +6,7 @@ from mimo_ckpt.box import Box, first_overlap
 from mimo_ckpt.errors import ManifestError, PlanError
 from mimo_ckpt.load_plan import plan_module_load
 from mimo_ckpt.layout import ModuleLayout
+from mimo_ckpt import save_plan
 from mimo_ckpt.save_plan import plan_module_save
 from mimo_ckpt.shard import ObjectMeta, TensorMeta
 
@@ -32,6 +33,33 @@ def test_byte_ranges_are_disjoint_and_follow_the_header():
             assert item.begin == pos
             pos = item.end
     assert sum(len(f.items) for f in plan.files) == 3
+
+
+def test_a_writers_large_share_is_cut_into_files_of_about_equal_bytes(monkeypatch):
+    sizes = [10, 300, 20, 50, 200, 5, 120, 90, 7]
+    metas = {0: [meta(f"w{i}", (0,), (n,), (n,)) for i, n in enumerate(sizes)], 1: []}
+    whole = plan_module_save("m", ModuleLayout(dp=2), metas, {}, file_tag="t").files_of(0)
+    assert [f.path for f in whole] == ["m/r00000-t.safetensors"]
+
+    monkeypatch.setattr(save_plan, "PART_BYTES", 700)  # 3208 bytes: 4 parts (the most)
+    plan = plan_module_save("m", ModuleLayout(dp=2), metas, {}, file_tag="t")
+    files = plan.files_of(0)
+    assert [f.path for f in files] == ["m/r00000-t.safetensors"] + [f"m/r00000.{p}-t.safetensors" for p in (1, 2, 3)]
+    assert [(i.key, i.box) for f in files for i in f.items] == [(i.key, i.box) for i in whole[0].items]
+    part_bytes = [sum(i.end - i.begin for i in f.items) for f in files]
+    assert all(abs(b - sum(part_bytes) / 4) <= 4 * max(sizes) / 2 for b in part_bytes), part_bytes
+    for f in files:
+        assert f.items[0].begin == len(f.prefix)
+
+    monkeypatch.setattr(save_plan, "PART_BYTES", 1200)  # 2 parts
+    assert len(plan_module_save("m", ModuleLayout(dp=2), metas, {}).files_of(0)) == 2
+
+    crcs = {f.path: list(range(len(f.items))) for f in files}
+    entry = plan.module_entry(ModuleLayout(dp=2), crcs)
+    for f in files:
+        for n, item in enumerate(f.items):
+            (shard,) = entry.tensors[item.key].shards
+            assert (shard.file, shard.begin, shard.crc32c) == (f.path, item.begin, n)
 
 
 def test_inconsistent_global_shape_or_dtype_is_named():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mimo_ckpt
+from mimo_ckpt import save_plan
 from mimo_ckpt import (
     CheckpointExistsError,
     CorruptShardError,
@@ -275,6 +276,26 @@ def test_no_read_path_can_unpickle():
                     if needle in text:
                         offenders.append(f"{package}/{name}: {needle}")
     assert offenders == []
+
+
+def test_a_ranks_share_written_as_several_files_loads_back_under_any_layout(tmp_path, monkeypatch):
+    monkeypatch.setattr(save_plan, "PART_BYTES", 64)
+    path = str(tmp_path / "ckpt")
+    assert save_with(path) == {}
+    files = manifest_files(path)
+    assert len(files) > WORLD and {f for f in files if ".3-" in f}, sorted(files)  # 4 writers, up to 4 files each
+    assert {f"images/{n}" for n in os.listdir(os.path.join(path, "images"))} == {f for f in files if f.startswith("images/")}
+    assert load_problems(path) == ([], {})
+    assert verify_checkpoint(LocalStorage(path), read_manifest(LocalStorage(path)), progress=False) == []
+
+    new = {"images": ModuleLayout(dp=2, rank_offset=2), "language": ModuleLayout(pp=2, tp=2)}
+
+    def load(comm, rank):
+        targets = {m: rank_state(m, l, rank, fill=float("nan")) for m, l in new.items() if l.contains(rank)}
+        result = mimo_ckpt.load(targets, path, layouts=new, comm=comm)
+        return [p for m in targets for p in check_rank_state(m, new[m], rank, result.state[m])]
+    results, errors = run_threads(ThreadWorld(WORLD), load)
+    assert errors == {} and results == [[]] * WORLD
 
 
 def test_partial_reads_are_checked_block_by_block(tmp_path):

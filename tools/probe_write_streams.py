@@ -1,0 +1,83 @@
+"""Write + fsync bandwidth of one process writing the same bytes as 1, 2 or 4 files at once.
+
+Why a save splits a rank's share into several files (mimo_ckpt.save_plan.PART_BYTES): a
+filesystem writes back one file's dirty pages at a time on fsync, so one big file caps the rate.
+Also times one file written by 4 threads (pwrite of 16 MiB pieces), which does not help.
+Rounds interleave the variants, since the disk's speed drifts over minutes.
+
+    .venv/bin/python tools/probe_write_streams.py --dir /work/bench-tmp --gb 1 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+PIECE = 16 << 20
+
+
+def _write(path: str, view: memoryview, threads: int = 1) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        def piece(offset: int) -> None:
+            part, pos = view[offset : offset + PIECE], offset
+            while part:
+                n = os.pwrite(fd, part, pos)
+                part, pos = part[n:], pos + n
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(piece, range(0, len(view), PIECE)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(directory: str, view: memoryview, count: int) -> None:
+    size = len(view) // count
+    with ThreadPoolExecutor(count) as pool:
+        list(pool.map(lambda i: _write(f"{directory}/f{i}", view[i * size : (i + 1) * size]), range(count)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="/work/bench-tmp")
+    parser.add_argument("--gb", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    directory = os.path.join(args.dir, "write-streams")
+    os.makedirs(directory, exist_ok=True)
+    nbytes = int(args.gb * 2**30) // PIECE * PIECE
+    view = memoryview(bytearray(os.urandom(PIECE)) * (nbytes // PIECE))
+    variants: dict[str, Callable[[], None]] = {
+        "1 file": lambda: _write(f"{directory}/f", view),
+        "1 file, 4 threads": lambda: _write(f"{directory}/f", view, threads=4),
+        "2 files": lambda: _files(directory, view, 2),
+        "4 files": lambda: _files(directory, view, 4),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, run in variants.items():
+            os.sync()
+            time.sleep(0.5)
+            start = time.perf_counter()
+            run()
+            rates[name].append(round(nbytes / (time.perf_counter() - start) / 1e9, 2))
+            for f in os.listdir(directory):
+                os.unlink(os.path.join(directory, f))
+    shutil.rmtree(directory)
+    print(f"{'variant':<20} {'median GB/s':>11} {'best':>6}  rounds")
+    for name, r in rates.items():
+        print(f"{name:<20} {statistics.median(r):>11.2f} {max(r):>6.2f}  {r}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bytes": nbytes, "rounds": args.rounds, "gb_per_s": rates}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
