@@ -6,8 +6,9 @@ float8 included, moves as bits. No torch here: offline tools stay light.
 Each planned read takes the cheapest of three routes:
 - direct: the stored bytes are exactly a contiguous part of the target; one read into it;
 - runs: the overlap is made of long runs contiguous in both the stored shard and the target
-  (a TP split on a trailing dimension); scattered reads go straight into the target rows,
-  reading no byte twice and none in vain;
+  (a TP split on a trailing dimension); one scattered read covers many runs, straight into the
+  target rows, with the short gaps between them read into scratch (one large read is cheaper
+  than many small ones, and it lets every block checksum it covers be checked);
 - span: read the stored span from the overlap's first to last element into a reused scratch
   buffer and copy out through a strided view (short rows, where many small reads would cost more).
 Several items can be read at once, each checking its own checksums (of the whole shard, or of
@@ -35,6 +36,11 @@ __all__ = ["RAW_DTYPES", "raw_dtype", "execute_reads"]
 RAW_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 MIN_RUN_BYTES = 16 << 10
 """Runs at least this long are read straight into the target instead of through a span."""
+MAX_GAP_BYTES = 128 << 10
+"""Runs at most this far apart in the file are read together, the gap into scratch: on a cold
+read, about what one more request to the disk costs."""
+MAX_GAPS_BYTES = 32 << 20
+"""Scratch for the gaps of one read."""
 MAX_IOV = 1024
 
 
@@ -121,7 +127,7 @@ def _read_item(
         return raw.nbytes
     runs = _runs(item, dst, dst_box)
     if runs is not None:
-        return _read_runs(storage, item, dst, *runs, verify)
+        return _read_runs(storage, item, dst, *runs, verify, scratch)
     itemsize = dst.itemsize
     pieces = [item.overlap]
     if temp_bytes is not None and item.end - item.begin > temp_bytes:
@@ -145,23 +151,38 @@ def _read_item(
 
 def _read_runs(
     storage: Storage, item: ReadItem, dst: np.ndarray, src: np.ndarray, dst_offsets: np.ndarray,
-    run_bytes: int, verify: bool,
+    run_bytes: int, verify: bool, scratch: list[np.ndarray],
 ) -> int:
     flat = dst.reshape(-1).view(np.uint8)
     views = [flat[o : o + run_bytes] for o in dst_offsets.tolist()]
     starts = src.tolist()
-    i, groups = 0, []
+    gaps = [b - a - run_bytes for a, b in zip(starts, starts[1:])]  # gaps[k]: between runs k and k+1
+    every: list[np.ndarray] = []  # all buffers in file order, when they make up the whole shard
+    total, i = 0, 0
     while i < len(views):
-        j = i + 1  # group runs that follow each other in the file into one scattered read
-        while j < len(views) and j - i < MAX_IOV and starts[j] == starts[j - 1] + run_bytes:
+        j, gap_bytes = i + 1, 0  # runs [i, j) go in one read
+        while (j < len(views) and 2 * (j - i) < MAX_IOV and 0 <= gaps[j - 1] <= MAX_GAP_BYTES
+               and gap_bytes + gaps[j - 1] <= MAX_GAPS_BYTES):
+            gap_bytes += gaps[j - 1]
             j += 1
-        storage.read_into(item.shard.file, starts[i], *map(memoryview, views[i:j]))
-        groups.append((starts[i], views[i:j]))
+        if scratch[0].nbytes < gap_bytes:
+            scratch[0] = np.empty(gap_bytes, dtype=np.uint8)
+        buffers, pos = [views[i]], 0
+        for k in range(i + 1, j):
+            if gaps[k - 1]:
+                buffers.append(scratch[0][pos : pos + gaps[k - 1]])
+                pos += gaps[k - 1]
+            buffers.append(views[k])
+        storage.read_into(item.shard.file, starts[i], *map(memoryview, buffers))
+        if verify and item.whole_shard:
+            every += buffers
+        elif verify:
+            _check(item, starts[i], buffers)
+        total += run_bytes * (j - i) + gap_bytes
         i = j
-    if verify:
-        for file_offset, buffers in [(item.begin, views)] if item.whole_shard else groups:
-            _check(item, file_offset, buffers)
-    return run_bytes * len(views)
+    if every:
+        _check(item, item.begin, every)
+    return total
 
 
 def _check(item: ReadItem, file_offset: int, buffers: Sequence[memoryview | np.ndarray]) -> None:

@@ -10,6 +10,7 @@ from mimo_ckpt.layout import ModuleLayout
 from mimo_ckpt import reads
 from mimo_ckpt.reads import execute_reads
 from mimo_ckpt.shard import TensorMeta
+from mimo_ckpt.checksums import shard_checksums
 from mimo_ckpt.errors import CorruptShardError
 from mimo_ckpt.storage import LocalStorage
 
@@ -44,6 +45,54 @@ def test_any_box_from_any_tiling(tmp_path, monkeypatch, min_run, temp_bytes, wan
     execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True, temp_bytes=temp_bytes, threads=threads)
     ref = full[tuple(slice(o, o + n) for o, n in zip(want.offset, want.shape))]
     assert np.array_equal(out.view(np.float32), ref)
+
+
+@pytest.mark.parametrize("max_gap, max_iov", [(0, 1024), (0, 4), (1 << 20, 4), (1 << 20, 1024)])
+@pytest.mark.parametrize("want", [Box((0, 0, 0), (4, 6, 8)), Box((1, 2, 3), (2, 3, 4)), Box((3, 0, 7), (1, 6, 1))])
+def test_runs_read_apart_or_together_with_their_gaps(tmp_path, monkeypatch, max_gap, max_iov, want):
+    monkeypatch.setattr(reads, "MIN_RUN_BYTES", 4)
+    monkeypatch.setattr(reads, "MAX_GAP_BYTES", max_gap)
+    monkeypatch.setattr(reads, "MAX_IOV", max_iov)
+    full = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)
+    boxes = [Box((0, 0, 0), (4, 6, 5)), Box((0, 0, 5), (4, 6, 3))]
+    entry = _store(tmp_path, full, boxes)
+    items = plan_module_load("m", entry, [TensorMeta("w", "F32", (4, 6, 8), want, True)])
+    out = np.full(want.shape, np.nan, dtype=np.float32).view(np.uint32)
+    nbytes = execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True)
+    ref = full[tuple(slice(o, o + n) for o, n in zip(want.offset, want.shape))]
+    assert np.array_equal(out.view(np.float32), ref)
+    spans = sum(4 * (lambda lo, hi: hi - lo)(*span_in(i.overlap, i.shard.box)) for i in items)
+    if not max_gap:  # only runs that touch are joined: no byte read in vain
+        assert nbytes == 4 * want.volume
+    elif max_iov == 1024:  # one read per shard: its whole span
+        assert nbytes == spans
+    else:  # some reads of at most 2 runs and a gap: spans less some gaps
+        assert 4 * want.volume <= nbytes <= spans
+
+
+@pytest.mark.parametrize("max_gap", [0, 1 << 20])
+def test_gaps_read_with_the_runs_have_their_blocks_checked(tmp_path, monkeypatch, max_gap):
+    """The left half of a (16, 64) F32 shard, in 1 KiB blocks: read together with the right halves
+    between its rows, every block is checked, and a flip in a right half is caught."""
+    monkeypatch.setattr(reads, "MIN_RUN_BYTES", 4)
+    monkeypatch.setattr(reads, "MAX_GAP_BYTES", max_gap)
+    full = np.arange(16 * 64, dtype=np.float32).reshape(16, 64)
+    raw = bytearray(full.tobytes())
+    whole, blocks = shard_checksums(memoryview(bytes(raw)), block_bytes=1024)
+    raw[5 * 256 + 200] ^= 1  # row 5, column 50
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "r0.bin").write_bytes(bytes(raw))
+    shard = StoredShard(Box((0, 0), (16, 64)), "m/r0.bin", 0, len(raw), whole, 1024, blocks)
+    entry = ModuleEntry(ModuleLayout(), {"w": StoredTensor("F32", (16, 64), (shard,))}, {})
+    want = Box((0, 0), (16, 32))
+    items = plan_module_load("m", entry, [TensorMeta("w", "F32", (16, 64), want, True)])
+    out = np.zeros((16, 32), dtype=np.uint32)
+    if max_gap:
+        with pytest.raises(CorruptShardError, match="block 1 "):
+            execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True)
+    else:  # each half row alone covers no block: nothing to check, and the left half is intact
+        execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True)
+        assert np.array_equal(out.view(np.float32), full[:, :32])
 
 
 def test_split_for_span_bounds_every_piece():
