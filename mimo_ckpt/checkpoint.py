@@ -41,7 +41,7 @@ from .megatron_interop import kind as megatron_kind
 from .rank_state import LayoutChangedWarning, is_layout_bound, same_grid
 from .save_plan import FilePlan, ModuleSavePlan, plan_module_save
 from .shard import (
-    ModuleShards, ObjectMeta, TensorMeta, TensorShard, flatten_module_state, rebuild,
+    ModuleShards, ObjectMeta, TensorMeta, TensorShard, check_json, flatten_module_state, rebuild,
 )
 from .storage import IO_THREADS, Storage, open_storage
 from .tensor_io import all_at_once, fill_tensors, write_shard_file
@@ -192,6 +192,7 @@ def start_save(
     run = _Collective(comm)
     local: dict[str, ModuleShards] = {}
     try:
+        check_json("save metadata", dict(metadata or {}))
         local = _flatten(state, layouts, comm.rank)
     except MimoCkptError as exc:
         run.fail(exc)
@@ -303,7 +304,7 @@ def _commit(storage: Storage, doc: dict[str, Any], save_id: str, path: str) -> t
     """Rank 0: publish the manifest, unless another save took this path over meanwhile.
     Returns the errors and, when committed, the manifest."""
     try:
-        blob = json.dumps(doc, separators=(",", ":")).encode()
+        blob = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
         manifest = Manifest.from_bytes(blob, source="manifest being written")
         if storage.size(_marker(save_id)) is None:
             return [f"another save to {path} started while this one ran (its marker replaced ours); "

@@ -111,15 +111,19 @@ class Manifest:
         }
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+        return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "manifest") -> "Manifest":
         try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            doc = json.loads(data, parse_constant=_not_json)
+        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
             raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
         return _parse(doc, source)
+
+
+def _not_json(token: str) -> None:
+    raise ValueError(f"{token} is not a JSON number")  # Python's json would read it as a float
 
 
 def module_to_json(m: ModuleEntry) -> dict[str, Any]:

@@ -164,13 +164,15 @@ def _path_key(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _check_json(module: str, key: str, value: Any) -> None:
+def check_json(what: str, value: Any) -> None:
+    """Raises ShardError naming `what` unless `value` is plain JSON (no NaN or infinity: the
+    manifest is standard JSON, for any reader)."""
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ShardError(
-            f"module {module!r}, object {key!r}: value of type {type(value).__name__} is not "
-            f"JSON-serialisable ({exc}); store tensors as shards"
+            f"{what}: value of type {type(value).__name__} is not JSON-serialisable ({exc}); store "
+            f"tensors as shards, and NaN or infinity in a tensor or as a string"
         ) from exc
 
 
@@ -207,7 +209,7 @@ def flatten_module_state(module: str, state: Any) -> ModuleShards:
             from_torch(shard.data.dtype, key=shard.key)
             out.tensors.append(shard)
         else:
-            _check_json(module, shard.key, shard.data)
+            check_json(f"module {module!r}, object {shard.key!r}", shard.data)
             out.objects.append(shard)
         out.leaves.append((path, shard))
     return out

@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import mimo_ckpt
-from mimo_ckpt import ManifestError, ModuleLayout, ThreadWorld
+from mimo_ckpt import ManifestError, ModuleLayout, ShardError, ThreadWorld
 from mimo_ckpt.manifest import Manifest
 from mimo_ckpt.storage import LocalStorage
+from tests.conftest import run_threads
 from tools.synthetic_state import global_tensors, rank_state
 
 LAYOUTS = {"images": ModuleLayout(tp=2), "language": ModuleLayout(tp=2, pp=2, rank_offset=2)}
@@ -83,15 +84,28 @@ def test_reader_rejects_bad_manifests_with_a_named_error(ckpt, edit, message):
     assert "m.json" in str(info.value)
 
 
-def test_reader_rejects_invalid_json():
+@pytest.mark.parametrize("blob", [b"{not json", b'{"format": NaN}', b'{"format": -Infinity}'])
+def test_reader_rejects_invalid_json(blob):
     with pytest.raises(ManifestError, match="not valid JSON"):
-        Manifest.from_bytes(b"{not json")
+        Manifest.from_bytes(blob)
+
+
+@pytest.mark.parametrize("value", [float("nan"), {"best_loss": float("inf")}, [1, float("-inf")]])
+def test_objects_and_metadata_must_be_standard_json(tmp_path, value):
+    layouts = {"images": ModuleLayout()}
+    ok = {"images": {"w": torch.zeros(3), "step": 1}}
+    cases = [({"images": {"w": torch.zeros(3), "stats": value}}, None, "module 'images', object 'stats'"),
+             (ok, {"run": value}, "save metadata")]
+    for n, (state, metadata, where) in enumerate(cases):
+        path = tmp_path / f"c{n}"
+        _, errors = run_threads(ThreadWorld(1), lambda comm, rank: mimo_ckpt.save(
+            state, str(path), layouts=layouts, comm=comm, metadata=metadata))
+        assert isinstance(errors[0], ShardError) and where in str(errors[0]), errors
+        assert not (path / "manifest.json").exists()
 
 
 def test_flipped_byte_is_detected_on_load(ckpt, tmp_path):
     import shutil
-
-    from tests.conftest import run_threads
 
     copy = tmp_path / "c"
     shutil.copytree(ckpt, copy)
