@@ -3,7 +3,8 @@
 Why a save splits a rank's share into several files (mimo_ckpt.save_plan.PART_BYTES): a
 filesystem writes back one file's dirty pages at a time on fsync, so one big file caps the rate.
 Also times one file written by 4 threads (pwrite of 16 MiB pieces), which does not help.
-Rounds interleave the variants, since the disk's speed drifts over minutes.
+Each round runs every variant once, in a shuffled order, since the disk's speed drifts over
+minutes; medians over rounds are what to compare.
 
     .venv/bin/python tools/probe_write_streams.py --dir /work/bench-tmp --gb 1 --rounds 7
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import time
@@ -61,8 +63,9 @@ def main() -> None:
         "4 files": lambda: _files(directory, view, 4),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, run in variants.items():
+    for r in range(args.rounds):
+        for name in random.Random(r).sample(list(variants), len(variants)):
+            run = variants[name]
             os.sync()
             time.sleep(0.5)
             start = time.perf_counter()
