@@ -6,6 +6,8 @@ One invocation measures, for each world size in `--ranks` (gloo CPU processes on
              back with os.preadv into preallocated tensors (the disk's bandwidth for this pattern);
 * mimo_ckpt: `mimo_ckpt.save` / `mimo_ckpt.load` (load with verify=True, the default, with
              verify=False, and with io_threads=1: one read in flight per rank instead of several);
+* mimo_ckpt_1file (only when named in --systems): the same, but each rank writes one file per
+             module instead of up to `save_plan.MAX_PARTS` (what the split into parts buys);
 * dcp:       torch.distributed.checkpoint save/load, FileSystemWriter/Reader (defaults: fsync on,
              one writer thread), shards expressed as DTensors on per-module-stage device meshes;
 * megatron:  megatron.core.dist_checkpointing save/load (torch_dist, defaults), shards as
@@ -68,7 +70,8 @@ from typing import Any, Callable, Iterator
 
 Ops = tuple[Callable[[str], None], Callable[[str, str], None]]  # save(path), load(path, scenario)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYSTEMS = ("raw", "mimo_ckpt", "dcp", "megatron")
+SYSTEMS = ("raw", "mimo_ckpt", "dcp", "megatron", "mimo_ckpt_1file")
+DEFAULT_SYSTEMS = SYSTEMS[:4]
 NI, NL = 4, 8  # images layers, language layers
 MATS = (("qkv", 3, 1, 0), ("proj", 1, 1, 1), ("fc1", 4, 1, 0), ("fc2", 1, 4, 1))  # name, rows*H, cols*H, tp dim
 
@@ -338,9 +341,9 @@ class _BytesRead(logging.Handler):
 _READ = _BytesRead()
 
 
-def _ours_ops(w: World, verify: bool = True, io_threads: int | None = None) -> Ops:
+def _ours_ops(w: World, verify: bool = True, io_threads: int | None = None, one_file: bool = False) -> Ops:
     import mimo_ckpt
-    from mimo_ckpt import TensorShard
+    from mimo_ckpt import TensorShard, save_plan
 
     logger = logging.getLogger("mimo_ckpt")
     if _READ not in logger.handlers:
@@ -356,7 +359,12 @@ def _ours_ops(w: World, verify: bool = True, io_threads: int | None = None) -> O
         return out
 
     def save(path: str) -> None:
-        mimo_ckpt.save(shards(w.boxes["save"], w.state), path, layouts=w.layouts["save"], comm=comm)
+        parts = save_plan.PART_BYTES
+        save_plan.PART_BYTES = 1 << 62 if one_file else parts
+        try:
+            mimo_ckpt.save(shards(w.boxes["save"], w.state), path, layouts=w.layouts["save"], comm=comm)
+        finally:
+            save_plan.PART_BYTES = parts
 
     def load(path: str, scenario: str) -> None:
         threads = {} if io_threads is None else {"io_threads": io_threads}
@@ -455,7 +463,7 @@ def _loads(system: str, w: World, ops: Ops) -> list[tuple[str, str, Callable[[st
     out = [("load_same", "same", ops[1])]
     if system != "raw":
         out.append(("load_reshard", "reshard", ops[1]))
-    if system == "mimo_ckpt":
+    if system == "mimo_ckpt":  # variants of the load, on the same checkpoint
         nover = _ours_ops(w, verify=False)[1]
         serial = _ours_ops(w, io_threads=1)[1]
         out += [("load_same_noverify", "same", nover), ("load_reshard_noverify", "reshard", nover),
@@ -477,7 +485,7 @@ def _round(w: World, system: str, ops: Ops, path: str) -> tuple[dict[str, float]
         cache = w.drop_cache(path)
         _READ.take()
         times[name] = w.timed(lambda: fn(path, scenario))
-        if system == "mimo_ckpt":
+        if system.startswith("mimo_ckpt"):
             read[name] = w.sum_over_ranks(_READ.take())
         verified = w.verify(scenario, main_only=system == "raw") and verified
     w.dist.barrier()
@@ -494,7 +502,8 @@ def rank_main(args: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     w = World(args)
     systems: list[str] = args["systems"]
-    makers = {"raw": _raw_ops, "mimo_ckpt": _ours_ops, "dcp": _dcp_ops, "megatron": _megatron_ops}
+    makers = {"raw": _raw_ops, "mimo_ckpt": _ours_ops, "dcp": _dcp_ops, "megatron": _megatron_ops,
+              "mimo_ckpt_1file": lambda w: _ours_ops(w, one_file=True)}
     ops = {s: makers[s](w) for s in systems}
     setup_s = w.max_over_ranks(time.perf_counter() - t0)
     rec: dict[str, dict[str, Any]] = {s: {"first_call_s": {}, "times": {}, "verified": True} for s in systems}
@@ -555,7 +564,7 @@ def main() -> int:
     p.add_argument("--total-gb", type=float, default=2.0, help="unique bytes of the state (1e9)")
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS), choices=SYSTEMS)
     p.add_argument("--dir", default="/work/bench-tmp", help="scratch directory (removed afterwards if created)")
     p.add_argument("--json", help="write results here")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache before loads")
@@ -644,17 +653,17 @@ def add_ratios(res: dict[str, Any]) -> None:
 def print_table(results: dict[str, Any]) -> None:
     print(f"\nunique bytes {results['unique_bytes'] / 1e9:.3f} GB; time = max over ranks, best of "
           f"{results['options']['repeats']}; med = median; 1st = first call (not in best/median)")
-    print(f"{'ranks':>5} {'op':<22} {'system':<10} {'time s':>7} {'GB/s':>6} {'med s':>6} {'1st s':>6}"
+    print(f"{'ranks':>5} {'op':<22} {'system':<15} {'time s':>7} {'GB/s':>6} {'med s':>6} {'1st s':>6}"
           "  ratios (GB/s ours/peer, best)")
     for world, res in results["worlds"].items():
         for system, r in res["systems"].items():
             if "error" in r:
-                print(f"{world:>5} {'-':<22} {system:<10} FAILED: {r['error'].splitlines()[0][:80]}")
+                print(f"{world:>5} {'-':<22} {system:<15} FAILED: {r['error'].splitlines()[0][:80]}")
                 continue
             for op, t in r["best_s"].items():
                 rat = res.get("ratios", {}).get(op, {}) if system == "mimo_ckpt" else {}
                 text = "  ".join(f"{k} {v:.2f}" for k, v in rat.items())
-                print(f"{world:>5} {op:<22} {system:<10} {t:7.2f} {r['gbps'][op]:6.2f} "
+                print(f"{world:>5} {op:<22} {system:<15} {t:7.2f} {r['gbps'][op]:6.2f} "
                       f"{r['median_s'][op]:6.2f} {r['first_call_s'][op]:6.2f}  {text}")
 
 

@@ -1,8 +1,10 @@
 """Write + fsync bandwidth of one process writing the same bytes as 1, 2 or 4 files at once.
 
-Why a save splits a rank's share into several files (mimo_ckpt.save_plan.PART_BYTES): a
-filesystem writes back one file's dirty pages at a time on fsync, so one big file caps the rate.
-Also times one file written by 4 threads (pwrite of 16 MiB pieces), which does not help.
+Why a save splits a rank's share into several files (mimo_ckpt.save_plan.PART_BYTES): on the
+disks measured (docs/performance.md), one file written and fsynced reached about half the rate
+of 4 files at once.
+Also times one file written by 4 threads (pwrite of 16 MiB pieces), and 4 files with a crc32c of
+every byte taken alongside (as a save does), to see what hashing costs when cores are few.
 Each round runs every variant once, in a shuffled order, since the disk's speed drifts over
 minutes; medians over rounds are what to compare.
 
@@ -20,6 +22,8 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
+
+import crc32c
 
 PIECE = 16 << 20
 
@@ -39,10 +43,17 @@ def _write(path: str, view: memoryview, threads: int = 1) -> None:
         os.close(fd)
 
 
-def _files(directory: str, view: memoryview, count: int) -> None:
+def _files(directory: str, view: memoryview, count: int, hashed: bool = False) -> None:
     size = len(view) // count
+
+    def one(i: int) -> None:
+        part = view[i * size : (i + 1) * size]
+        with ThreadPoolExecutor(1) as hasher:
+            crcs = hasher.map(crc32c.crc32c, [part[p : p + PIECE] for p in range(0, size, PIECE)] if hashed else [])
+            _write(f"{directory}/f{i}", part)
+            list(crcs)
     with ThreadPoolExecutor(count) as pool:
-        list(pool.map(lambda i: _write(f"{directory}/f{i}", view[i * size : (i + 1) * size]), range(count)))
+        list(pool.map(one, range(count)))
 
 
 def main() -> None:
@@ -61,6 +72,7 @@ def main() -> None:
         "1 file, 4 threads": lambda: _write(f"{directory}/f", view, threads=4),
         "2 files": lambda: _files(directory, view, 2),
         "4 files": lambda: _files(directory, view, 4),
+        "4 files + crc32c": lambda: _files(directory, view, 4, hashed=True),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.rounds):
