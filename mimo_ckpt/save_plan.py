@@ -30,8 +30,8 @@ __all__ = ["WriteItem", "FilePlan", "ModuleSavePlan", "plan_module_save", "shard
 PART_BYTES = 128 << 20
 MAX_PARTS = 4
 """A writer's boxes of a module go into up to MAX_PARTS files of at least PART_BYTES each,
-written at once: a filesystem flushes one file's pages at a time on fsync (on ext4 ~1.2 GB/s
-against ~2.4 GB/s for 2-4 files at once, docs/performance.md), so one big file caps a rank's save."""
+written at once: on the disks measured, one file written and fsynced reached about half the rate
+of 4 files at once (tools/probe_write_streams.py, docs/performance.md)."""
 
 
 @dataclass(frozen=True, slots=True)
