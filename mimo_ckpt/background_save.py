@@ -16,18 +16,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from functools import partial
 from typing import Any, Literal, Mapping
 
 import torch
 
-from .checkpoint import SaveJob, finish_save, gather_by_module, start_save
+from .checkpoint import SaveJob, finish_save, start_save
 from .comm import Comm, TorchComm
 from .errors import MimoCkptError
 from .layout import ModuleLayout
 from .save_plan import FilePlan
 from .storage import Storage
-from .tensor_io import all_at_once, write_file_image
+from .tensor_io import write_file_image
 
 __all__ = ["AsyncSaver", "AsyncSave", "HostStager", "async_save"]
 
@@ -94,15 +93,13 @@ class AsyncSave:
         if self._error is not None:
             raise self._error
 
-    def _run(self, job: SaveJob, images: list[tuple[str, FilePlan, torch.Tensor]]) -> None:
+    def _run(self, job: SaveJob, images: Mapping[str, torch.Tensor]) -> None:
         start = time.perf_counter()
         try:
             crcs: dict[str, dict[str, list[Any]]] = {}
             if job.run.failure is None:
                 try:
-                    crcs = gather_by_module([(name, plan) for name, plan, _ in images], all_at_once(
-                        [partial(write_file_image, job.storage, plan, image, job.comm.rank) for _, plan, image in images]
-                    ))
+                    crcs = job.write_files(lambda _, plan: write_file_image(job.storage, plan, images[plan.path], job.comm.rank))
                 except (MimoCkptError, OSError) as exc:
                     job.run.fail(exc)
             finish_save(job, crcs)
@@ -131,15 +128,15 @@ class AsyncSaver:
         start = time.perf_counter()
         self._settle_pending(if_pending)
         job = start_save(state, path, layouts=layouts, comm=self.comm, storage=storage, metadata=metadata)
-        images: list[tuple[str, FilePlan, torch.Tensor]] = []
+        images: dict[str, torch.Tensor] = {}  # file path -> its staged image
         if job.run.failure is None:
             try:
-                data = {name: {(t.key, t.box): t.data for t in shards.tensors} for name, shards in job.local.items()}
+                data = job.tensors_by_module()
                 place: dict[str, int] = {}
                 for name, plan in job.my_files():
                     slot = (name, place.setdefault(name, 0))
                     place[name] += 1
-                    images.append((name, plan, self.stager.stage(slot, plan, data[name])))
+                    images[plan.path] = self.stager.stage(slot, plan, data[name])
                 self.stager.synchronize()
             except (MimoCkptError, RuntimeError) as exc:
                 job.run.fail(exc if isinstance(exc, MimoCkptError) else MimoCkptError(f"staging: {exc}"))

@@ -23,7 +23,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .comm import Comm, TorchComm
 from .errors import (
@@ -46,7 +46,7 @@ from .shard import (
 from .storage import IO_THREADS, Storage, open_storage
 from .tensor_io import all_at_once, fill_tensors, write_shard_file
 
-__all__ = ["save", "load", "LoadResult", "SaveJob", "start_save", "finish_save", "gather_by_module"]
+__all__ = ["save", "load", "LoadResult", "SaveJob", "start_save", "finish_save"]
 
 log = logging.getLogger("mimo_ckpt")
 
@@ -147,12 +147,9 @@ def save(
     job = start_save(state, path, layouts=layouts, comm=comm, storage=storage, metadata=metadata)
     crcs: dict[str, dict[str, list[Any]]] = {}
     if job.run.failure is None:
-        data = {name: {(t.key, t.box): t.data for t in shards.tensors} for name, shards in job.local.items()}
-        files = job.my_files()
+        data = job.tensors_by_module()
         try:
-            crcs = gather_by_module(files, all_at_once(
-                [partial(write_shard_file, job.storage, plan, data[name], job.comm.rank) for name, plan in files]
-            ))
+            crcs = job.write_files(lambda name, plan: write_shard_file(job.storage, plan, data[name], job.comm.rank))
         except (MimoCkptError, OSError) as exc:
             job.run.fail(exc)
     finish_save(job, crcs)
@@ -176,6 +173,19 @@ class SaveJob:
     def my_files(self) -> list[tuple[str, FilePlan]]:
         """(module, file plan) of each file this rank writes."""
         return [(name, f) for name, plan in self.plans.items() for f in plan.files_of(self.comm.rank)]
+
+    def tensors_by_module(self) -> dict[str, dict[tuple[str, Any], Any]]:
+        """module -> (key, box) -> this rank's tensor."""
+        return {name: {(t.key, t.box): t.data for t in shards.tensors} for name, shards in self.local.items()}
+
+    def write_files(self, write: Callable[[str, FilePlan], list[Any]]) -> dict[str, dict[str, list[Any]]]:
+        """`write(module, plan)` for every file of this rank, all at once (each file's fsync runs
+        in parallel); returns module -> file path -> the checksums it returned."""
+        files = self.my_files()
+        out: dict[str, dict[str, list[Any]]] = {}
+        for (name, plan), crcs in zip(files, all_at_once([partial(write, name, plan) for name, plan in files])):
+            out.setdefault(name, {})[plan.path] = crcs
+        return out
 
 
 def start_save(
@@ -223,14 +233,6 @@ def start_save(
         except MimoCkptError as exc:
             run.fail(exc)
     return SaveJob(comm, storage, os.fspath(path), layouts, dict(metadata or {}), save_id, run, local, plans, module_comms)
-
-
-def gather_by_module(files: list[tuple[str, FilePlan]], results: list[list[Any]]) -> dict[str, dict[str, list[Any]]]:
-    """Each file's checksums (`results`, in the order of `files`) as module -> file path -> checksums."""
-    out: dict[str, dict[str, list[Any]]] = {}
-    for (name, plan), crcs in zip(files, results):
-        out.setdefault(name, {})[plan.path] = crcs
-    return out
 
 
 def finish_save(job: SaveJob, crcs: Mapping[str, Mapping[str, list[Any]]]) -> None:
