@@ -359,10 +359,12 @@ def _ours_ops(w: World, verify: bool = True, io_threads: int | None = None, one_
         return out
 
     def save(path: str) -> None:
-        parts = save_plan.PART_BYTES
-        save_plan.PART_BYTES = 1 << 62 if one_file else parts
+        mimo_ckpt.save(shards(w.boxes["save"], w.state), path, layouts=w.layouts["save"], comm=comm)
+
+    def save_one_file(path: str) -> None:  # PART_BYTES out of reach: one file per writer
+        parts, save_plan.PART_BYTES = save_plan.PART_BYTES, 1 << 62
         try:
-            mimo_ckpt.save(shards(w.boxes["save"], w.state), path, layouts=w.layouts["save"], comm=comm)
+            save(path)
         finally:
             save_plan.PART_BYTES = parts
 
@@ -371,7 +373,7 @@ def _ours_ops(w: World, verify: bool = True, io_threads: int | None = None, one_
         mimo_ckpt.load(shards(w.boxes[scenario], w.targets[scenario]), path,
                        layouts=w.layouts[scenario], comm=comm, verify=verify, **threads)
 
-    return save, load
+    return save_one_file if one_file else save, load
 
 
 def _dcp_ops(w: World) -> Ops:
