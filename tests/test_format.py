@@ -56,6 +56,15 @@ def test_shard_files_are_safetensors_holding_the_reference_boxes(ckpt):
     assert checked > 20
 
 
+def test_shard_data_starts_on_a_cache_line(ckpt):
+    files = sorted(ckpt.glob("*/*.safetensors"))
+    for f in files:
+        header_len = int.from_bytes(f.read_bytes()[:8], "little")
+        assert (8 + header_len) % 64 == 0, f
+        assert f.read_bytes()[8 + header_len - 1 : 8 + header_len] in (b" ", b"}"), f
+    assert len(files) > 2
+
+
 def _mutated(ckpt, edit):
     doc = json.loads((ckpt / "manifest.json").read_bytes())
     edit(doc)
