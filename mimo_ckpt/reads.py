@@ -11,8 +11,11 @@ Each planned read takes the cheapest of three routes:
   than many small ones, and it lets every block checksum it covers be checked);
 - span: read the stored span from the overlap's first to last element into a reused scratch
   buffer and copy out through a strided view (short rows, where many small reads would cost more).
-Several items can be read at once, each checking its own checksums (of the whole shard, or of
-the blocks a partial read covers), so hashing runs in parallel with reading.
+The items of one file are read in file order through one open file, so the kernel sees one
+sequential stream per file and keeps reading ahead across item boundaries; several files are read
+at once (a writer's share is split into parts for that). Each item checks its own checksums (of
+the whole shard, or of the blocks a partial read covers), so one file's hashing overlaps the
+others' reading.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .checksums import check_blocks, crc_of
 from .dtypes import ITEMSIZE
 from .errors import CorruptShardError, StorageError
 from .load_plan import ReadItem
-from .storage import Storage
+from .storage import ReadInto, Storage
 
 __all__ = ["RAW_DTYPES", "raw_dtype", "execute_reads"]
 
@@ -89,45 +92,61 @@ def execute_reads(
 ) -> int:
     """Fill `targets[item.request]` (array, its box) from storage; returns bytes read.
 
-    Up to `threads` items are read at once (their target regions are disjoint); each checks its
-    own checksums, so hashing runs in parallel too (crc32c and reads release the GIL). Every
-    thread's scratch buffer holds at most one stored span, or `temp_bytes` when given (the span
-    is then read in pieces).
+    Up to `threads` files are read at once, each as one stream in file order (the items' target
+    regions are disjoint). Every thread's scratch buffer holds at most one stored span, or
+    `temp_bytes` when given (the span is then read in pieces).
     """
+    by_file: dict[str, list[ReadItem]] = {}
+    for item in items:
+        by_file.setdefault(item.shard.file, []).append(item)
+    streams = [sorted(group, key=_file_order) for group in by_file.values()]
+    streams.sort(key=_stream_bytes, reverse=True)  # the longest first: the others fill in around it
     per_thread = threading.local()
 
-    def read(item: ReadItem) -> int:
+    def read_stream(stream: list[ReadItem]) -> int:
         if not hasattr(per_thread, "scratch"):
             per_thread.scratch = [np.empty(0, dtype=np.uint8)]  # reused across this thread's items
+        total, item = 0, stream[0]
         try:
-            return _read_item(storage, item, targets, verify, temp_bytes, per_thread.scratch)
+            with storage.reader(item.shard.file) as read:
+                for item in stream:
+                    total += _read_item(read, item, targets, verify, temp_bytes, per_thread.scratch)
         except StorageError as exc:
             raise StorageError(f"{item.what}, box {item.overlap}: {exc}") from exc
+        return total
 
-    if threads <= 1 or len(items) <= 1:
-        return sum(map(read, items))
-    pool = ThreadPoolExecutor(min(threads, len(items)))
+    if threads <= 1 or len(streams) <= 1:
+        return sum(map(read_stream, streams))
+    pool = ThreadPoolExecutor(min(threads, len(streams)))
     try:
-        return sum(pool.map(read, items))  # the first failure, in item order, is raised
+        return sum(pool.map(read_stream, streams))  # the first failure, longest stream first, is raised
     finally:
         pool.shutdown(cancel_futures=True)
 
 
+def _file_order(item: ReadItem) -> int:
+    return item.begin
+
+
+def _stream_bytes(stream: list[ReadItem]) -> int:
+    return sum(item.end - item.begin for item in stream)
+
+
 def _read_item(
-    storage: Storage, item: ReadItem, targets: Sequence[tuple[np.ndarray, Box]], verify: bool,
+    read: ReadInto, item: ReadItem, targets: Sequence[tuple[np.ndarray, Box]], verify: bool,
     temp_bytes: int | None, scratch: list[np.ndarray],
 ) -> int:
     dst, dst_box = targets[item.request]
     region = _region(dst, dst_box, item.overlap)
     if item.contiguous and region.flags.c_contiguous:
         raw = region.reshape(-1).view(np.uint8)
-        storage.read_into(item.shard.file, item.begin, memoryview(raw))
+        read(item.begin, memoryview(raw))
         if verify:
             _check(item, item.begin, [raw])
         return raw.nbytes
     runs = _runs(item, dst, dst_box)
     if runs is not None:
-        return _read_runs(storage, item, dst, *runs, verify, scratch)
+        return _read_runs(read, item, dst, *runs, verify, scratch)
     itemsize = dst.itemsize
     pieces = [item.overlap]
     if temp_bytes is not None and item.end - item.begin > temp_bytes:
@@ -140,7 +159,7 @@ def _read_item(
         if scratch[0].nbytes < nbytes:
             scratch[0] = np.empty(nbytes, dtype=np.uint8)
         tmp = scratch[0][:nbytes]
-        storage.read_into(item.shard.file, item.shard.begin + lo * itemsize, memoryview(tmp))
+        read(item.shard.begin + lo * itemsize, memoryview(tmp))
         if verify:
             _check(item, item.shard.begin + lo * itemsize, [tmp])
         src = as_strided(tmp.view(dst.dtype), shape=piece.shape, strides=strides)
@@ -150,7 +169,7 @@ def _read_item(
 
 
 def _read_runs(
-    storage: Storage, item: ReadItem, dst: np.ndarray, src: np.ndarray, dst_offsets: np.ndarray,
+    read: ReadInto, item: ReadItem, dst: np.ndarray, src: np.ndarray, dst_offsets: np.ndarray,
     run_bytes: int, verify: bool, scratch: list[np.ndarray],
 ) -> int:
     flat = dst.reshape(-1).view(np.uint8)
@@ -173,7 +192,7 @@ def _read_runs(
                 buffers.append(scratch[0][pos : pos + gaps[k - 1]])
                 pos += gaps[k - 1]
             buffers.append(views[k])
-        storage.read_into(item.shard.file, starts[i], *map(memoryview, buffers))
+        read(starts[i], *map(memoryview, buffers))
         if verify and item.whole_shard:
             every += buffers
         elif verify:

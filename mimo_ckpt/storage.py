@@ -2,7 +2,7 @@
 
 Paths are relative POSIX paths inside the checkpoint (`images/r00000-3f2a9c1b7d40.safetensors`). Call order in
 a save: every writer calls `write_file` for its own files; afterwards one rank calls
-`commit_file` for the manifest. In a load, any rank calls `size` and `read_into`.
+`commit_file` for the manifest. In a load, any rank calls `size`, `read_into` and `reader`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,19 @@ import os
 import posixpath
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Protocol
+from contextlib import AbstractContextManager, contextmanager
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from .errors import CheckpointExistsError, StorageError
 
 IO_THREADS = 4
-"""Reads or writes a rank keeps in flight. One sequential stream sometimes drops to a fraction of
-the disk's rate where several hold it (docs/performance.md)."""
+"""Reads or writes a rank keeps in flight: files read at once, pieces of a file written at once.
+One sequential stream sometimes drops to a fraction of the disk's rate where several hold it
+(docs/performance.md)."""
+
+ReadInto = Callable[..., None]
+"""`read(offset, *out)`: fill the buffers `out`, in order, with one file's bytes from `offset` on."""
 WRITE_PIECE_BYTES = 16 << 20
 """Unit of parallel writing within a file."""
 
@@ -35,6 +41,10 @@ class Storage(Protocol):
     def read_into(self, path: str, offset: int, *out: memoryview) -> None:
         """Fill the buffers `out`, in order, with the file's bytes from `offset` on (one
         scattered read where the backend can); short files are an error."""
+
+    def reader(self, path: str) -> AbstractContextManager[ReadInto]:
+        """`read_into` for many reads of one file in a row: a local file stays open in between,
+        so the kernel's readahead follows the stream instead of starting again at every read."""
 
     def commit_file(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
         """Atomically publish a small file: readers see the old state or the whole new file.
@@ -118,13 +128,18 @@ class LocalStorage:
             raise StorageError(f"writing {full}: {exc}") from exc
 
     def read_into(self, path: str, offset: int, *out: memoryview) -> None:
+        with self.reader(path) as read:
+            read(offset, *out)
+
+    @contextmanager
+    def reader(self, path: str) -> Iterator[ReadInto]:
         full = self._abs(path)
         try:
             fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
             raise StorageError(f"opening {full}: {exc}") from exc
         try:
-            _preadv_exact(fd, offset, [b.cast("B") for b in out if b.nbytes], full)
+            yield lambda offset, *out: _preadv_exact(fd, offset, [b.cast("B") for b in out if b.nbytes], full)
         finally:
             os.close(fd)
 
@@ -254,6 +269,10 @@ class TensorStoreStorage:
         for v in views:
             v[:] = result.value[pos : pos + len(v)]
             pos += len(v)
+
+    @contextmanager
+    def reader(self, path: str) -> Iterator[ReadInto]:
+        yield partial(self.read_into, path)
 
     def commit_file(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
         if exclusive and self.size(path) is not None:

@@ -1,5 +1,9 @@
 """The read executor against numpy slicing of a full reference, including bounded temporaries."""
 
+import threading
+import time
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 
@@ -17,34 +21,80 @@ from mimo_ckpt.storage import LocalStorage
 import crc32c
 
 
-def _store(tmp_path, full, boxes):
-    shards, blob = [], bytearray()
-    for b in boxes:
+def _store(tmp_path, full, boxes, files=1):
+    """Box i goes to file i % files, after the boxes before it there."""
+    shards, blobs = [], [bytearray() for _ in range(files)]
+    for i, b in enumerate(boxes):
         part = np.ascontiguousarray(full[tuple(slice(o, o + n) for o, n in zip(b.offset, b.shape))])
-        raw = part.tobytes()
-        shards.append(StoredShard(b, "m/r0.bin", len(blob), len(blob) + len(raw), crc32c.crc32c(raw)))
+        raw, blob = part.tobytes(), blobs[i % files]
+        shards.append(StoredShard(b, f"m/r{i % files}.bin", len(blob), len(blob) + len(raw), crc32c.crc32c(raw)))
         blob += raw
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "r0.bin").write_bytes(bytes(blob))
+    for i, blob in enumerate(blobs):
+        (tmp_path / "m" / f"r{i}.bin").write_bytes(bytes(blob))
     return ModuleEntry(ModuleLayout(), {"w": StoredTensor("F32", full.shape, tuple(shards))}, {})
 
 
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads, files", [(1, 1), (3, 1), (1, 3), (3, 3)])
 @pytest.mark.parametrize("min_run", [4, 1 << 30], ids=["runs", "spans"])
 @pytest.mark.parametrize("temp_bytes", [None, 4, 40, 400])
 @pytest.mark.parametrize("want", [
     Box((0, 0, 0), (4, 6, 8)), Box((1, 2, 3), (2, 3, 4)), Box((0, 5, 0), (4, 1, 8)), Box((3, 0, 7), (1, 6, 1)),
 ])
-def test_any_box_from_any_tiling(tmp_path, monkeypatch, min_run, temp_bytes, want, threads):
+def test_any_box_from_any_tiling(tmp_path, monkeypatch, min_run, temp_bytes, want, threads, files):
     monkeypatch.setattr(reads, "MIN_RUN_BYTES", min_run)
     full = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)
     boxes = [Box((0, 0, 0), (4, 3, 5)), Box((0, 0, 5), (4, 3, 3)), Box((0, 3, 0), (2, 3, 8)), Box((2, 3, 0), (2, 3, 8))]
-    entry = _store(tmp_path, full, boxes)
+    entry = _store(tmp_path, full, boxes, files)
     items = plan_module_load("m", entry, [TensorMeta("w", "F32", (4, 6, 8), want, True)])
     out = np.full(want.shape, np.nan, dtype=np.float32).view(np.uint32)
     execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True, temp_bytes=temp_bytes, threads=threads)
     ref = full[tuple(slice(o, o + n) for o, n in zip(want.offset, want.shape))]
     assert np.array_equal(out.view(np.float32), ref)
+
+
+class _Recording(LocalStorage):
+    """Records, per reader opened, its file and the offsets read through it, and the most
+    readers open at once."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.streams, self.open, self.most_open = [], 0, 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def reader(self, path):
+        offsets = []
+        with self._lock:
+            self.streams.append((path, offsets))
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
+        try:
+            with super().reader(path) as read:
+                def recorded(offset, *out):
+                    offsets.append(offset)
+                    time.sleep(0.01)  # long enough for the other streams to start
+                    read(offset, *out)
+                yield recorded
+        finally:
+            with self._lock:
+                self.open -= 1
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_each_file_is_read_as_one_stream_in_file_order(tmp_path, threads):
+    full = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    boxes = [Box((r, 0), (1, 6)) for r in (5, 2, 7, 0, 3, 6, 1, 4)]  # file order differs from tensor order
+    entry = _store(tmp_path, full, boxes, files=3)
+    want = Box((0, 0), (8, 6))
+    items = plan_module_load("m", entry, [TensorMeta("w", "F32", (8, 6), want, True)])
+    storage = _Recording(tmp_path)
+    out = np.zeros((8, 6), dtype=np.uint32)
+    execute_reads(storage, items, [(out, want)], verify=True, threads=threads)
+    assert np.array_equal(out.view(np.float32), full)
+    assert sorted(path for path, _ in storage.streams) == ["m/r0.bin", "m/r1.bin", "m/r2.bin"]
+    assert all(offsets == sorted(offsets) and len(offsets) >= 2 for _, offsets in storage.streams)
+    assert storage.most_open == min(threads, 3)
 
 
 @pytest.mark.parametrize("max_gap, max_iov", [(0, 1024), (0, 4), (1 << 20, 4), (1 << 20, 1024)])
