@@ -350,7 +350,7 @@ def load(
     unexpected or mismatched key raises `KeyMismatchError` listing them per module; otherwise
     matching keys load and the differences come back in `LoadResult.report`. With `verify`,
     every stored shard read whole, and every checksummed block of a partial read, is checked
-    against its crc32c. Each rank keeps up to `io_threads` reads in flight.
+    against its crc32c. Each rank reads up to `io_threads` files at once, each in file order.
     """
     comm = comm or TorchComm()
     storage = storage or open_storage(path)

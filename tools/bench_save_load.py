@@ -5,7 +5,7 @@ One invocation measures, for each world size in `--ranks` (gloo CPU processes on
 * raw:       each rank os.write()s its share of the bytes to its own file + fsync, and reads it
              back with os.preadv into preallocated tensors (the disk's bandwidth for this pattern);
 * mimo_ckpt: `mimo_ckpt.save` / `mimo_ckpt.load` (load with verify=True, the default, with
-             verify=False, and with io_threads=1: one read in flight per rank instead of several);
+             verify=False, and with io_threads=1: one file read at a time per rank instead of several);
 * mimo_ckpt_1file (only when named in --systems): the same, but each rank writes one file per
              module instead of up to `save_plan.MAX_PARTS` (what the split into parts buys);
 * dcp:       torch.distributed.checkpoint save/load, FileSystemWriter/Reader (defaults: fsync on,
