@@ -19,9 +19,9 @@ from .dtypes import ITEMSIZE
 __all__ = ["FileEntry", "layout_file", "layout_files", "HEADER_ALIGN"]
 
 HEADER_ALIGN = 64
-"""Data starts on a cache line: the kernel copies a page-cache page into a buffer at 7 GB/s when
-file offset and buffer differ in alignment within 32 bytes, at 11 GB/s when they agree (buffers
-from torch's allocator are 64-byte aligned; docs/performance.md)."""
+"""Data starts on a cache line. A read from the page cache is a copy into the caller's buffer,
+and buffers from torch's allocator are 64-byte aligned: file offsets at multiples of 64 copied at
+8.7-9.6 GB/s by median, others at 4.6-7.4 GB/s (tools/probe_copy_alignment.py, docs/performance.md)."""
 
 _HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 """What `json.dumps(header, separators=(",", ":"), ensure_ascii=True)` builds on every call; a
