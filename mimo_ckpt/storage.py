@@ -22,12 +22,13 @@ IO_THREADS = 4
 One sequential stream sometimes drops to a fraction of the disk's rate where several hold it
 (docs/performance.md)."""
 
-ReadInto = Callable[..., None]
-"""`read(offset, *out)`: fill the buffers `out`, in order, with one file's bytes from `offset` on."""
 WRITE_PIECE_BYTES = 16 << 20
 """Unit of parallel writing within a file."""
 
-__all__ = ["IO_THREADS", "Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "check_relpath", "read_small_file"]
+ReadInto = Callable[..., None]
+"""`read(offset, *out)`: fill the buffers `out`, in order, with one file's bytes from `offset` on."""
+
+__all__ = ["IO_THREADS", "ReadInto", "Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "check_relpath", "read_small_file"]
 
 
 class Storage(Protocol):
