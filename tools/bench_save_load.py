@@ -23,8 +23,9 @@ deterministic pattern the state was built from (sampled elements, untimed).
 Timing: barrier, then each rank times the call until it returns (save includes fsync and
 commit); the reported time is the max over ranks. Per world size all systems run in one process
 world: a first round (reported as "first call": it includes one-time start-up costs) and then
-`--repeats` timed rounds, each running every system once in a shuffled order; the table gives
-the best and the median of the timed rounds. GB/s = unique bytes (1e9) / time; for resharded
+`--repeats` timed rounds, each running every system once in a shuffled order, and a system's
+loads in a shuffled order too (on this VM a cold read's time depends on what ran just before it:
+tools/probe_cold_read_state.py); the table gives the best and the median of the timed rounds. GB/s = unique bytes (1e9) / time; for resharded
 loads more bytes than that may be requested (replicas) or read (spans), see the JSON.
 Before each save and load (untimed): `os.sync()`, then wait until no dirty or writeback pages
 and no disk I/O in flight remain. Before each load the page cache is dropped
@@ -481,7 +482,8 @@ def _round(w: World, system: str, ops: Ops, path: str) -> tuple[dict[str, float]
     w.quiesce()
     times = {"save": w.timed(lambda: ops[0](path))}
     verified, cache, read = True, "warm", {}
-    for name, scenario, fn in _loads(system, w, ops):
+    loads = _loads(system, w, ops)
+    for name, scenario, fn in random.Random(f"{path}-loads").sample(loads, len(loads)):  # same on all ranks
         for t in w.targets[scenario]:
             t.fill_(float("nan"))
         cache = w.drop_cache(path)
