@@ -145,6 +145,36 @@ def test_gaps_read_with_the_runs_have_their_blocks_checked(tmp_path, monkeypatch
         assert np.array_equal(out.view(np.float32), full[:, :32])
 
 
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("want, offsets", [
+    (Box((0, 0), (16, 64)), [0, 1024, 2048, 3072]),  # the whole shard
+    (Box((3, 0), (10, 64)), [768, 1024, 2048, 3072]),  # rows 3-12: bytes 768..3328
+])
+def test_direct_reads_go_a_checksum_block_at_a_time(tmp_path, want, offsets, flip):
+    """A (16, 64) F32 shard in 1 KiB blocks, read straight into the target: one read per block
+    (split where the shard's blocks split), and a flip in block 2 is caught and named."""
+    full = np.arange(16 * 64, dtype=np.float32).reshape(16, 64)
+    raw = bytearray(full.tobytes())
+    whole, blocks = shard_checksums(memoryview(bytes(raw)), block_bytes=1024)
+    if flip:
+        raw[2100] ^= 1
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "r0.bin").write_bytes(bytes(raw))
+    shard = StoredShard(Box((0, 0), (16, 64)), "m/r0.bin", 0, len(raw), whole, 1024, blocks)
+    entry = ModuleEntry(ModuleLayout(), {"w": StoredTensor("F32", (16, 64), (shard,))}, {})
+    items = plan_module_load("m", entry, [TensorMeta("w", "F32", (16, 64), want, True)])
+    assert [i.contiguous for i in items] == [True]
+    storage = _Recording(tmp_path)
+    out = np.zeros(want.shape, dtype=np.uint32)
+    if flip:
+        with pytest.raises(CorruptShardError, match="block 2 "):
+            execute_reads(storage, items, [(out, want)], verify=True)
+    else:
+        execute_reads(storage, items, [(out, want)], verify=True)
+        assert np.array_equal(out.view(np.float32), full[3:13] if want.shape[0] == 10 else full)
+        assert storage.streams == [("m/r0.bin", offsets)]
+
+
 def test_split_for_span_bounds_every_piece():
     outer, inner = Box((0, 0, 0), (5, 7, 9)), Box((1, 2, 3), (4, 5, 6))
     for limit in (1, 6, 9, 20, 63, 64, 1000):
