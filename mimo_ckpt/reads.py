@@ -46,6 +46,9 @@ read, about what one more request to the disk costs."""
 MAX_GAPS_BYTES = 32 << 20
 """Scratch for the gaps of one read."""
 MAX_IOV = 1024
+CHECKED_READ_BYTES = 1 << 20
+"""Verified direct reads go in pieces of about this size (whole checksum blocks), each hashed
+right after its read while its bytes are still in the CPU's cache; 0: one read, then one pass."""
 
 
 def raw_dtype(code: str) -> type:
@@ -207,18 +210,19 @@ def _read_runs(
 
 
 def _read_checked(read: ReadInto, item: ReadItem, raw: np.ndarray) -> None:
-    """Read `raw` from `item.begin` one checksum block at a time, each checked right after its
-    read while its bytes are still in the CPU's cache: the check costs a pass over cache instead
-    of a second pass over memory. The blocks checked are the same as for one read of it all."""
+    """Read `raw` from `item.begin` in pieces of whole checksum blocks, each checked right after
+    its read: the check costs a pass over cache instead of a second pass over memory. The blocks
+    checked are the same as for one read of it all."""
     shard = item.shard
-    if not shard.block_crcs:
+    if not shard.block_crcs or not CHECKED_READ_BYTES:
         read(item.begin, memoryview(raw))
         _check(item, item.begin, [raw])
         return
+    blocks_per_piece = max(1, CHECKED_READ_BYTES // shard.block_bytes)
     pos, end = item.begin, item.begin + raw.nbytes
     while pos < end:
-        block_end = shard.begin + ((pos - shard.begin) // shard.block_bytes + 1) * shard.block_bytes
-        piece = raw[pos - item.begin : min(end, block_end) - item.begin]
+        piece_end = shard.begin + ((pos - shard.begin) // shard.block_bytes + blocks_per_piece) * shard.block_bytes
+        piece = raw[pos - item.begin : min(end, piece_end) - item.begin]
         read(pos, memoryview(piece))
         _check(item, pos, [piece])
         pos += piece.nbytes

@@ -146,13 +146,17 @@ def test_gaps_read_with_the_runs_have_their_blocks_checked(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("flip", [False, True])
-@pytest.mark.parametrize("want, offsets", [
-    (Box((0, 0), (16, 64)), [0, 1024, 2048, 3072]),  # the whole shard
-    (Box((3, 0), (10, 64)), [768, 1024, 2048, 3072]),  # rows 3-12: bytes 768..3328
+@pytest.mark.parametrize("want, piece_bytes, offsets", [
+    (Box((0, 0), (16, 64)), 1024, [0, 1024, 2048, 3072]),  # the whole shard
+    (Box((0, 0), (16, 64)), 2048, [0, 2048]),
+    (Box((3, 0), (10, 64)), 1024, [768, 1024, 2048, 3072]),  # rows 3-12: bytes 768..3328
+    (Box((3, 0), (10, 64)), 2048, [768, 2048]),
+    (Box((0, 0), (16, 64)), 0, [0]),  # one read, then the whole-shard crc
 ])
-def test_direct_reads_go_a_checksum_block_at_a_time(tmp_path, want, offsets, flip):
-    """A (16, 64) F32 shard in 1 KiB blocks, read straight into the target: one read per block
+def test_direct_reads_go_in_pieces_of_whole_checksum_blocks(tmp_path, monkeypatch, want, piece_bytes, offsets, flip):
+    """A (16, 64) F32 shard in 1 KiB blocks, read straight into the target: one read per piece
     (split where the shard's blocks split), and a flip in block 2 is caught and named."""
+    monkeypatch.setattr(reads, "CHECKED_READ_BYTES", piece_bytes)
     full = np.arange(16 * 64, dtype=np.float32).reshape(16, 64)
     raw = bytearray(full.tobytes())
     whole, blocks = shard_checksums(memoryview(bytes(raw)), block_bytes=1024)
@@ -167,7 +171,7 @@ def test_direct_reads_go_a_checksum_block_at_a_time(tmp_path, want, offsets, fli
     storage = _Recording(tmp_path)
     out = np.zeros(want.shape, dtype=np.uint32)
     if flip:
-        with pytest.raises(CorruptShardError, match="block 2 "):
+        with pytest.raises(CorruptShardError, match="block 2 " if piece_bytes else "bytes 0..4096"):
             execute_reads(storage, items, [(out, want)], verify=True)
     else:
         execute_reads(storage, items, [(out, want)], verify=True)
