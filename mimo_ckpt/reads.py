@@ -5,7 +5,7 @@ float8 included, moves as bits. No torch here: offline tools stay light.
 
 Each planned read takes the cheapest of three routes:
 - direct: the stored bytes are exactly a contiguous part of the target; read straight into it
-  (a checksum block at a time when verifying, each hashed while still in cache);
+  (in pieces of whole checksum blocks when verifying, each hashed while still in cache);
 - runs: the overlap is made of long runs contiguous in both the stored shard and the target
   (a TP split on a trailing dimension); one scattered read covers many runs, straight into the
   target rows, with the short gaps between them read into scratch (one large read is cheaper
@@ -211,8 +211,8 @@ def _read_runs(
 
 def _read_checked(read: ReadInto, item: ReadItem, raw: np.ndarray) -> None:
     """Read `raw` from `item.begin` in pieces of whole checksum blocks, each checked right after
-    its read: the check costs a pass over cache instead of a second pass over memory. The blocks
-    checked are the same as for one read of it all."""
+    its read: the check costs a pass over cache instead of a second pass over memory. Every
+    block the bytes cover completely is checked; for a whole shard, that is all of it."""
     shard = item.shard
     if not shard.block_crcs or not CHECKED_READ_BYTES:
         read(item.begin, memoryview(raw))

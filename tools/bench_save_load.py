@@ -24,9 +24,10 @@ Timing: barrier, then each rank times the call until it returns (save includes f
 commit); the reported time is the max over ranks. Per world size all systems run in one process
 world: a first round (reported as "first call": it includes one-time start-up costs) and then
 `--repeats` timed rounds, each running every system once in a shuffled order, and a system's
-loads in a shuffled order too (on this VM a cold read's time depends on what ran just before it:
-tools/probe_cold_read_state.py); the table gives the best and the median of the timed rounds. GB/s = unique bytes (1e9) / time; for resharded
-loads more bytes than that may be requested (replicas) or read (spans), see the JSON.
+loads in a shuffled order too (on this VM a cold read's time depends on what ran just before
+it: tools/probe_cold_read_state.py); the table gives the best and the median of the timed
+rounds. GB/s = unique bytes (1e9) / time; for resharded loads more bytes than that may be
+requested (replicas) or read (spans), see the JSON.
 Before each save and load (untimed): `os.sync()`, then wait until no dirty or writeback pages
 and no disk I/O in flight remain. Before each load the page cache is dropped
 (`echo 3 > /proc/sys/vm/drop_caches` when permitted, always followed by posix_fadvise(DONTNEED)
