@@ -23,10 +23,10 @@ deterministic pattern the state was built from (sampled elements, untimed).
 Timing: barrier, then each rank times the call until it returns (save includes fsync and
 commit); the reported time is the max over ranks. Per world size all systems run in one process
 world: a first round (reported as "first call": it includes one-time start-up costs) and then
-`--repeats` timed rounds, each running every system once in a shuffled order, and a system's
-loads in a shuffled order too (on this VM a cold read's time depends on what ran just before
-it: tools/probe_cold_read_state.py); the table gives the best and the median of the timed
-rounds. GB/s = unique bytes (1e9) / time; for resharded loads more bytes than that may be
+`--repeats` timed rounds, each running every system once (a shuffled order, rotated by one
+place each round, so each system takes each place in turn), and a system's loads in a shuffled
+order (on this VM a cold read's time depends on what ran just before it:
+tools/probe_cold_read_state.py); the table gives the best and the median of the timed rounds. GB/s = unique bytes (1e9) / time; for resharded loads more bytes than that may be
 requested (replicas) or read (spans), see the JSON.
 Before each save and load (untimed): `os.sync()`, then wait until no dirty or writeback pages
 and no disk I/O in flight remain. Before each load the page cache is dropped
@@ -503,7 +503,8 @@ def _round(w: World, system: str, ops: Ops, path: str) -> tuple[dict[str, float]
 
 def rank_main(args: dict[str, Any]) -> dict[str, Any]:
     """Runs in every rank of a world: a first (warm-up) round and `repeats` timed rounds, each
-    round running every system once, in a shuffled order (the same on all ranks)."""
+    round running every system once. The order is a shuffle rotated by one place each round, so
+    every system goes first, second, ... in turn (the same on all ranks)."""
     t0 = time.perf_counter()
     w = World(args)
     systems: list[str] = args["systems"]
@@ -512,8 +513,9 @@ def rank_main(args: dict[str, Any]) -> dict[str, Any]:
     ops = {s: makers[s](w) for s in systems}
     setup_s = w.max_over_ranks(time.perf_counter() - t0)
     rec: dict[str, dict[str, Any]] = {s: {"first_call_s": {}, "times": {}, "verified": True} for s in systems}
+    base = random.Random(0).sample(systems, len(systems))
     for rnd in range(args["repeats"] + 1):
-        for system in random.Random(rnd).sample(systems, len(systems)):
+        for system in base[rnd % len(base):] + base[:rnd % len(base)]:
             path = os.path.join(args["dir"], f"w{w.size}-{system}-{rnd}")
             times, ok, cache, read = _round(w, system, ops[system], path)
             r = rec[system]
