@@ -23,11 +23,13 @@ deterministic pattern the state was built from (sampled elements, untimed).
 Timing: barrier, then each rank times the call until it returns (save includes fsync and
 commit); the reported time is the max over ranks. Per world size all systems run in one process
 world: a first round (reported as "first call": it includes one-time start-up costs) and then
-`--repeats` timed rounds, each running every system once (a shuffled order, rotated by one
-place each round, so each system takes each place in turn), and a system's loads in a shuffled
-order (on this VM a cold read's time depends on what ran just before it:
-tools/probe_cold_read_state.py); the table gives the best and the median of the timed rounds. GB/s = unique bytes (1e9) / time; for resharded loads more bytes than that may be
-requested (replicas) or read (spans), see the JSON.
+`--repeats` timed rounds, each running every system once in a shuffled order, and a system's
+loads in a shuffled order too: on this VM a save's or a cold read's time depends on what ran
+just before it (tools/probe_cold_read_state.py). The orders come from `--seed`, random unless
+given and recorded in the JSON, so no system keeps the same place or predecessor from run to
+run. The table gives the best and the median of the timed rounds. GB/s = unique bytes (1e9) /
+time; for resharded loads more bytes than that may be requested (replicas) or read (spans), see
+the JSON.
 Before each save and load (untimed): `os.sync()`, then wait until no dirty or writeback pages
 and no disk I/O in flight remain. Before each load the page cache is dropped
 (`echo 3 > /proc/sys/vm/drop_caches` when permitted, always followed by posix_fadvise(DONTNEED)
@@ -484,7 +486,7 @@ def _round(w: World, system: str, ops: Ops, path: str) -> tuple[dict[str, float]
     times = {"save": w.timed(lambda: ops[0](path))}
     verified, cache, read = True, "warm", {}
     loads = _loads(system, w, ops)
-    for name, scenario, fn in random.Random(f"{path}-loads").sample(loads, len(loads)):  # same on all ranks
+    for name, scenario, fn in random.Random(f"{w.args['seed']}-{path}").sample(loads, len(loads)):  # same on all ranks
         for t in w.targets[scenario]:
             t.fill_(float("nan"))
         cache = w.drop_cache(path)
@@ -503,8 +505,8 @@ def _round(w: World, system: str, ops: Ops, path: str) -> tuple[dict[str, float]
 
 def rank_main(args: dict[str, Any]) -> dict[str, Any]:
     """Runs in every rank of a world: a first (warm-up) round and `repeats` timed rounds, each
-    round running every system once. The order is a shuffle rotated by one place each round, so
-    every system goes first, second, ... in turn (the same on all ranks)."""
+    round running every system once, in an order shuffled from the run's seed (the same on all
+    ranks)."""
     t0 = time.perf_counter()
     w = World(args)
     systems: list[str] = args["systems"]
@@ -513,9 +515,8 @@ def rank_main(args: dict[str, Any]) -> dict[str, Any]:
     ops = {s: makers[s](w) for s in systems}
     setup_s = w.max_over_ranks(time.perf_counter() - t0)
     rec: dict[str, dict[str, Any]] = {s: {"first_call_s": {}, "times": {}, "verified": True} for s in systems}
-    base = random.Random(0).sample(systems, len(systems))
     for rnd in range(args["repeats"] + 1):
-        for system in base[rnd % len(base):] + base[:rnd % len(base)]:
+        for system in random.Random(f"{args['seed']}-{rnd}").sample(systems, len(systems)):
             path = os.path.join(args["dir"], f"w{w.size}-{system}-{rnd}")
             times, ok, cache, read = _round(w, system, ops[system], path)
             r = rec[system]
@@ -577,7 +578,10 @@ def main() -> int:
     p.add_argument("--warm", action="store_true", help="do not drop the page cache before loads")
     p.add_argument("--profile", action="store_true", help="also cProfile one mimo_ckpt save/load per rank")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per process world")
+    p.add_argument("--seed", type=int, help="for the order of systems and loads (default: random)")
     opts = p.parse_args()
+    if opts.seed is None:
+        opts.seed = random.SystemRandom().randrange(1 << 31)
     sys.path.insert(0, REPO)
     from mimo_ckpt.local_world import run_local_world
 
@@ -594,7 +598,7 @@ def main() -> int:
 
     def run(world: int, systems: list[str]) -> list[dict[str, Any]]:
         args = {"hidden": hidden, "systems": systems, "repeats": opts.repeats, "warm": opts.warm,
-                "dir": opts.dir, "profile": opts.profile, "device": info["disk_device"], "fs_type": info["fs_type"]}
+                "seed": opts.seed, "dir": opts.dir, "profile": opts.profile, "device": info["disk_device"], "fs_type": info["fs_type"]}
         print(f"[{time.perf_counter() - started:4.0f}s] {world} ranks: {', '.join(systems)}", flush=True)
         for name in os.listdir(opts.dir):  # leftovers of a failed world
             if name.startswith(f"w{world}-"):
