@@ -18,7 +18,6 @@ GPU:  python tools/bench_async_save.py --device cuda --gb-per-rank 8   (one proc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -216,6 +215,8 @@ def main() -> int:
     parser.add_argument("--dir", help="where checkpoints go (default: a temporary directory)")
     parser.add_argument("--json", help="write results here")
     opts = parser.parse_args()
+    from tools.report import write_json
+
     root = opts.dir or tempfile.mkdtemp(prefix="mimo-async-bench-")
     args = {"device": opts.device, "gb_per_rank": opts.gb_per_rank, "repeats": opts.repeats, "dir": root,
             "train_steps": opts.train_steps, "every": opts.every, "rounds": opts.rounds, "width": opts.width, "batch": opts.batch}
@@ -246,9 +247,7 @@ def main() -> int:
     print(f"training    {opts.train_steps} steps per round, seconds: {rounds}")
     print(f"            slowdown with a save every {opts.every} steps ({t['state_mb']:.0f} MB each), "
           f"best round vs best round: {100 * t['slowdown']:.1f}%")
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump({"args": args, "device": device_name, "ranks": len(results), "results": results}, f, indent=1)
+    write_json({"args": args, "device": device_name, "ranks": len(results), "results": results}, opts.json)
     shutil.rmtree(root, ignore_errors=True) if not opts.dir else None
     return 0
 

@@ -12,7 +12,6 @@ scenario; cold loads follow a drop of the page cache. Times are for the slowest 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -64,6 +63,7 @@ def main() -> int:
     sys.path.insert(0, REPO)
     from mimo_ckpt.local_world import run_local_world
     from tools import bench_save_load as bench
+    from tools.report import write_json
 
     os.makedirs(opts.dir, exist_ok=True)
     info = bench.machine_info(opts.dir)
@@ -78,9 +78,7 @@ def main() -> int:
                                          for k, v in sorted(times.items())}
         for case, r in results["worlds"][str(world)].items():
             print(f"{world} ranks  {case:<24} best {r['best_s']:.3f} s  median {r['median_s']:.3f} s", flush=True)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(results, opts.json)
     return 0
 
 

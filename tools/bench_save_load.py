@@ -57,7 +57,6 @@ import argparse
 import cProfile
 import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -584,6 +583,7 @@ def main() -> int:
         opts.seed = random.SystemRandom().randrange(1 << 31)
     sys.path.insert(0, REPO)
     from mimo_ckpt.local_world import run_local_world
+    from tools.report import write_json
 
     hidden = hidden_for(opts.total_gb * 1e9)
     total = unique_bytes(hidden)
@@ -634,9 +634,7 @@ def main() -> int:
         add_ratios(res)
     results["elapsed_s"] = time.perf_counter() - started
     print_table(results)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(results, opts.json)
     if created:
         shutil.rmtree(opts.dir, ignore_errors=True)
     return 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -192,6 +191,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="language model layers (divisible by every PP size used)")
     args = p.parse_args()
     from tools.megatron_mimo import TINY, Size
+    from tools.report import write_json
 
     size = TINY if args.size == "tiny" else Size(
         vocab=32000, seq=1024, hidden=2048, heads=16, layers=8, encoder_hidden=1024, encoder_layers=4,
@@ -222,10 +222,7 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - report and go on to the next variant
             out[dtype_name] = {"error": traceback.format_exc()[-3000:]}
     if dist.get_rank() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
-        print(json.dumps(out, indent=2))
+        write_json(out, args.out, echo=True)
     dist.destroy_process_group()
 
 

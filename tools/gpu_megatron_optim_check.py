@@ -13,7 +13,6 @@ Run: python tools/gpu_megatron_optim_check.py --out $OUT/gpu_megatron_optim.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -165,6 +164,7 @@ def main() -> int:
     import torch.distributed as dist
 
     from mimo_ckpt.local_world import free_port
+    from tools.report import write_json
 
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
@@ -174,11 +174,7 @@ def main() -> int:
             results[name] = run_variant(variant)
         except Exception:  # noqa: BLE001 - every variant reports, whatever the others do
             results[name] = {"error": traceback.format_exc()[-3000:]}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if opts.out:
-        with open(opts.out, "w") as f:
-            f.write(text)
+    write_json(results, opts.out, echo=True)
     dist.destroy_process_group()
     return 0 if all("error" not in r for r in results.values() if isinstance(r, dict)) else 1
 

@@ -10,7 +10,6 @@ Run: python tools/gpu_optim_check.py --out $OUT/gpu_optim.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,12 +33,12 @@ def main() -> int:
     parser.add_argument("--out", help="write the JSON result here too")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the same run with gloo")
     opts = parser.parse_args()
-
     import torch
     import torch.distributed as dist
 
     from mimo_ckpt import ModuleLayout
     from mimo_ckpt.local_world import free_port
+    from tools.report import write_json
     from tools.toy_mimo import reference_run
     from tools.toy_training import MAX_GRAD_NORM, ToyRun
 
@@ -92,11 +91,7 @@ def main() -> int:
 
     ok = all(r["max_loss_rel_diff"] < 1e-4 and r.get("max_weight_abs_diff", 0) < 1e-4 for r in out["runs"].values())
     out["ok"] = ok
-    text = json.dumps(out, indent=2)
-    print(text)
-    if opts.out:
-        with open(opts.out, "w") as f:
-            f.write(text)
+    write_json(out, opts.out, echo=True)
     dist.destroy_process_group()
     return 0 if ok else 1
 

@@ -22,13 +22,15 @@ Needs root (it writes /proc/sys/vm/drop_caches):
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import random
 import statistics
+import sys
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CHUNK = 8 << 20
 
@@ -77,6 +79,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--json")
     args = p.parse_args()
+    from tools.report import write_json
 
     paths = [os.path.join(args.dir, f"probe-cold-read-{i}.bin") for i in range(args.files)]
     block = os.urandom(CHUNK)
@@ -121,9 +124,7 @@ def main() -> int:
         print(f"{case:>16} {statistics.median(v):>9.2f} {v[0]:>7.2f} {v[-1]:>8.2f}")
     print("in order:", ", ".join(f"{c} {v}" for c, v in sequence))
     print(f"first touch of fresh memory after a pause: {statistics.median(result['touch_gbps']):.2f} GB/s median")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(result, args.json)
     return 0
 
 

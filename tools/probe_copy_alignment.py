@@ -12,12 +12,14 @@ The file is read once first, so every timed read is a warm copy; medians over ro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 OFFSETS = (0, 8, 16, 24, 32, 48, 64, 4096, 4096 + 24)
 
@@ -29,6 +31,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json")
     args = p.parse_args()
+    from tools.report import write_json
 
     n = args.mb << 20
     path = os.path.join(args.dir, "probe-copy-alignment.bin")
@@ -58,9 +61,7 @@ def main() -> int:
     print(f"{'file offset':>12} {'median GB/s':>12} {'best GB/s':>10}")
     for o in OFFSETS:
         print(f"{o:>12} {result['median_gbps'][str(o)]:>12} {result['best_gbps'][str(o)]:>10}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(result, args.json)
     return 0
 
 

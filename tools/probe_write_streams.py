@@ -14,16 +14,18 @@ minutes; medians over rounds are what to compare.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import crc32c
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PIECE = 16 << 20
 
@@ -63,6 +65,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json")
     args = parser.parse_args()
+    from tools.report import write_json
+
     directory = os.path.join(args.dir, "write-streams")
     os.makedirs(directory, exist_ok=True)
     nbytes = int(args.gb * 2**30) // PIECE * PIECE
@@ -89,9 +93,7 @@ def main() -> None:
     print(f"{'variant':<20} {'median GB/s':>11} {'best':>6}  rounds")
     for name, r in rates.items():
         print(f"{name:<20} {statistics.median(r):>11.2f} {max(r):>6.2f}  {r}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"bytes": nbytes, "rounds": args.rounds, "gb_per_s": rates}, f, indent=1)
+    write_json({"bytes": nbytes, "rounds": args.rounds, "gb_per_s": rates}, args.json)
 
 
 if __name__ == "__main__":
