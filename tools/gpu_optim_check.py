@@ -33,6 +33,7 @@ def main() -> int:
     parser.add_argument("--out", help="write the JSON result here too")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the same run with gloo")
     opts = parser.parse_args()
+
     import torch
     import torch.distributed as dist
 
