@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 __all__ = ["Box", "first_overlap", "strides_of", "span_in", "split_for_span"]
 
@@ -67,44 +68,72 @@ def first_overlap(boxes: list[Box], grid_limit: int = 4_000_000) -> tuple[int, i
     Boxes cut by parallel layouts align to a grid: the distinct offsets and ends along each
     dimension. When that grid is small, each box marks the cells it covers and a cell marked twice
     is an overlap: linear in the number of boxes, and it stops at the first. Otherwise a sweep
-    along the dimension with the most distinct offsets compares only boxes that meet along it."""
+    along the dimension with the most distinct offsets compares each box, as numpy arrays, with
+    the earlier boxes still open along it."""
     if len(boxes) < 2:
         return None
-    ndim = boxes[0].ndim
-    if ndim == 0:
+    if boxes[0].ndim == 0:
         return (0, 1)
     nonempty = [i for i, b in enumerate(boxes) if b.volume]
-    cuts = [sorted({boxes[i].offset[d] for i in nonempty} | {boxes[i].offset[d] + boxes[i].shape[d] for i in nonempty})
-            for d in range(ndim)]
+    if len(nonempty) < 2:
+        return None
+    lo, hi = _corners([boxes[i] for i in nonempty])
+    cuts = [np.unique(np.concatenate((lo[:, d], hi[:, d]))) for d in range(lo.shape[1])]
     if math.prod(max(len(c) - 1, 1) for c in cuts) <= grid_limit:
-        return _grid_overlap(boxes, nonempty, cuts)
-    return _sweep_overlap(boxes)
+        found = _grid_overlap(lo, hi, cuts)
+    else:
+        found = _sweep_overlap(lo, hi)
+    if found is None:
+        return None
+    i, j = nonempty[found[0]], nonempty[found[1]]
+    return (min(i, j), max(i, j))
 
 
-def _grid_overlap(boxes: list[Box], nonempty: list[int], cuts: list[list[int]]) -> tuple[int, int] | None:
-    position = [{v: k for k, v in enumerate(c)} for c in cuts]
-    owner: dict[tuple[int, ...], int] = {}
-    for i in nonempty:
-        b = boxes[i]
-        ranges = [range(position[d][b.offset[d]], position[d][b.offset[d] + b.shape[d]]) for d in range(b.ndim)]
-        for cell in itertools.product(*ranges):
-            j = owner.setdefault(cell, i)
-            if j != i:
-                return (min(i, j), max(i, j))
+def _corners(boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and ends as (n, ndim) arrays; int64 unless a coordinate does not fit."""
+    offsets, ends = [b.offset for b in boxes], [b.end for b in boxes]
+    try:
+        return np.array(offsets, dtype=np.int64), np.array(ends, dtype=np.int64)
+    except OverflowError:
+        return np.array(offsets, dtype=object), np.array(ends, dtype=object)
+
+
+def _grid_overlap(lo: np.ndarray, hi: np.ndarray, cuts: list[np.ndarray]) -> tuple[int, int] | None:
+    """Each box writes its index into the grid cells it covers; one already owned is an overlap."""
+    start = np.stack([np.searchsorted(c, lo[:, d]) for d, c in enumerate(cuts)])
+    stop = np.stack([np.searchsorted(c, hi[:, d]) for d, c in enumerate(cuts)])
+    shape = [len(c) - 1 for c in cuts]
+    if (stop - start == 1).all():  # the usual case, one cell per box: look for a repeated cell
+        cell = np.ravel_multi_index(tuple(start), shape)
+        order = np.argsort(cell, kind="stable")
+        repeats = np.flatnonzero(cell[order][1:] == cell[order][:-1])
+        return (int(order[repeats[0]]), int(order[repeats[0] + 1])) if repeats.size else None
+    owner = np.full(shape, -1, dtype=np.int32)
+    for i, (a, b) in enumerate(zip(start.T.tolist(), stop.T.tolist())):
+        cells = owner[tuple(map(slice, a, b))]
+        taken = cells[cells >= 0]
+        if taken.size:
+            return int(taken[0]), i
+        cells[...] = i
     return None
 
 
-def _sweep_overlap(boxes: list[Box]) -> tuple[int, int] | None:
-    ndim = boxes[0].ndim
-    d = max(range(ndim), key=lambda k: len({b.offset[k] for b in boxes}))
-    order = sorted(range(len(boxes)), key=lambda i: boxes[i].offset[d])
-    for pos, i in enumerate(order):
-        end_d = boxes[i].offset[d] + boxes[i].shape[d]
-        for j in order[pos + 1 :]:
-            if boxes[j].offset[d] >= end_d:
-                break
-            if boxes[i].intersect(boxes[j]) is not None:
-                return (min(i, j), max(i, j))
+def _sweep_overlap(lo: np.ndarray, hi: np.ndarray) -> tuple[int, int] | None:
+    """Along the dimension `d` with the most distinct offsets, in offset order: only the boxes
+    still open there (ending past the current offset) can meet the current box, and they all meet
+    it along `d`; the other dimensions are compared for all of them at once."""
+    d = max(range(lo.shape[1]), key=lambda k: len(np.unique(lo[:, k])))
+    others = [k for k in range(lo.shape[1]) if k != d]
+    lo_t, hi_t = lo.T.copy(), hi.T.copy()  # one row per dimension: gathers along a row are cheap
+    open_ = np.empty(0, dtype=np.int64)
+    for i in np.argsort(lo_t[d], kind="stable").tolist():
+        open_ = open_[hi_t[d][open_] > lo_t[d][i]]
+        meets = open_
+        for k in others:
+            meets = meets[(lo_t[k][meets] < hi_t[k][i]) & (hi_t[k][meets] > lo_t[k][i])]
+        if meets.size:
+            return int(meets[0]), i
+        open_ = np.append(open_, i)
     return None
 
 

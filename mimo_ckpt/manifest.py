@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import crc32c
+
 from .box import Box, first_overlap
 from .dtypes import ITEMSIZE
 from .errors import CheckpointNotFoundError, LayoutError, ManifestError, StorageError
@@ -28,27 +30,87 @@ __all__ = [
     "ModuleEntry",
     "Manifest",
     "check_module_name",
+    "check_json_value",
+    "encode_manifest",
+    "loads_strict",
     "module_to_json",
     "read_manifest_bytes",
     "read_manifest",
 ]
 
 FORMAT_NAME = "mimo-ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+KNOWN_VERSIONS = (1, 2)
+"""Version 1 has no `manifest_crc32c`; version 2 requires it."""
 MANIFEST_PATH = "manifest.json"
-SAVING_MARKER_PREFIX = ".saving-"
-"""A save in progress: `.saving-<save id>`, removed when the save ends."""
+CRC_KEY = "manifest_crc32c"
+_TRAILER = re.compile(rb',"manifest_crc32c":"([0-9a-f]{8})"\}')
+_TRAILER_LEN = len(b',"manifest_crc32c":"00000000"}')
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of a metadata or object value (a guard against stack exhaustion in readers)."""
+MAX_BYTES = MAX_ELEMENTS = 2**48
+"""No shard file, byte offset or tensor is that large; larger numbers are corruption or hostile."""
 READING_MARKER_PREFIX = ".reading-"
 """A load in progress: retention never deletes a checkpoint that holds one."""
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_RESERVED_NAMES = (".", "..", MANIFEST_PATH, "latest")
+"""Module directories sit beside the manifest (and its temporary copies `manifest.json.*`), and
+a checkpoint directory may be a run root, which holds `latest`."""
 
 
 def check_module_name(name: str) -> str:
-    if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name) or name in {".", ".."}:
+    if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
         raise ManifestError(
             f"module name {name!r} must match {_MODULE_NAME.pattern} (it names a directory)"
         )
+    if name in _RESERVED_NAMES or name.startswith(MANIFEST_PATH + "."):
+        raise ManifestError(
+            f"module name {name!r} is reserved: it would collide with a file at the top of a "
+            f"checkpoint or run directory"
+        )
     return name
+
+
+def check_json_value(value: Any, where: str, *, max_depth: int | None = MAX_JSON_DEPTH) -> None:
+    """Raises ManifestError naming `where` and the place at fault if `value`, made of JSON types,
+    nests deeper than `max_depth` or holds a string or key that is not valid unicode (a lone
+    surrogate: JSON escapes let one through, UTF-8 cannot hold it). Iterative, so a hostile depth
+    cannot exhaust the stack."""
+    # Paths are linked (parent, key) pairs, built in O(1) and spelled out only for an error.
+    stack: list[tuple[Any, int, Any]] = [(value, 0, None)]
+    while stack:
+        item, depth, path = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, where, path)
+        elif isinstance(item, (dict, list, tuple)):
+            if max_depth is not None and depth >= max_depth:
+                raise ManifestError(f"{where}: {_path_text(path)} nests deeper than {max_depth} levels")
+            if isinstance(item, dict):
+                for k, v in item.items():
+                    _check_text(k, where, path, key=True)
+                    stack.append((v, depth + 1, (path, k)))
+            else:  # tuples too: writers store them as lists
+                stack.extend((v, depth + 1, (path, i)) for i, v in enumerate(item))
+
+
+def _check_text(text: Any, where: str, path: Any, key: bool = False) -> None:
+    if not isinstance(text, str):
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        what = f"key {text[:80]!r} at" if key else f"string {text[:80]!r} at"
+        raise ManifestError(f"{where}: {what} {_path_text(path)} is not valid unicode (lone surrogate)") from None
+
+
+def _path_text(path: Any) -> str:
+    keys: list[Any] = []
+    while path is not None:
+        path, key = path
+        keys.append(key)
+    keys.reverse()
+    shown = "".join(f"[{k[:80]!r}]" if isinstance(k, str) else f"[{k}]" for k in keys[:8])
+    return "value" + shown + ("..." if len(keys) > 8 else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +173,73 @@ class Manifest:
         }
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
+        return encode_manifest(self.to_json())
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "manifest") -> "Manifest":
-        try:
-            doc = json.loads(data, parse_constant=_not_json)
-        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-            raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
+        data = bytes(data)
+        crc = _check_trailer(data, source)
+        doc = loads_strict(data, source)
+        _need(isinstance(doc, dict), source, "top level must be a JSON object")
+        if CRC_KEY in doc or doc.get("version") == 2:
+            # The trailer check above saw the writer's exact bytes; anything else (a re-encoded
+            # or hand-edited manifest, a checksum key elsewhere) cannot be trusted.
+            _need(crc is not None and next(reversed(doc)) == CRC_KEY and doc[CRC_KEY] == crc, source,
+                  f"manifest is corrupt: it must end with its {CRC_KEY} as written (compact JSON, last key)")
         return _parse(doc, source)
+
+
+def encode_manifest(doc: dict[str, Any]) -> bytes:
+    """The bytes of a manifest: compact JSON, ending with `"manifest_crc32c"`, the CRC-32C of the
+    same bytes without that key (any such key already in `doc` is replaced)."""
+    body = {k: v for k, v in doc.items() if k != CRC_KEY}
+    if not body:
+        raise ManifestError("manifest document is empty")
+    blob = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return blob[:-1] + b',"%s":"%08x"}' % (CRC_KEY.encode(), crc32c.crc32c(blob))
+
+
+def _check_trailer(data: bytes, source: str) -> str | None:
+    """The checksum in the trailer `,"manifest_crc32c":"xxxxxxxx"}`, checked against the bytes
+    before it (with the closing brace); None when `data` does not end with one."""
+    match = _TRAILER.fullmatch(data, len(data) - _TRAILER_LEN) if len(data) > _TRAILER_LEN else None
+    if match is None:
+        return None
+    want = match.group(1).decode()
+    got = f"{crc32c.crc32c(data[: -_TRAILER_LEN] + b'}'):08x}"
+    _need(got == want, source, f"manifest is corrupt: its bytes have crc32c {got}, its {CRC_KEY} says {want}")
+    return want
+
+
+def loads_strict(data: bytes, source: str) -> Any:
+    """Strict JSON, or ManifestError naming `source`: UTF-8, no duplicate keys, finite numbers,
+    nesting Python's parser survives, valid unicode."""
+    try:
+        text = data.decode("utf-8")
+        doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise ManifestError(f"{source}: not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ManifestError(f"{source}: not valid JSON ({exc})") from None
+    if "\\ud" in text or "\\uD" in text:  # only escapes can smuggle in a lone surrogate
+        check_json_value(doc, source, max_depth=None)
+    return doc
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup[:80]!r}")
+    return obj
+
+
+def _finite(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(f"number {token[:40]} is out of range")  # 1e999 would read as infinity
+    return value
 
 
 def _not_json(token: str) -> None:
@@ -152,15 +272,16 @@ def module_to_json(m: ModuleEntry) -> dict[str, Any]:
     return {"layout": m.layout.to_json(), "tensors": tensors, "objects": objects}
 
 
-def read_manifest_bytes(storage: Storage, source: str = "manifest") -> bytes:
+def read_manifest_bytes(storage: Storage, source: str = "checkpoint") -> bytes:
     data = read_small_file(storage, MANIFEST_PATH)
     if data is None:
         raise CheckpointNotFoundError(f"{source}: no {MANIFEST_PATH}; not a committed checkpoint")
     return data
 
 
-def read_manifest(storage: Storage, source: str = "manifest") -> Manifest:
-    return Manifest.from_bytes(read_manifest_bytes(storage, source), source=source)
+def read_manifest(storage: Storage, source: str = "checkpoint") -> Manifest:
+    """The manifest of the checkpoint at `source` (a path, named in errors)."""
+    return Manifest.from_bytes(read_manifest_bytes(storage, source), source=f"{source}/{MANIFEST_PATH}")
 
 
 # --- parsing -------------------------------------------------------------------------------------
@@ -190,12 +311,13 @@ def _parse(doc: Any, source: str) -> Manifest:
     _need(isinstance(doc, dict), source, "top level must be a JSON object")
     _need(doc.get("format") == FORMAT_NAME, source, f"format must be {FORMAT_NAME!r}, got {doc.get('format')!r}")
     version = doc.get("version")
-    _need(version == FORMAT_VERSION, source,
-          f"unsupported format version {version!r} (this reader knows {FORMAT_VERSION})")
+    _need(_int(version) and version in KNOWN_VERSIONS, source,
+          f"unsupported format version {version!r} (this reader knows {', '.join(map(str, KNOWN_VERSIONS))})")
     world_size = doc.get("world_size")
     _need(_int(world_size) and world_size >= 1, source, f"world_size must be an int >= 1, got {world_size!r}")
     metadata = doc.get("metadata", {})
     _need(isinstance(metadata, dict), source, "metadata must be an object")
+    check_json_value(metadata, f"{source}: metadata")
     modules_doc = doc.get("modules")
     _need(isinstance(modules_doc, dict), source, "modules must be an object")
     modules = {}
@@ -227,6 +349,8 @@ def _parse_tensor(tdoc: Any, where: str, module: str) -> StoredTensor:
     dtype = tdoc.get("dtype")
     _need(isinstance(dtype, str) and dtype in ITEMSIZE, where, f"unknown dtype {str(dtype)[:40]!r}")
     shape = _dims(tdoc.get("shape"), where, "shape")
+    total = math.prod(shape)
+    _need(total <= MAX_ELEMENTS, where, f"shape {list(shape)} has more than 2^48 elements")
     shards_doc = tdoc.get("shards")
     _need(isinstance(shards_doc, list), where, "shards must be a list")
     shards = []
@@ -244,20 +368,22 @@ def _parse_tensor(tdoc: Any, where: str, module: str) -> StoredTensor:
             raise ManifestError(f"{swhere}: {exc}") from None
         _need(file.startswith(module + "/"), swhere, f"file {file!r} is outside module directory {module + '/'!r}")
         begin, end = sdoc.get("begin"), sdoc.get("end")
-        _need(_int(begin) and _int(end) and 0 <= begin <= end, swhere, f"bad byte range {begin!r}..{end!r}")
+        _need(_int(begin) and _int(end) and 0 <= begin <= end <= MAX_BYTES, swhere,
+              f"bad byte range {str(begin)[:40]}..{str(end)[:40]} (must be within [0, 2^48])")
         _need(end - begin == box.volume * ITEMSIZE[dtype], swhere,
               f"byte range {begin}..{end} does not hold {box.volume} {dtype} elements")
         crc = sdoc.get("crc32c")
         _need(isinstance(crc, str) and re.fullmatch(r"[0-9a-f]{8}", crc) is not None, swhere,
               f"crc32c must be 8 lowercase hex digits, got {crc!r}")
         shards.append(StoredShard(box, file, begin, end, int(crc, 16), *_parse_blocks(sdoc.get("blocks"), begin, end, swhere)))
+    # Volumes first: a cheap sum that rejects most bad tilings before the overlap search.
     boxes = [sh.box for sh in shards]
+    covered = sum(b.volume for b in boxes)
+    _need(covered == total, where, f"shards hold {covered} of the tensor's {total} elements")
     overlap = first_overlap(boxes)
     if overlap is not None:
         i, j = overlap
         _need(False, where, f"shards {i} and {j} overlap ({boxes[i]} and {boxes[j]})")
-    covered, total = sum(b.volume for b in boxes), math.prod(shape)
-    _need(covered == total, where, f"shards hold {covered} of the tensor's {total} elements")
     split = tdoc.get("split")
     if split is not None:
         _need(
@@ -294,5 +420,6 @@ def _parse_object(odoc: Any, where: str) -> StoredObject:
         _need(len(offset) == len(grid), where, f"offset {list(offset)} must have the grid's {len(grid)} dimensions")
         _need(Box(offset, (1,) * len(offset)).fits_in(grid), where, f"offset {list(offset)} outside grid {list(grid)}")
         _need(offset not in values, where, f"offset {list(offset)} appears twice")
+        check_json_value(vdoc["value"], f"{where}, offset {list(offset)}")
         values[offset] = vdoc["value"]
     return StoredObject(grid, values)

@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator
 from . import megatron_interop
 from .box import Box
 from .dtypes import from_torch
-from .errors import ShardError
+from .errors import ManifestError, ShardError
+from .manifest import check_json_value
 
 __all__ = [
     "TensorShard",
@@ -165,8 +166,13 @@ def _path_key(path: tuple[Any, ...]) -> str:
 
 
 def check_json(what: str, value: Any) -> None:
-    """Raises ShardError naming `what` unless `value` is plain JSON (no NaN or infinity: the
-    manifest is standard JSON, for any reader)."""
+    """Raises ShardError naming `what` unless `value` is plain JSON that every reader takes: no NaN
+    or infinity, no lone surrogate in a string or key, at most MAX_JSON_DEPTH levels deep (the
+    checks `Manifest.from_bytes` makes on load)."""
+    try:
+        check_json_value(value, what)
+    except ManifestError as exc:
+        raise ShardError(str(exc)) from None
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
