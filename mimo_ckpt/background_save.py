@@ -21,6 +21,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 from .checkpoint import SaveJob, finish_save, start_save
+from .checksums import ShardSums
 from .comm import Comm, TorchComm
 from .errors import MimoCkptError
 from .layout import ModuleLayout
@@ -96,7 +97,7 @@ class AsyncSave:
     def _run(self, job: SaveJob, images: Mapping[str, torch.Tensor]) -> None:
         start = time.perf_counter()
         try:
-            crcs: dict[str, dict[str, list[Any]]] = {}
+            crcs: dict[str, dict[str, list[ShardSums]]] = {}  # module -> file -> its items' checksums
             if job.run.failure is None:
                 try:
                     crcs = job.write_files(lambda _, plan: write_file_image(job.storage, plan, images[plan.path], job.comm.rank))

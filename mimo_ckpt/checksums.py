@@ -1,21 +1,26 @@
 """CRC-32C of whole shards and of fixed-size blocks within them.
 
 The whole-shard checksum verifies a read of a whole shard. Block checksums (one per `BLOCK_BYTES`
-of a shard's byte range, the last block shorter) verify partial reads, as resharded loads do:
-every block that a contiguous read covers completely is checked.
+of a shard's byte range, the last block shorter) verify partial reads, as resharded loads do: a
+verified read is widened to whole blocks, and every block it touches is checked. Every writer
+reports a shard's checksums as one `ShardSums`, computed by `BlockHasher` as the bytes go by.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import crc32c
 import numpy as np
 
-from .errors import CorruptShardError
+from .errors import CorruptShardError, PlanError
 
-__all__ = ["BLOCK_BYTES", "crc_of", "crc32c_combine", "shard_checksums", "check_blocks"]
+__all__ = [
+    "BLOCK_BYTES", "ShardSums", "BlockHasher", "crc_of", "crc32c_combine", "shard_sums", "shard_checksums",
+    "check_blocks",
+]
 
 BLOCK_BYTES = 1 << 20
 
@@ -27,16 +32,82 @@ def crc_of(buffers: Iterable[memoryview | np.ndarray]) -> int:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class ShardSums:
+    """A writer's checksums of one shard: the CRC-32C of all its bytes and, for a shard larger
+    than one block, the CRC-32C of each `block_bytes` of it (the last block shorter)."""
+
+    crc32c: int
+    block_bytes: int = 0
+    block_crcs: tuple[int, ...] = ()
+
+    def to_wire(self) -> list[Any]:
+        """JSON form, for gathering between ranks: `[crc32c, block_bytes, [block crcs]]`."""
+        return [self.crc32c, self.block_bytes, list(self.block_crcs)]
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> "ShardSums":
+        if (not isinstance(wire, (list, tuple)) or len(wire) != 3 or not isinstance(wire[2], (list, tuple))
+                or not all(type(v) is int for v in (wire[0], wire[1], *wire[2]))):
+            raise PlanError(f"shard checksums must be [crc32c, block_bytes, [block crcs]], got {str(wire)[:80]}")
+        return cls(wire[0], wire[1], tuple(wire[2]))
+
+
+class BlockHasher:
+    """`shard_sums` of bytes fed in order, in buffers of any size (a shard streamed to a file)."""
+
+    __slots__ = ("block_bytes", "nbytes", "blocks", "_crc", "_fill")
+
+    def __init__(self, block_bytes: int = BLOCK_BYTES) -> None:
+        self.block_bytes = block_bytes
+        self.nbytes = 0
+        self.blocks: list[int] = []
+        """CRC-32C of each block completed so far."""
+        self._crc = 0  # of the `_fill` bytes after the last completed block
+        self._fill = 0
+
+    def update(self, data: memoryview | np.ndarray | bytes) -> None:
+        view = memoryview(data).cast("B")
+        pos, size = 0, len(view)
+        while pos < size:  # each byte is hashed once, whatever the buffer boundaries
+            take = min(size - pos, self.block_bytes - self._fill)
+            self._crc = crc32c.crc32c(view[pos : pos + take], self._crc)
+            pos += take
+            self._fill += take
+            if self._fill == self.block_bytes:
+                self.blocks.append(self._crc)
+                self._crc, self._fill = 0, 0
+        self.nbytes += size
+
+    def flush(self) -> None:
+        """Close the short last block; call after the last byte."""
+        if self._fill:
+            self.blocks.append(self._crc)
+            self._crc, self._fill = 0, 0
+
+    def sums(self) -> ShardSums:
+        """The whole crc (combined from the blocks: no second pass) and, past one block, the blocks."""
+        self.flush()
+        if self.nbytes <= self.block_bytes:
+            return ShardSums(self.blocks[0] if self.blocks else 0)
+        whole = self.blocks[0]
+        for crc in self.blocks[1:-1]:
+            whole = crc32c_combine(whole, crc, self.block_bytes)
+        whole = crc32c_combine(whole, self.blocks[-1], self.nbytes - (len(self.blocks) - 1) * self.block_bytes)
+        return ShardSums(whole, self.block_bytes, tuple(self.blocks))
+
+
+def shard_sums(data: memoryview, block_bytes: int = BLOCK_BYTES) -> ShardSums:
+    """The checksums of one shard's bytes; no blocks when the shard fits in one."""
+    hasher = BlockHasher(block_bytes)
+    hasher.update(data)
+    return hasher.sums()
+
+
 def shard_checksums(data: memoryview, block_bytes: int = BLOCK_BYTES) -> tuple[int, tuple[int, ...]]:
-    """(crc of all bytes, crc per block); no blocks when the shard fits in one. One pass over the
-    bytes: the whole-shard crc is combined from the block crcs."""
-    if len(data) <= block_bytes:
-        return crc32c.crc32c(data), ()
-    blocks = tuple(crc32c.crc32c(data[i : i + block_bytes]) for i in range(0, len(data), block_bytes))
-    whole = blocks[0]
-    for i, crc in enumerate(blocks[1:], 1):
-        whole = crc32c_combine(whole, crc, min(block_bytes, len(data) - i * block_bytes))
-    return whole, blocks
+    """(crc of all bytes, crc per block) of `shard_sums`."""
+    sums = shard_sums(data, block_bytes)
+    return sums.crc32c, sums.block_crcs
 
 
 # CRC combination as in zlib's crc32_combine: appending len2 bytes multiplies the first crc by

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .box import Box, first_overlap
+from .checksums import ShardSums
 from .dtypes import ITEMSIZE
 from .errors import PlanError
 from .gc_pause import collector_paused
@@ -65,23 +66,23 @@ class ModuleSavePlan:
         return [f for f in self.files if f.writer == rank]
 
     @collector_paused()
-    def module_entry(self, layout: ModuleLayout, crcs_by_file: Mapping[str, Sequence[Any]]) -> ModuleEntry:
-        """This module's manifest entry, given each file's checksums in its item order: per item
-        a crc, or `[crc, block_bytes, [block crcs]]`."""
+    def module_entry(
+        self, layout: ModuleLayout, sums_by_file: Mapping[str, Sequence[ShardSums | list[Any]]],
+    ) -> ModuleEntry:
+        """This module's manifest entry, given each file's checksums in its item order, as writers
+        return them or in their wire form (`ShardSums.to_wire`, gathered from other ranks)."""
         shards: dict[str, list[StoredShard]] = {key: [] for key in self.tensors}
         for f in self.files:
-            crcs = crcs_by_file.get(f.path, [])
-            if len(crcs) != len(f.items):
+            sums = sums_by_file.get(f.path, [])
+            if len(sums) != len(f.items):
                 raise PlanError(
-                    f"module {self.module!r}: writer rank {f.writer} reported {len(crcs)} checksums "
+                    f"module {self.module!r}: writer rank {f.writer} reported {len(sums)} checksums "
                     f"for {len(f.items)} shards of {f.path}"
                 )
             path = f.path
-            for item, crc in zip(f.items, crcs):
-                if isinstance(crc, int):
-                    shard = StoredShard(item.box, path, item.begin, item.end, crc)
-                else:
-                    shard = StoredShard(item.box, path, item.begin, item.end, crc[0], crc[1], tuple(crc[2]))
+            for item, wire in zip(f.items, sums):
+                s = _shard_sums(wire, self.module, path, item)
+                shard = StoredShard(item.box, path, item.begin, item.end, s.crc32c, s.block_bytes, s.block_crcs)
                 shards[item.key].append(shard)
         tensors = {
             key: StoredTensor(dtype, shape, tuple(sorted(shards[key], key=_shard_offset)), split)
@@ -92,6 +93,15 @@ class ModuleSavePlan:
 
 
 _shard_offset = operator.attrgetter("box.offset")
+
+
+def _shard_sums(sums: ShardSums | list[Any], module: str, path: str, item: WriteItem) -> ShardSums:
+    if isinstance(sums, ShardSums):
+        return sums
+    try:
+        return ShardSums.from_wire(sums)
+    except PlanError as exc:
+        raise PlanError(f"module {module!r}, tensor {item.key!r} box {item.box} in {path}: {exc}") from None
 
 
 def shard_file_path(module: str, rank: int, tag: str = "", part: int = 0) -> str:

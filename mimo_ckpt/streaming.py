@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import crc32c
 import numpy as np
 
 from .box import Box, split_for_span
+from .checksums import BlockHasher, ShardSums
 from .dtypes import ITEMSIZE
 from .load_plan import plan_tensor_reads
 from .manifest import StoredTensor
@@ -63,7 +63,8 @@ def iter_box(
     storage: Storage, module: str, key: str, stored: StoredTensor, box: Box, budget: Budget,
     buffer: np.ndarray | None = None,
 ) -> Iterator[tuple[Box, np.ndarray]]:
-    """Pieces of `box` in C order with their raw values (views into one reused buffer)."""
+    """Pieces of `box` in C order with their raw values (views into one reused buffer), every byte
+    checked against the stored checksums: offline tools never pass on corrupt data."""
     itemsize = ITEMSIZE[stored.dtype]
     if buffer is None:
         buffer = np.empty(max(budget.chunk_bytes, itemsize), dtype=np.uint8)
@@ -71,7 +72,7 @@ def iter_box(
         nbytes = piece.volume * itemsize
         out = buffer[:nbytes].view(raw_dtype(stored.dtype)).reshape(piece.shape)
         items = plan_tensor_reads(module, key, stored, piece)
-        execute_reads(storage, items, [(out, piece)], verify=False, temp_bytes=budget.temp_bytes)
+        execute_reads(storage, items, [(out, piece)], verify=True, temp_bytes=budget.temp_bytes)
         yield piece, out
 
 
@@ -87,22 +88,23 @@ class StreamItem:
 def write_streamed_file(
     src: Storage, dst: Storage, module: str, path: str, prefix: bytes, items: Sequence[StreamItem],
     budget: Budget, progress: Progress | None = None,
-) -> list[int]:
-    """Write `prefix` then each item's bytes to `dst:path`; returns each item's crc32c."""
-    crcs: list[int] = []
+) -> list[ShardSums]:
+    """Write `prefix` then each item's bytes to `dst:path`; returns each item's checksums, whole
+    and per block, hashed as the pieces go by (the same as a save's: one writer contract)."""
+    sums: list[ShardSums] = []
     buffer = np.empty(budget.chunk_bytes, dtype=np.uint8)
 
     def chunks() -> Iterator[memoryview]:
         yield memoryview(prefix)
         for item in items:
-            crc = 0
+            hasher = BlockHasher()
             for _, values in iter_box(src, module, item.key, item.stored, item.box, budget, buffer):
                 raw = values.reshape(-1).view(np.uint8)
-                crc = crc32c.crc32c(raw, crc)
+                hasher.update(raw)
                 yield memoryview(raw)
                 if progress is not None:
                     progress.advance(len(raw))
-            crcs.append(crc)
+            sums.append(hasher.sums())
 
     dst.write_file(path, chunks())
-    return crcs
+    return sums

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 from .box import Box
-from .checksums import BLOCK_BYTES, shard_checksums
+from .checksums import ShardSums, shard_sums
 from .errors import CorruptShardError
 from .faults import fault_point
 from .load_plan import ReadItem
@@ -32,8 +32,8 @@ def host_bytes(tensor: torch.Tensor) -> memoryview:
 
 def write_shard_file(
     storage: Storage, plan: FilePlan, data: dict[tuple[str, Box], torch.Tensor], rank: int = -1,
-) -> list[list[Any]]:
-    """Write one planned file; returns, per item in plan order, `[crc32c, block bytes, [block crcs]]`."""
+) -> list[ShardSums]:
+    """Write one planned file; returns each item's checksums, in plan order."""
     buffers = [host_bytes(data[(item.key, item.box)]) for item in plan.items]
     for item, buf in zip(plan.items, buffers):
         if len(buf) != item.end - item.begin:
@@ -44,7 +44,7 @@ def write_shard_file(
     return _write_checksummed(storage, plan.path, [plan.prefix, *buffers], buffers, rank)
 
 
-def write_file_image(storage: Storage, plan: FilePlan, image: torch.Tensor, rank: int = -1) -> list[list[Any]]:
+def write_file_image(storage: Storage, plan: FilePlan, image: torch.Tensor, rank: int = -1) -> list[ShardSums]:
     """Write a staged file image (host uint8 tensor: header, then the items at their offsets);
     returns checksums like `write_shard_file`."""
     view = memoryview(image.numpy())
@@ -65,13 +65,13 @@ def all_at_once(calls: Sequence[Callable[[], T]]) -> list[T]:
 
 def _write_checksummed(
     storage: Storage, path: str, chunks: list[memoryview | bytes], items: list[memoryview], rank: int,
-) -> list[list[Any]]:
+) -> list[ShardSums]:
     """Write `chunks` as the file while a worker thread checksums each item's bytes (crc32c
-    releases the GIL); per item `[crc32c, block bytes, [block crcs]]`."""
+    releases the GIL); each item's checksums."""
     with ThreadPoolExecutor(1) as hasher:
-        sums = hasher.map(shard_checksums, items)
+        sums = hasher.map(shard_sums, items)
         storage.write_file(path, _with_fault_point(chunks, rank))
-        return [[whole, BLOCK_BYTES, list(blocks)] for whole, blocks in sums]
+        return list(sums)
 
 
 def _with_fault_point(chunks: list[memoryview | bytes], rank: int) -> Iterator[memoryview | bytes]:

@@ -3,6 +3,7 @@
 import pytest
 
 from mimo_ckpt.box import Box, first_overlap
+from mimo_ckpt.checksums import ShardSums
 from mimo_ckpt.errors import ManifestError, PlanError
 from mimo_ckpt.load_plan import plan_module_load
 from mimo_ckpt.layout import ModuleLayout
@@ -54,7 +55,7 @@ def test_a_writers_large_share_is_cut_into_files_of_about_equal_bytes(monkeypatc
     monkeypatch.setattr(save_plan, "PART_BYTES", 1200)  # 2 parts
     assert len(plan_module_save("m", ModuleLayout(dp=2), metas, {}).files_of(0)) == 2
 
-    crcs = {f.path: list(range(len(f.items))) for f in files}
+    crcs = {f.path: [ShardSums(n) for n in range(len(f.items))] for f in files}
     entry = plan.module_entry(ModuleLayout(dp=2), crcs)
     for f in files:
         for n, item in enumerate(f.items):

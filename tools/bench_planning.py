@@ -24,6 +24,7 @@ import tracemalloc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mimo_ckpt.box import Box  # noqa: E402
+from mimo_ckpt.checksums import ShardSums  # noqa: E402
 from mimo_ckpt.layout import ModuleLayout  # noqa: E402
 from mimo_ckpt.load_plan import plan_module_load  # noqa: E402
 from mimo_ckpt.save_plan import plan_module_save  # noqa: E402
@@ -102,7 +103,7 @@ def bench(scale: float) -> dict:
         gc.collect()
         t0 = time.perf_counter()
         plan = plan_module_save(name, layout, metas, {})
-        entry = plan.module_entry(layout, {f.path: [0] * len(f.items) for f in plan.files})
+        entry = plan.module_entry(layout, {f.path: [ShardSums(0)] * len(f.items) for f in plan.files})
         t1 = time.perf_counter()
         last = layout.ranks[-1]  # one rank plans its own reads
         plan_module_load(name, entry, metas[last])
@@ -111,7 +112,7 @@ def bench(scale: float) -> dict:
         gc.collect()
         tracemalloc.start()  # a second, untimed pass for memory (tracing slows Python down)
         plan = plan_module_save(name, layout, metas, {})
-        entry = plan.module_entry(layout, {f.path: [0] * len(f.items) for f in plan.files})
+        entry = plan.module_entry(layout, {f.path: [ShardSums(0)] * len(f.items) for f in plan.files})
         plan_module_load(name, entry, metas[last])
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
