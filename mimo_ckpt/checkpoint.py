@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 import warnings
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Mapping
 
+from . import commit
+from .checksums import ShardSums
 from .comm import Comm, TorchComm
 from .errors import (
     CheckpointExistsError, CheckpointNotFoundError, KeyMismatchError, LayoutError, ManifestError,
@@ -34,8 +35,8 @@ from .faults import fault_point
 from .layout import ModuleLayout
 from .load_plan import KeyReport, check_keys, plan_module_load
 from .manifest import (
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST_PATH, READING_MARKER_PREFIX, SAVING_MARKER_PREFIX, Manifest,
-    ModuleEntry, check_module_name, module_to_json, read_manifest_bytes,
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST_PATH, Manifest, ModuleEntry, check_module_name, encode_manifest,
+    module_to_json, read_manifest_bytes,
 )
 from .megatron_interop import kind as megatron_kind
 from .rank_state import LayoutChangedWarning, is_layout_bound, same_grid
@@ -145,7 +146,7 @@ def save(
     manifest does not name (left by saves that died) are removed; after a failure, this save's own.
     """
     job = start_save(state, path, layouts=layouts, comm=comm, storage=storage, metadata=metadata)
-    crcs: dict[str, dict[str, list[Any]]] = {}
+    crcs: dict[str, dict[str, list[ShardSums]]] = {}
     if job.run.failure is None:
         data = job.tensors_by_module()
         try:
@@ -178,11 +179,11 @@ class SaveJob:
         """module -> (key, box) -> this rank's tensor."""
         return {name: {(t.key, t.box): t.data for t in shards.tensors} for name, shards in self.local.items()}
 
-    def write_files(self, write: Callable[[str, FilePlan], list[Any]]) -> dict[str, dict[str, list[Any]]]:
+    def write_files(self, write: Callable[[str, FilePlan], list[ShardSums]]) -> dict[str, dict[str, list[ShardSums]]]:
         """`write(module, plan)` for every file of this rank, all at once (each file's fsync runs
         in parallel); returns module -> file path -> the checksums it returned."""
         files = self.my_files()
-        out: dict[str, dict[str, list[Any]]] = {}
+        out: dict[str, dict[str, list[ShardSums]]] = {}
         for (name, plan), crcs in zip(files, all_at_once([partial(write, name, plan) for name, plan in files])):
             out.setdefault(name, {})[plan.path] = crcs
         return out
@@ -235,14 +236,15 @@ def start_save(
     return SaveJob(comm, storage, os.fspath(path), layouts, dict(metadata or {}), save_id, run, local, plans, module_comms)
 
 
-def finish_save(job: SaveJob, crcs: Mapping[str, Mapping[str, list[Any]]]) -> None:
+def finish_save(job: SaveJob, crcs: Mapping[str, Mapping[str, list[ShardSums]]]) -> None:
     """The collective second half, after each rank wrote its files (`crcs`: module -> file -> checksums):
     gather checksums, commit the manifest on rank 0, and raise everywhere if anything failed."""
     comm, run = job.comm, job.run
     fault_point("save.written", comm.rank)
     sections: dict[str, Any] = {}
     for name, mc in job.module_comms.items():
-        got = mc.gather_bytes(run.payload(crcs.get(name, {})), root=0)
+        wire = {path: [s.to_wire() for s in sums] for path, sums in crcs.get(name, {}).items()}
+        got = mc.gather_bytes(run.payload(wire), root=0)
         if got is None:
             continue
         per_rank = run.unpack(got)
@@ -258,42 +260,28 @@ def finish_save(job: SaveJob, crcs: Mapping[str, Mapping[str, list[Any]]]) -> No
     if got is not None:
         docs = [json.loads(b) for b in got]
         errors = [d["error"] for d in docs if "error" in d]
-        committed: Manifest | None = None
+        doc = None
         if not errors:
             modules = {k: v for d in docs for k, v in d["ok"].items()}
             doc = {
                 "format": FORMAT_NAME, "version": FORMAT_VERSION, "world_size": comm.size,
                 "metadata": dict(job.metadata), "modules": dict(sorted(modules.items())),
             }
-            errors, committed = _commit(job.storage, doc, job.save_id, job.path)
-            fault_point("save.committed", comm.rank)
-        _clean_up(job.storage, job.save_id, committed)
+        errors += _commit(job.storage, doc, job.save_id, job.path)
     outcome = json.loads(comm.broadcast_bytes(_encode(errors), 0))
     run.finish(outcome)
 
 
-def _marker(save_id: str) -> str:
-    return f"{SAVING_MARKER_PREFIX}{save_id}"
-
-
 def _begin_save(comm: Comm, storage: Storage, path: str) -> str:
-    """Rank 0 refuses a committed path, takes the save marker over, and shares the new save id."""
+    """Rank 0 refuses a committed path, takes dead saves there over, and shares the new save id."""
     reply = ""
     if comm.rank == 0:
-        save_id = uuid.uuid4().hex[:12]
         try:
-            if storage.size(MANIFEST_PATH) is not None:
-                reply = "exists"
-            else:
-                for name in storage.list_files():
-                    if name.startswith(SAVING_MARKER_PREFIX):
-                        log.warning("%s: taking over from save %s (died, or still running)",
-                                    path, name[len(SAVING_MARKER_PREFIX):])
-                        storage.remove(name)
-                storage.commit_file(_marker(save_id), b"")
-                reply = "id:" + save_id
-        except OSError as exc:
-            reply = f"error:{exc}"
+            reply = "id:" + commit.begin(storage, MANIFEST_PATH, path)
+        except CheckpointExistsError:
+            reply = "exists"
+        except Exception as exc:  # noqa: BLE001 - whatever it is, every rank must hear of it
+            reply = f"error:{type(exc).__name__}: {exc}"
     reply = comm.broadcast_bytes(reply.encode(), 0).decode()
     if reply == "exists":
         raise CheckpointExistsError(f"{path} already holds a committed checkpoint")
@@ -302,35 +290,27 @@ def _begin_save(comm: Comm, storage: Storage, path: str) -> str:
     return reply[3:]
 
 
-def _commit(storage: Storage, doc: dict[str, Any], save_id: str, path: str) -> tuple[list[str], Manifest | None]:
-    """Rank 0: publish the manifest, unless another save took this path over meanwhile.
-    Returns the errors and, when committed, the manifest."""
+def _commit(storage: Storage, doc: dict[str, Any] | None, save_id: str, path: str) -> list[str]:
+    """Rank 0: publish the manifest (`doc`; None when a rank failed), unless another save took
+    this path over meanwhile; then remove the save's marker and, when nothing was committed, its
+    files. Returns the errors."""
+    errors: list[str] = []
+    committed = False
+    if doc is not None:
+        try:
+            blob = encode_manifest(doc)
+            Manifest.from_bytes(blob, source="manifest being written")
+            fault_point("save.commit", 0)
+            commit.publish(storage, save_id, MANIFEST_PATH, blob, path)
+            committed = True
+        except Exception as exc:  # noqa: BLE001 - reported to every rank
+            errors.append(f"rank 0 committing the manifest: {exc}")
+        fault_point("save.committed", 0)
     try:
-        blob = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-        manifest = Manifest.from_bytes(blob, source="manifest being written")
-        if storage.size(_marker(save_id)) is None:
-            return [f"another save to {path} started while this one ran (its marker replaced ours); "
-                    f"not committing save {save_id}"], None
-        fault_point("save.commit", 0)
-        storage.commit_file(MANIFEST_PATH, blob, exclusive=True)
-    except (MimoCkptError, OSError, TypeError, ValueError) as exc:
-        return [f"rank 0 committing the manifest: {exc}"], None
-    return [], manifest
-
-
-def _clean_up(storage: Storage, save_id: str, committed: Manifest | None) -> None:
-    """Rank 0, best effort: after a commit, drop files the manifest does not name; else our own."""
-    try:
-        names = storage.list_files()
-        if committed is not None:
-            keep = {MANIFEST_PATH} | {s.file for m in committed.modules.values() for t in m.tensors.values() for s in t.shards}
-            doomed = [n for n in names if n not in keep and not n.startswith(READING_MARKER_PREFIX)]
-        else:
-            doomed = [n for n in names if save_id in n]
-        for name in doomed:
-            storage.remove(name)
+        commit.finish(storage, save_id, committed)
     except (MimoCkptError, OSError) as exc:
         log.warning("cleaning up after save %s: %s", save_id, exc)
+    return errors
 
 
 def load(
@@ -349,8 +329,8 @@ def load(
     Each rank reads only the stored bytes that overlap its own boxes. With `strict`, any missing,
     unexpected or mismatched key raises `KeyMismatchError` listing them per module; otherwise
     matching keys load and the differences come back in `LoadResult.report`. With `verify`,
-    every stored shard read whole, and every checksummed block of a partial read, is checked
-    against its crc32c. Each rank reads up to `io_threads` files at once, each in file order.
+    every byte read is checked against its crc32c: a partial read widens to the whole blocks it
+    touches, or to the whole shard when the shard has no blocks. Each rank reads up to `io_threads` files at once, each in file order.
     """
     comm = comm or TorchComm()
     storage = storage or open_storage(path)
@@ -361,9 +341,9 @@ def load(
     if comm.rank == 0:
         try:
             blob = read_manifest_bytes(storage, source)
-            Manifest.from_bytes(blob, source=source)
+            Manifest.from_bytes(blob, source=f"{source}/{MANIFEST_PATH}")
             blob = b"+" + blob
-        except (MimoCkptError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it is, every rank must hear of it
             blob = b"-" + f"{type(exc).__name__}: {exc}".encode()
     blob = comm.broadcast_bytes(blob, 0)
     if blob[:1] != b"+":
@@ -371,7 +351,7 @@ def load(
         if message.startswith(CheckpointNotFoundError.__name__):
             raise CheckpointNotFoundError(message)
         raise ManifestError(message)
-    manifest = Manifest.from_bytes(blob[1:], source=source)
+    manifest = Manifest.from_bytes(blob[1:], source=f"{source}/{MANIFEST_PATH}")
 
     run = _Collective(comm)
     local: dict[str, ModuleShards] = {}

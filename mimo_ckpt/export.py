@@ -6,8 +6,10 @@ import json
 import re
 from dataclasses import dataclass
 
+from . import commit
 from .box import Box
 from .errors import ManifestError
+from .faults import fault_point
 from .manifest import ModuleEntry
 from .progress import Progress
 from .storage import Storage
@@ -58,19 +60,31 @@ def plan_export(module: str, entry: ModuleEntry, *, max_shard_bytes: int, rename
 
 
 def run_export(src: Storage, dst: Storage, module: str, entry: ModuleEntry, files: list[ExportFile],
-               budget: Budget, progress: bool = True) -> dict:
-    bar = Progress("export", sum(f.nbytes for f in files)) if progress else None
-    weight_map: dict[str, str] = {}
-    total = 0
-    for f in files:
-        items = [StreamItem(k, entry.tensors[k], Box((0,) * len(entry.tensors[k].global_shape),
-                                                     entry.tensors[k].global_shape)) for k, _ in f.tensors]
-        write_streamed_file(src, dst, module, f.name, f.prefix, items, budget, bar)
-        for k, name in f.tensors:
-            weight_map[name] = f.name
-            total += entry.tensors[k].nbytes
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    dst.commit_file(INDEX_NAME, json.dumps(index, indent=2).encode())
-    if bar:
-        bar.close()
+               budget: Budget, progress: bool = True, where: str = "the export folder") -> dict:
+    """Write the files, then the index, through the commit protocol: a folder that holds an
+    index already is refused, and an export that died there is cleaned up first."""
+    save_id = commit.begin(dst, INDEX_NAME, where)
+    committed = False
+    try:
+        commit.announce(dst, save_id, [f.name for f in files], where)
+        fault_point("offline.start", 0)
+        bar = Progress("export", sum(f.nbytes for f in files)) if progress else None
+        weight_map: dict[str, str] = {}
+        total = 0
+        for f in files:
+            items = [StreamItem(k, entry.tensors[k], Box((0,) * len(entry.tensors[k].global_shape),
+                                                         entry.tensors[k].global_shape)) for k, _ in f.tensors]
+            write_streamed_file(src, dst, module, f.name, f.prefix, items, budget, bar)
+            fault_point("offline.write", 0)
+            for k, name in f.tensors:
+                weight_map[name] = f.name
+                total += entry.tensors[k].nbytes
+        if bar:
+            bar.close()
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        fault_point("offline.commit", 0)
+        commit.publish(dst, save_id, INDEX_NAME, json.dumps(index, indent=2).encode(), where)
+        committed = True
+    finally:
+        commit.finish(dst, save_id, committed)
     return index

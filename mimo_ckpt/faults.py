@@ -2,8 +2,9 @@
 
 `MIMO_CKPT_FAULT="save.write@1,save.commit@0"` kills rank 1 with SIGKILL in the middle of writing its
 data and rank 0 just before it commits the manifest. `save.write@1:hang` makes rank 1 hang there
-instead (for `MIMO_CKPT_HANG_S` seconds, 60 by default) before it dies. Unset, a point costs one
-dict lookup.
+instead (for `MIMO_CKPT_HANG_S` seconds, 60 by default) before it dies, and `save.write@1:int` sends it
+SIGINT (the KeyboardInterrupt of a Ctrl-C). Offline writers (reshard, exports) are rank 0. Unset, a
+point costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ POINTS = (
     "save.commit",     # rank 0, before the manifest is written
     "save.committed",  # rank 0, after the manifest is written, before the ranks hear of it
     "load.read",       # before this rank reads its data
+    "offline.start",   # reshard and exports: after the write began, before any data file
+    "offline.write",   # after the first data file is written
+    "offline.commit",  # before the index is published
 )
 
 
@@ -32,5 +36,7 @@ def fault_point(name: str, rank: int) -> None:
     if f"{name}@{rank}:hang" in armed:
         time.sleep(float(os.environ.get("MIMO_CKPT_HANG_S", "60")))
         os.kill(os.getpid(), signal.SIGKILL)
+    if f"{name}@{rank}:int" in armed:
+        os.kill(os.getpid(), signal.SIGINT)
     if f"{name}@{rank}" in armed:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -3,12 +3,14 @@
 Layout: `<root>/step_<N>/` per checkpoint (each committed by its manifest) and `<root>/latest`
 holding the name of the newest committed one, replaced atomically after each commit. A step whose
 save died has no manifest and is never taken as latest; saving that step again cleans it up.
-Retention deletes the oldest committed steps beyond `keep_last`, never the latest one and never
-one that a load holds (a `.reading-*` marker younger than `reader_timeout_s`).
+Retention deletes the oldest committed steps beyond `keep_last`, never the latest one, never
+one that a load holds (a `.reading-*` marker younger than `reader_timeout_s`), never a step that is
+a symlink to a checkpoint elsewhere, and of a step only the files its manifest names.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,10 +20,11 @@ import uuid
 from typing import Any, Mapping
 
 from .checkpoint import LoadResult, load, save
+from .commit import SAVING_MARKER_PREFIX
 from .comm import Comm, TorchComm
-from .errors import MimoCkptError, StorageError
+from .errors import ManifestError, MimoCkptError, StorageError
 from .layout import ModuleLayout
-from .manifest import MANIFEST_PATH, READING_MARKER_PREFIX
+from .manifest import MANIFEST_PATH, READING_MARKER_PREFIX, read_manifest
 from .storage import LocalStorage, Storage, open_storage, read_small_file
 
 __all__ = ["CheckpointManager", "LATEST_PATH"]
@@ -67,18 +70,20 @@ class CheckpointManager:
         steps = []
         for name in names:
             m = _STEP_DIR.fullmatch(name)
-            if m and self._storage(f"{self.root}/{name}").size(MANIFEST_PATH) is not None:
+            if m and self._is_committed(f"{self.root}/{name}"):
                 steps.append(int(m.group(1)))
         return sorted(steps)
 
+    def _is_committed(self, path: str) -> bool:
+        try:
+            return self._storage(path).size(MANIFEST_PATH) is not None
+        except StorageError as exc:  # a manifest that is a directory or a FIFO commits nothing
+            log.warning("%s: %s", path, exc)
+            return False
+
     def latest_step(self) -> int | None:
-        """The step `latest` names when it is committed; else the newest committed step."""
-        latest = read_small_file(self._storage(self.root), LATEST_PATH)
-        if latest:
-            m = _STEP_DIR.fullmatch(latest.decode(errors="replace").strip())
-            if m and self._storage(f"{self.root}/{m.group(0)}").size(MANIFEST_PATH) is not None:
-                return int(m.group(1))
-            log.warning("%s/%s names %r, which is not a committed checkpoint", self.root, LATEST_PATH, latest)
+        """The newest committed step. `latest` names it too, except when a save died between its
+        commit and moving `latest`: the checkpoint is whole then, and the next save goes on from it."""
         steps = self.committed_steps()
         return steps[-1] if steps else None
 
@@ -111,13 +116,11 @@ class CheckpointManager:
         reply: dict[str, Any] = {}
         marker = f"{READING_MARKER_PREFIX}{uuid.uuid4().hex[:12]}"
         if self.comm.rank == 0:
-            step = self.latest_step()
-            reply = {"step": step}
-            if step is not None:
-                try:
-                    self._storage(self.path_for(step)).commit_file(marker, str(time.time()).encode())
-                except OSError as exc:
-                    reply = {"error": f"cannot mark {self.path_for(step)} as being read: {exc}"}
+            try:
+                step = self.latest_step()
+                reply = {"step": step, "marked": step is not None and self._mark_reading(self.path_for(step), marker)}
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it
+                reply = {"error": f"finding the latest checkpoint in {self.root}: {exc}"}
         reply = json.loads(self.comm.broadcast_bytes(json.dumps(reply).encode(), 0))
         if "error" in reply:
             raise StorageError(reply["error"])
@@ -127,9 +130,21 @@ class CheckpointManager:
         try:
             result = load(state, path, layouts=layouts, comm=self.comm, **kwargs)
         finally:
-            if self.comm.rank == 0:
+            if self.comm.rank == 0 and reply["marked"]:
                 self._storage(path).remove(marker)
         return reply["step"], result
+
+    def _mark_reading(self, path: str, marker: str) -> bool:
+        """Hold a checkpoint against retention while it is read; False where the storage is
+        read-only (nothing here can delete it then)."""
+        try:
+            self._storage(path).commit_file(marker, str(time.time()).encode())
+        except OSError as exc:
+            if exc.__cause__ is not None and getattr(exc.__cause__, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM):
+                log.info("%s is read-only; loading it without a reading marker", path)
+                return False
+            raise
+        return True
 
     def _apply_retention(self, newest: int) -> None:
         if self.keep_last is None:
@@ -137,15 +152,32 @@ class CheckpointManager:
         steps = [s for s in self.committed_steps() if s != newest]
         for step in steps[: max(0, len(steps) - (self.keep_last - 1))]:
             path = self.path_for(step)
+            if "://" not in path and os.path.islink(path):
+                log.info("retention: keeping %s, a link to a checkpoint elsewhere", path)
+                continue
             storage = self._storage(path)
             if self._being_read(storage):
                 log.info("retention: keeping %s, a load holds it", path)
                 continue
-            storage.remove(MANIFEST_PATH)  # uncommit first: a crash below leaves no half checkpoint
-            for name in storage.list_files():
-                storage.remove(name)
+            try:
+                self._delete_checkpoint(storage)
+            except ManifestError as exc:
+                log.warning("retention: keeping %s, its manifest is unreadable: %s", path, exc)
+                continue
             if isinstance(storage, LocalStorage):
                 _remove_empty_dirs(path)
+
+    @staticmethod
+    def _delete_checkpoint(storage: Storage) -> None:
+        """The manifest first (a crash below leaves no half checkpoint), then the files it names;
+        anything else in the directory is not ours to delete."""
+        manifest = read_manifest(storage)
+        storage.remove(MANIFEST_PATH)
+        for name in sorted({s.file for m in manifest.modules.values() for t in m.tensors.values() for s in t.shards}):
+            storage.remove(name)
+        for name in storage.list_files():  # and the markers of loads, or of a save that died committed
+            if name.startswith((READING_MARKER_PREFIX, SAVING_MARKER_PREFIX)):
+                storage.remove(name)
 
     def _being_read(self, storage: Storage) -> bool:
         now = time.time()

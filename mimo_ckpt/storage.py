@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -28,7 +29,7 @@ WRITE_PIECE_BYTES = 16 << 20
 ReadInto = Callable[..., None]
 """`read(offset, *out)`: fill the buffers `out`, in order, with one file's bytes from `offset` on."""
 
-__all__ = ["IO_THREADS", "ReadInto", "Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "check_relpath", "read_small_file"]
+__all__ = ["IO_THREADS", "ReadInto", "Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "check_relpath", "read_small_file", "open_regular"]
 
 
 class Storage(Protocol):
@@ -36,7 +37,8 @@ class Storage(Protocol):
         """Byte size of the file, or None when it does not exist."""
 
     def write_file(self, path: str, chunks: Iterable[Any]) -> None:
-        """Write a new file from buffers, in order, durably (data is on disk when this returns).
+        """Create a new file from buffers, in order, durably (data is on disk when this returns).
+        An existing file (or link) at `path` is an error: writers never write through a name.
         A buffer may be reused by the caller as soon as the next one is asked for."""
 
     def read_into(self, path: str, offset: int, *out: memoryview) -> None:
@@ -100,17 +102,25 @@ class LocalStorage:
         return full
 
     def size(self, path: str) -> int | None:
+        full = self._abs(path)
         try:
-            return os.stat(self._abs(path)).st_size
+            st = os.stat(full)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise StorageError(f"{full}: {exc}") from exc
+        _need_regular(st, full)
+        return st.st_size
 
     def write_file(self, path: str, chunks: Iterable[Any]) -> None:
         """Writes up to `io_threads` pieces of each chunk at once (pwrite releases the GIL)."""
         full = self._abs(path)
         try:
             os.makedirs(os.path.dirname(full), exist_ok=True)
-            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:  # O_EXCL: never through an existing name, a hard link to a source, or a symlink
+                fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                raise StorageError(f"{full} already exists; a writer only creates new files") from None
             try:
                 with ThreadPoolExecutor(self.io_threads) as pool:
                     offset = 0
@@ -135,10 +145,7 @@ class LocalStorage:
     @contextmanager
     def reader(self, path: str) -> Iterator[ReadInto]:
         full = self._abs(path)
-        try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise StorageError(f"opening {full}: {exc}") from exc
+        fd = open_regular(full)
         try:
             yield lambda offset, *out: _preadv_exact(fd, offset, [b.cast("B") for b in out if b.nbytes], full)
         finally:
@@ -185,6 +192,27 @@ class LocalStorage:
             pass
         except OSError as exc:
             raise StorageError(f"removing {full}: {exc}") from exc
+
+
+def open_regular(full: str) -> int:
+    """A read-only descriptor of a regular file. Opened non-blocking, so a FIFO or device in its
+    place cannot block the open forever, then checked before any read."""
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StorageError(f"opening {full}: {exc}") from exc
+    try:
+        _need_regular(os.fstat(fd), full)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _need_regular(st: os.stat_result, full: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a file"
+        raise StorageError(f"{full} is {kind}, not a regular file")
 
 
 def _fsync_dir(path: str) -> None:
@@ -251,10 +279,17 @@ class TensorStoreStorage:
 
     def write_file(self, path: str, chunks: Iterable[Any]) -> None:
         data = b"".join(bytes(memoryview(c).cast("B")) for c in chunks)
+        if not self._create(path, data):
+            raise StorageError(f"{self.url}{path} already exists; a writer only creates new files")
+
+    def _create(self, path: str, data: bytes) -> bool:
+        """Write `data` under a key that must not exist yet (a conditional write where the driver
+        has them); False when it exists."""
         try:
-            self._kv.write(check_relpath(path), data).result()
+            stamp = self._kv.write(check_relpath(path), data, if_equal=_NO_VALUE).result()
         except Exception as exc:
             raise StorageError(f"writing {self.url}{path}: {exc}") from exc
+        return stamp.generation != b""
 
     def read_into(self, path: str, offset: int, *out: memoryview) -> None:
         views = [b.cast("B") for b in out]
@@ -276,9 +311,14 @@ class TensorStoreStorage:
         yield partial(self.read_into, path)
 
     def commit_file(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
-        if exclusive and self.size(path) is not None:
-            raise CheckpointExistsError(f"{self.url}{path} already exists: another save committed first")
-        self.write_file(path, [data])
+        if exclusive:
+            if not self._create(path, data):
+                raise CheckpointExistsError(f"{self.url}{path} already exists: another save committed first")
+            return
+        try:
+            self._kv.write(check_relpath(path), data).result()
+        except Exception as exc:
+            raise StorageError(f"writing {self.url}{path}: {exc}") from exc
 
     def list_files(self) -> list[str]:
         return sorted(k.decode() if isinstance(k, bytes) else k for k in self._kv.list().result())
@@ -288,6 +328,10 @@ class TensorStoreStorage:
             self._kv.delete_range(_key_range(check_relpath(path))).result()
         except Exception as exc:
             raise StorageError(f"removing {self.url}{path}: {exc}") from exc
+
+
+_NO_VALUE = b"\x02"
+"""tensorstore's storage generation of a missing key: `if_equal=_NO_VALUE` writes only a new key."""
 
 
 def _key_range(key: str) -> object:

@@ -28,11 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .box import Box
-from .errors import ManifestError, ShardError, UnsafeCheckpointError
+from . import commit
+from .errors import ManifestError, ShardError, StorageError, UnsafeCheckpointError
+from .faults import fault_point
 from .layout import ModuleLayout
 from .megatron_keys import megatron_key, split_key
 from .progress import Progress
 from .rank_state import is_layout_bound
+from .storage import LocalStorage, check_relpath, read_small_file
 
 __all__ = ["DcpIndex", "read_index", "import_torch_dist", "export_torch_dist", "ImportReport"]
 
@@ -102,11 +105,11 @@ class DcpIndex:
 def read_index(path: str) -> DcpIndex:
     """The tensors and byte records of the DCP checkpoint in directory `path`."""
     source = os.path.join(path, METADATA_FILE)
+    data = read_small_file(LocalStorage(path), METADATA_FILE)
+    if data is None:
+        raise ManifestError(f"{path}: not a torch_dist checkpoint (no {METADATA_FILE})")
     try:
-        with open(source, "rb") as f:
-            metadata = _IndexUnpickler(f.read(), source).load()
-    except FileNotFoundError as exc:
-        raise ManifestError(f"{path}: not a torch_dist checkpoint (no {METADATA_FILE})") from exc
+        metadata = _IndexUnpickler(data, source).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as exc:
         raise ManifestError(f"{source}: unreadable DCP index: {exc}") from exc
     storage = {}
@@ -114,7 +117,11 @@ def read_index(path: str) -> DcpIndex:
         if getattr(info, "transform_descriptors", None):
             raise ManifestError(f"{source}: {index.fqn!r} is stored with transforms {info.transform_descriptors}, not supported")
         at = tuple(index.offset) if index.offset is not None else None
-        storage[(index.fqn, at)] = (info.relative_path, int(info.offset), int(info.length))
+        try:  # a data path must stay inside the checkpoint
+            check_relpath(str(info.relative_path))
+        except StorageError as exc:
+            raise ManifestError(f"{source}: {index.fqn!r}: {exc}") from None
+        storage[(index.fqn, at)] = (str(info.relative_path), int(info.offset), int(info.length))
     tensors, blobs = {}, {}
     for fqn, meta in metadata.state_dict_metadata.items():
         if hasattr(meta, "chunks"):
@@ -134,14 +141,15 @@ def read_index(path: str) -> DcpIndex:
     return DcpIndex(tensors, blobs)
 
 
-def _read_record(path: str, where: tuple[str, int, int]) -> bytes:
+def _read_record(src: LocalStorage, where: tuple[str, int, int]) -> bytes:
     file, offset, length = where
-    with open(os.path.join(path, file), "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise ManifestError(f"{os.path.join(path, file)}: record at {offset} is truncated ({len(data)} of {length} bytes)")
-    return data
+    size = src.size(file)
+    if size is None or offset < 0 or length < 0 or offset + length > size:
+        raise ManifestError(f"{os.path.join(src.root, file)}: record at {offset} of {length} bytes is outside "
+                            f"the file ({'missing' if size is None else f'{size} bytes'})")
+    data = bytearray(length)
+    src.read_into(file, offset, memoryview(data))
+    return bytes(data)
 
 
 def _load_object(data: bytes, what: str, allow_pickle: bool) -> Any:
@@ -195,6 +203,7 @@ def import_torch_dist(src: str, dst: str, *, allow_pickle: bool = False, progres
     from .shard import ObjectShard, TensorShard
 
     index = read_index(src)
+    source = LocalStorage(src)  # reads only regular files inside `src`, never through a link out
     report = ImportReport()
     state: dict[str, dict[str, Any]] = {}
     records: dict[str, Any] = {}  # DCP records of no module (megatron's common state)
@@ -203,7 +212,7 @@ def import_torch_dist(src: str, dst: str, *, allow_pickle: bool = False, progres
     for fqn, (dtype, shape, chunks) in sorted(index.tensors.items()):
         module, key = split_key(fqn)
         for c in chunks:
-            t = torch.load(io.BytesIO(_read_record(src, (c.file, c.offset, c.length))), map_location="cpu", weights_only=True)
+            t = torch.load(io.BytesIO(_read_record(source, (c.file, c.offset, c.length))), map_location="cpu", weights_only=True)
             if tuple(t.shape) != c.sizes or str(t.dtype).removeprefix("torch.") != dtype:
                 raise ManifestError(f"{src}: tensor {fqn!r} chunk at {list(c.offsets)}: stored {tuple(t.shape)} "
                                     f"{t.dtype}, index says {c.sizes} {dtype}")
@@ -218,7 +227,7 @@ def import_torch_dist(src: str, dst: str, *, allow_pickle: bool = False, progres
     for fqn, where in sorted(index.blobs.items()):
         m = _OBJECT_SHARD.match(fqn)
         key = m["key"] if m else fqn
-        value = _unwrap(_load_object(_read_record(src, where), f"{src}: object {fqn!r}", allow_pickle), fqn, src)
+        value = _unwrap(_load_object(_read_record(source, where), f"{src}: object {fqn!r}", allow_pickle), fqn, src)
         try:
             module, local = split_key(key)
         except ShardError:
@@ -238,9 +247,9 @@ def import_torch_dist(src: str, dst: str, *, allow_pickle: bool = False, progres
         report.objects += 1
 
     common_path = os.path.join(src, COMMON_FILE)
-    if os.path.exists(common_path):
-        with open(common_path, "rb") as f:
-            loaded = _load_object(f.read(), common_path, allow_pickle)
+    common_bytes = read_small_file(source, COMMON_FILE)
+    if common_bytes is not None:
+        loaded = _load_object(common_bytes, common_path, allow_pickle)
         for k, v in (loaded.items() if isinstance(loaded, dict) else [("common", loaded)]):
             if _json_able(v):
                 common[k] = v
@@ -265,7 +274,6 @@ def export_torch_dist(src: str, dst: str, *, modules: list[str] | None = None,
                       main_param_name: str = "fp32_param", progress: bool = True) -> dict[str, int]:
     """Write megatron's torch_dist checkpoint at `dst` from our checkpoint at `src`."""
     import torch
-    import torch.distributed.checkpoint as dcp
 
     from .dtypes import to_torch
     from .load_plan import plan_module_load
@@ -274,8 +282,6 @@ def export_torch_dist(src: str, dst: str, *, modules: list[str] | None = None,
     from .storage import open_storage
     from .tensor_io import fill_tensors
 
-    if os.path.exists(os.path.join(dst, METADATA_FILE)):
-        raise ManifestError(f"{dst} already holds a torch_dist checkpoint")
     storage = open_storage(src)
     manifest = read_manifest(storage, src)
     names = modules or sorted(manifest.modules)
@@ -315,16 +321,41 @@ def export_torch_dist(src: str, dst: str, *, modules: list[str] | None = None,
         for fqn, value in (manifest.metadata.get(TORCH_DIST_RECORDS) or {}).items():
             out[fqn] = _record(value)
             counts["objects"] += 1
-    os.makedirs(dst, exist_ok=True)
     common = manifest.metadata.get(TORCH_DIST_COMMON) if modules is None else None
-    if common:
-        with open(os.path.join(dst, COMMON_FILE), "wb") as f:
-            torch.save(common, f)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
-        # Unflattened: every megatron key is one DCP item, tensor or torch.save'd record.
-        planner = dcp.DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-        dcp.save(out, storage_writer=dcp.FileSystemWriter(dst), planner=planner, no_dist=True)
-    with open(os.path.join(dst, MEGATRON_CONFIG), "w") as f:
-        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, f)
+    _write_torch_dist(dst, out, common)
     return counts
+
+
+_DCP_FILES = (METADATA_FILE, f"{METADATA_FILE}.tmp", "__0_0.distcp", COMMON_FILE)
+"""What a one-process DCP save (one file, one thread) and the common state put in a folder."""
+
+
+def _write_torch_dist(dst: str, out: dict[str, Any], common: dict[str, Any] | None) -> None:
+    """DCP's files, then megatron's `metadata.json` (its loader's sign of a whole checkpoint) as
+    the index of the commit protocol: published exclusively, last."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    os.makedirs(dst, exist_ok=True)
+    folder = LocalStorage(dst)
+    save_id = commit.begin(folder, MEGATRON_CONFIG, dst)
+    committed = False
+    try:
+        commit.announce(folder, save_id, _DCP_FILES, dst)  # DCP writes through names: they must be free
+        fault_point("offline.start", 0)
+        if common:
+            blob = io.BytesIO()
+            torch.save(common, blob)
+            folder.write_file(COMMON_FILE, [blob.getbuffer()])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+            # Unflattened: every megatron key is one DCP item, tensor or torch.save'd record.
+            planner = dcp.DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+            dcp.save(out, storage_writer=dcp.FileSystemWriter(dst), planner=planner, no_dist=True)
+        fault_point("offline.write", 0)
+        fault_point("offline.commit", 0)
+        config = json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}).encode()
+        commit.publish(folder, save_id, MEGATRON_CONFIG, config, dst)
+        committed = True
+    finally:
+        commit.finish(folder, save_id, committed)

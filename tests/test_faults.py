@@ -1,8 +1,8 @@
 """A rank killed (SIGKILL) at each stage of a 4-rank save, and during a load.
 
 After each: the surviving ranks fail with RemoteRankError well inside the comm's timeout, the
-previous checkpoint loads bit-exactly, the partial one is not `latest`, and saving the same step
-again succeeds and leaves only the files its manifest names.
+previous checkpoint loads bit-exactly, the partial one is not the latest step (a committed one is),
+and saving the same step again succeeds and leaves only the files its manifest names.
 """
 
 import pytest
@@ -55,7 +55,8 @@ def test_a_killed_rank_fails_the_others_and_leaves_the_previous_checkpoint(tmp_p
     step2 = LocalStorage(manager.path_for(2))
     if point == "save.committed":  # the manifest was written just before rank 0 died
         assert step2.size(MANIFEST_PATH) is not None
-        assert manager.latest_step() == 1  # but latest was never moved to it
+        assert manager.latest_step() == 2  # whole, though `latest` was never moved to it
+        assert _load_step(manager, 2) == []
         return
     assert manager.latest_step() == 1
     assert step2.size(MANIFEST_PATH) is None
