@@ -13,8 +13,9 @@ import os
 import re
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
+from .commit import new_save_id
 from .errors import LayoutError, MimoCkptError
 from .manifest import Manifest, read_manifest
 from .progress import human_bytes
@@ -29,6 +30,28 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 512M, 2G, 1048576)")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
+
+
+def positive_int(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def regex(text: str) -> str:
+    """A pattern checked here, so a bad one is a usage error rather than a failure mid-export."""
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {exc}") from None
+    return text
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command (the usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def svg_path(text: str) -> str:
@@ -196,10 +219,13 @@ def _reshard(args: argparse.Namespace) -> int:
     layouts = {}
     for text in args.module:
         name = text.partition("=")[0]
+        if name in layouts:  # keeping either one silently would reshard to a layout not asked for
+            raise LayoutError(f"--module {name!r} is given more than once; give each module's layout once")
         old = manifest.modules[name].layout if name in manifest.modules else None
         name, layout = parse_layout_arg(text, old)
         layouts[name] = layout
-    plans = plan_reshard(manifest, layouts)
+    save_id = new_save_id()  # names the new files, so no run can collide with the files of another
+    plans = plan_reshard(manifest, layouts, file_tag=save_id, allow_uneven=args.allow_uneven)
     for name, p in plans.items():
         print(f"module {name}: {p.old.describe()} -> {p.new.describe()}: read {human_bytes(p.read_bytes)}, "
               f"write {human_bytes(p.write_bytes)} in {len(p.plan.files)} files")
@@ -211,7 +237,8 @@ def _reshard(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     budget = _budget(args, args.workers)
-    run_reshard(args.src, args.dst, manifest, plans, budget=budget, workers=args.workers, progress=_progress(args))
+    run_reshard(args.src, args.dst, manifest, plans, budget=budget, workers=args.workers, progress=_progress(args),
+                save_id=save_id)
     print(f"wrote {args.dst}")
     return 0
 
@@ -236,7 +263,7 @@ def _export(args: argparse.Namespace) -> int:
                         rename=rename, include=args.include, exclude=args.exclude)
     os.makedirs(args.to, exist_ok=True)
     index = run_export(storage, LocalStorage(args.to), module, manifest.modules[module], files,
-                       _budget(args), progress=_progress(args))
+                       _budget(args), progress=_progress(args), where=args.to)
     print(f"exported {len(index['weight_map'])} tensors, {human_bytes(index['metadata']['total_size'])} "
           f"in {len(files)} files to {args.to}")
     return 0
@@ -268,7 +295,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimo-ckpt", description="Inspect, verify, compare, reshard and export "
+    parser = _OneLineParser(prog="mimo-ckpt", description="Inspect, verify, compare, reshard and export "
                                      "mimo-ckpt checkpoints offline (no GPU, no process group).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -303,11 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--module", action="append", required=True, metavar="NAME=tp1,dp2,...",
-                   help="new layout of a module: sizes tpN cpN epN ppN dpN (others 1), optional offset=N, "
-                        "order=tp-cp-ep-pp-dp (default: the saved ones); repeatable")
+                   help="new layout of a module: sizes tpN cpN epN ppN dpN, offset=N, order=tp-cp-ep-pp-dp; "
+                        "what is not named keeps its saved value; once per module")
+    p.add_argument("--allow-uneven", action="store_true",
+                   help="split tp, ep and pp parts that do not divide a tensor dimension, remainder to the "
+                        "first parts (refused by default: megatron builds those parts from equal pieces)")
     p.add_argument("--max-memory", type=parse_size, default=default_max_memory(),
                    help="peak memory of the whole command, e.g. 512M (default: 1/16 of RAM)")
-    p.add_argument("--workers", type=int, default=1, help="processes writing files in parallel")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes writing files in parallel")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     p.set_defaults(run=_reshard)
 
@@ -322,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(DistributedOptimizer, fully_reshardable)")
     p.add_argument("--max-shard-size", type=parse_size, default=5 << 30, help="largest file, e.g. 2G (default 5G)")
     p.add_argument("--rename", metavar="MAP.json", help="JSON object mapping checkpoint keys to exported names")
-    p.add_argument("--include", metavar="REGEX", help="only keys matching")
-    p.add_argument("--exclude", metavar="REGEX", help="skip keys matching (e.g. '^optimizer\\.')")
+    p.add_argument("--include", metavar="REGEX", type=regex, help="only keys matching")
+    p.add_argument("--exclude", metavar="REGEX", type=regex, help="skip keys matching (e.g. '^optimizer\\.')")
     p.add_argument("--max-memory", type=parse_size, default=default_max_memory(), help="peak memory, e.g. 512M")
     p.set_defaults(run=_export)
 

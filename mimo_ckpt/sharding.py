@@ -4,10 +4,15 @@ A split spec lists, for every tensor dimension, the parallel dimensions that cut
 (`(("pp",), ("tp", "dp"))`: dim 0 by PP, dim 1 by TP and, inside each TP part, by DP). Offline
 tools use it to choose boxes under another layout; correctness never depends on it, since any
 tiling loads under any layout.
+
+Replay is hierarchical: each parallel dim of a spec cuts the part chosen by the dims before it,
+with `balanced_part`. The one exception is ZeRO: optimizer state is split over the dp x cp group
+as one flat range (`optim.params.zero1_rows`), so dp and cp next to each other form one level.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import numpy as np
@@ -15,9 +20,18 @@ import numpy as np
 from .box import Box
 from .layout import ModuleLayout
 
-__all__ = ["SplitSpec", "infer_split", "box_for_rank", "boxes_for_layout"]
+__all__ = [
+    "SplitSpec", "MUST_DIVIDE", "balanced_part", "split_levels", "uneven_levels", "infer_split", "box_for_rank",
+    "boxes_for_layout",
+]
 
 SplitSpec = tuple[tuple[str, ...], ...]
+
+# Model-parallel dims: megatron builds a TP, EP or PP part only from equal pieces (it asserts
+# divisibility, pads vocabularies and sets uneven pipeline stages explicitly). dp and cp cut only
+# ZeRO optimizer state, which is balanced-uneven by design.
+MUST_DIVIDE = frozenset({"tp", "ep", "pp"})
+_FLAT = frozenset({"dp", "cp"})
 
 
 def infer_split(layout: ModuleLayout, boxes_by_rank: Mapping[int, Box], ndim: int) -> SplitSpec:
@@ -50,21 +64,55 @@ def infer_split(layout: ModuleLayout, boxes_by_rank: Mapping[int, Box], ndim: in
     return tuple(tuple(sorted(j, key=lambda p: (-j[p], p))) for j in jump)
 
 
-def _part(n: int, parts: int, index: int) -> tuple[int, int]:
-    """Offset and size of part `index` of `n` split as evenly as possible."""
+def balanced_part(n: int, parts: int, index: int) -> tuple[int, int]:
+    """Offset and size of part `index` of `n` cut into `parts` contiguous runs, remainder to the first.
+
+    The one rule for uneven splits, shared by reshard and the ZeRO-1 optimizer. The first `n % parts`
+    parts get one more element, as `torch.tensor_split` / `numpy.array_split` do, which megatron-core
+    uses where it splits unevenly (the MIMO bridge's batch fan-out)."""
     base, extra = divmod(n, parts)
     return index * base + min(index, extra), base + (1 if index < extra else 0)
+
+
+def split_levels(dims: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The levels one tensor dim is cut at, major first: adjacent dp and cp merge into one."""
+    levels: list[tuple[str, ...]] = []
+    for p in dims:
+        if levels and p in _FLAT and levels[-1][-1] in _FLAT:
+            levels[-1] += (p,)
+        else:
+            levels.append((p,))
+    return levels
+
+
+def _level_parts(level: tuple[str, ...], layout: ModuleLayout) -> int:
+    return math.prod(getattr(layout, p) for p in level)
+
+
+def uneven_levels(dims: tuple[str, ...], size: int, layout: ModuleLayout) -> list[tuple[str, int, int]]:
+    """(parallel dim, extent, parts) of each model-parallel cut of one tensor dim that leaves a remainder."""
+    found = []
+    extents = {size}
+    for level in split_levels(dims):
+        parts = _level_parts(level, layout)
+        if level[0] in MUST_DIVIDE:
+            found += [(level[0], e, parts) for e in sorted(extents) if e % parts]
+        # balanced parts of e are e // parts long, and one longer where there is a remainder
+        extents = {e // parts + (1 if e % parts and i else 0) for e in extents for i in (0, 1)}
+    return found
 
 
 def box_for_rank(split: SplitSpec, global_shape: tuple[int, ...], layout: ModuleLayout, rank: int) -> Box:
     coords = layout.coords(rank)
     offset, shape = [], []
     for size, dims in zip(global_shape, split):
-        index, parts = 0, 1
-        for p in dims:  # major first: mixed radix
-            index = index * getattr(layout, p) + coords[p]
-            parts *= getattr(layout, p)
-        o, s = _part(size, parts, index)
+        o, s = 0, size
+        for level in split_levels(dims):
+            index = 0
+            for p in level:  # major first: mixed radix
+                index = index * getattr(layout, p) + coords[p]
+            lo, s = balanced_part(s, _level_parts(level, layout), index)
+            o += lo
         offset.append(o)
         shape.append(s)
     return Box(tuple(offset), tuple(shape))

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from mimo_ckpt.box import Box
 from mimo_ckpt.errors import ShardError
+from mimo_ckpt.sharding import balanced_part
 
 __all__ = ["ShardedParam", "SliceRef", "first_holders", "first_key_holders", "zero1_rows"]
 
@@ -90,5 +91,9 @@ def first_key_holders(refs_by_rank: Mapping[int, Iterable[SliceRef]]) -> dict[st
 
 
 def zero1_rows(rows: int, index: int, count: int) -> tuple[int, int]:
-    """Rows [begin, end) of dimension 0 that member `index` of `count` owns; balanced, in order."""
-    return rows * index // count, rows * (index + 1) // count
+    """Rows [begin, end) of dimension 0 that member `index` of `count` owns; balanced, in order.
+
+    The same rule offline reshard replays (`mimo_ckpt.sharding.balanced_part`), so resharded
+    state boxes are exactly the rows each rank of the new layout asks for."""
+    begin, size = balanced_part(rows, count, index)
+    return begin, begin + size

@@ -26,7 +26,7 @@ WORLD = 4
 SAVED = {IMAGES: ModuleLayout(tp=2), LANGUAGE: ModuleLayout(pp=2, rank_offset=2)}
 CASES = {
     # name: (--module arguments of `mimo-ckpt reshard`, the layouts they give)
-    "images_tp1_dp2": (["images=dp2"], {IMAGES: ModuleLayout(dp=2), LANGUAGE: SAVED[LANGUAGE]}),
+    "images_tp1_dp2": (["images=tp1,dp2"], {IMAGES: ModuleLayout(dp=2), LANGUAGE: SAVED[LANGUAGE]}),
     "language_pp1": (["language=pp1"], {IMAGES: SAVED[IMAGES], LANGUAGE: ModuleLayout(rank_offset=2)}),
     "language_dp2": (["language=dp2"], {IMAGES: SAVED[IMAGES], LANGUAGE: ModuleLayout(dp=2, rank_offset=2)}),
 }

@@ -39,7 +39,7 @@ def src(tmp_path_factory):
 @pytest.fixture(scope="module")
 def resharded(src, tmp_path_factory):
     dst = tmp_path_factory.mktemp("cli") / "dst"
-    out = cli("reshard", src, dst, "--module", "images=dp2", "--max-memory", "256M", check=0)
+    out = cli("reshard", src, dst, "--module", "images=tp1,dp2", "--max-memory", "256M", check=0)
     return dst, out
 
 
@@ -181,7 +181,7 @@ def test_reshard_with_workers_matches(src, tmp_path):
 def test_errors_are_one_line(src, tmp_path):
     for args in (("inspect", tmp_path / "none"), ("reshard", src, tmp_path / "x", "--module", "video=tp2"),
                  ("reshard", src, tmp_path / "x", "--module", "images=tp2,zz3"),
-                 ("reshard", src, tmp_path / "x", "--module", "images=dp2", "--max-memory", "1M")):
+                 ("reshard", src, tmp_path / "x", "--module", "images=tp1,dp2", "--max-memory", "1M")):
         out = cli(*args, check=2)
         assert out.stderr.count("\n") == 1 and "error:" in out.stderr, out.stderr
     assert not (tmp_path / "x").exists()
