@@ -135,8 +135,9 @@ class CheckpointManager:
         return reply["step"], result
 
     def _mark_reading(self, path: str, marker: str) -> bool:
-        """Hold a checkpoint against retention while it is read; False where the storage is
-        read-only (nothing here can delete it then)."""
+        """Hold a checkpoint against retention while it is read; False where this process may not
+        write there (a read-only mount, or a checkpoint of another user: retention run by that
+        user does not see this load then)."""
         try:
             self._storage(path).commit_file(marker, str(time.time()).encode())
         except OSError as exc:
@@ -164,20 +165,29 @@ class CheckpointManager:
             except ManifestError as exc:
                 log.warning("retention: keeping %s, its manifest is unreadable: %s", path, exc)
                 continue
+            except StorageError as exc:
+                log.warning("retention: %s kept in part: %s", path, exc)
             if isinstance(storage, LocalStorage):
                 _remove_empty_dirs(path)
 
     @staticmethod
     def _delete_checkpoint(storage: Storage) -> None:
         """The manifest first (a crash below leaves no half checkpoint), then the files it names;
-        anything else in the directory is not ours to delete."""
+        anything else in the directory is not ours to delete. A file that cannot be removed (one
+        behind a directory linked out of the checkpoint) is kept; the first such error is raised
+        after the rest are gone."""
         manifest = read_manifest(storage)
         storage.remove(MANIFEST_PATH)
-        for name in sorted({s.file for m in manifest.modules.values() for t in m.tensors.values() for s in t.shards}):
-            storage.remove(name)
-        for name in storage.list_files():  # and the markers of loads, or of a save that died committed
-            if name.startswith((READING_MARKER_PREFIX, SAVING_MARKER_PREFIX)):
+        names = sorted({s.file for m in manifest.modules.values() for t in m.tensors.values() for s in t.shards})
+        names += [n for n in storage.list_files() if n.startswith((READING_MARKER_PREFIX, SAVING_MARKER_PREFIX))]
+        first: StorageError | None = None
+        for name in names:  # and the markers of loads, or of a save that died committed
+            try:
                 storage.remove(name)
+            except StorageError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     def _being_read(self, storage: Storage) -> bool:
         now = time.time()

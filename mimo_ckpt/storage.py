@@ -36,6 +36,9 @@ class Storage(Protocol):
     def size(self, path: str) -> int | None:
         """Byte size of the file, or None when it does not exist."""
 
+    def exists(self, path: str) -> bool:
+        """Whether anything is at `path`: a file, or a link, even one that leads nowhere."""
+
     def write_file(self, path: str, chunks: Iterable[Any]) -> None:
         """Create a new file from buffers, in order, durably (data is on disk when this returns).
         An existing file (or link) at `path` is an error: writers never write through a name.
@@ -51,14 +54,14 @@ class Storage(Protocol):
 
     def commit_file(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
         """Atomically publish a small file: readers see the old state or the whole new file.
-        With `exclusive`, fail with CheckpointExistsError if the file exists (where the backend can
-        tell atomically; otherwise by a check just before)."""
+        With `exclusive`, fail with CheckpointExistsError if the file exists (checked atomically)."""
 
     def list_files(self) -> list[str]:
         """Every file in the checkpoint, as relative paths."""
 
     def remove(self, path: str) -> None:
-        """Delete a file; a missing file is not an error."""
+        """Delete a file (a link: the link, never what it points to); a missing file is not an
+        error, a path that leaves the checkpoint through a linked directory is."""
 
 
 def read_small_file(storage: Storage, path: str) -> bytes | None:
@@ -100,6 +103,9 @@ class LocalStorage:
             if os.path.exists(full):
                 self._inside.add(path)
         return full
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(self._abs(path))
 
     def size(self, path: str) -> int | None:
         full = self._abs(path)
@@ -185,7 +191,10 @@ class LocalStorage:
         return sorted(out)
 
     def remove(self, path: str) -> None:
-        full = os.path.join(self.root, check_relpath(path))  # the link itself, never its target
+        rel = check_relpath(path)
+        if "/" in rel:  # a directory on the way that links out of the root is refused
+            self._abs(posixpath.dirname(rel))
+        full = os.path.join(self.root, rel)  # a link as the last part: the link itself, never its target
         try:
             os.unlink(full)
         except FileNotFoundError:
@@ -273,8 +282,14 @@ class TensorStoreStorage:
         except Exception as exc:  # tensorstore raises ValueError/RuntimeError variants
             raise StorageError(f"opening tensorstore kvstore {url!r}: {exc}") from exc
 
+    def exists(self, path: str) -> bool:
+        return self.size(path) is not None
+
     def size(self, path: str) -> int | None:
-        result = self._kv.read(check_relpath(path)).result()
+        try:
+            result = self._kv.read(check_relpath(path)).result()
+        except Exception as exc:  # tensorstore raises ValueError/RuntimeError variants
+            raise StorageError(f"reading {self.url}{path}: {exc}") from exc
         return None if result.state == "missing" else len(result.value)
 
     def write_file(self, path: str, chunks: Iterable[Any]) -> None:
@@ -294,7 +309,10 @@ class TensorStoreStorage:
     def read_into(self, path: str, offset: int, *out: memoryview) -> None:
         views = [b.cast("B") for b in out]
         size = sum(len(v) for v in views)
-        result = self._kv.read(check_relpath(path), byte_range=slice(offset, offset + size)).result()
+        try:
+            result = self._kv.read(check_relpath(path), byte_range=slice(offset, offset + size)).result()
+        except Exception as exc:
+            raise StorageError(f"reading {self.url}{path}: {exc}") from exc
         if result.state == "missing":
             raise StorageError(f"{self.url}{path}: file is missing")
         if len(result.value) != size:
@@ -321,7 +339,11 @@ class TensorStoreStorage:
             raise StorageError(f"writing {self.url}{path}: {exc}") from exc
 
     def list_files(self) -> list[str]:
-        return sorted(k.decode() if isinstance(k, bytes) else k for k in self._kv.list().result())
+        try:
+            keys = self._kv.list().result()
+        except Exception as exc:
+            raise StorageError(f"listing {self.url}: {exc}") from exc
+        return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
 
     def remove(self, path: str) -> None:
         try:

@@ -59,6 +59,19 @@ def test_retention_never_follows_a_linked_step(tmp_path):
     assert not (root / "step_000000001").exists() and not (root / "step_000000002").exists()
 
 
+def test_retention_never_deletes_through_a_linked_module_directory(tmp_path):
+    root, archive = tmp_path / "run", tmp_path / "archive"
+    manager_save(root, 1)
+    os.rename(root / "step_000000001" / "images", archive)
+    os.symlink(archive, root / "step_000000001" / "images")
+    before = tree_hashes(archive)
+    for step in (2, 3):
+        manager_save(root, step, keep_last=1)
+    assert tree_hashes(archive) == before and before
+    assert not (root / "step_000000001" / MANIFEST_PATH).exists()
+    assert not (root / "step_000000001" / "language").exists()  # what lay inside the step is gone
+
+
 def test_retention_deletes_only_the_files_a_manifest_names(tmp_path):
     root = tmp_path / "run"
     manager_save(root, 1)
@@ -200,6 +213,8 @@ def test_a_fifo_or_directory_as_latest_or_manifest_of_a_step(tmp_path):
     assert run_forked(lambda: 0 if CheckpointManager(root).latest_step() == 1 else 1, timeout=60) == 0
     with pytest.raises(StorageError, match="directory"):
         LocalStorage(root / "step_000000002").size(MANIFEST_PATH)
+    assert run_forked(lambda: manager_save(root, 3), timeout=60) == 0  # the next save replaces the FIFO
+    assert (root / "latest").is_file() and CheckpointManager(root).latest_step() == 3
 
 
 def test_latest_step_is_the_newest_committed_even_when_latest_lags(tmp_path):
