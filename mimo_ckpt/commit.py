@@ -64,7 +64,7 @@ def announce(storage: Storage, save_id: str, names: Iterable[str], where: str) -
     A name that exists already is another program's (`begin` removed what dead writes left), so
     it is refused before it is recorded: a failed write never deletes it."""
     names = sorted({check_relpath(n) for n in names})
-    taken = [n for n in names if storage.size(n) is not None]
+    taken = [n for n in names if storage.exists(n)]
     if taken:
         shown = ", ".join(taken[:5]) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
         raise StorageError(f"{where} already holds {shown}, not written by mimo-ckpt; write into a new folder")
@@ -72,19 +72,35 @@ def announce(storage: Storage, save_id: str, names: Iterable[str], where: str) -
 
 
 def publish(storage: Storage, save_id: str, index: str, blob: bytes, where: str) -> None:
-    """Commit: write the index exclusively, unless another write took the target over."""
+    """Commit: write the index exclusively, unless another write took the target over (checked
+    before, and again after: a take-over between the two removed our files, so the index that
+    names them is withdrawn)."""
+    _need_marker(storage, save_id, where)
+    storage.commit_file(index, blob, exclusive=True)
+    try:
+        _need_marker(storage, save_id, where)
+    except StorageError:
+        storage.remove(index)
+        raise
+
+
+def _need_marker(storage: Storage, save_id: str, where: str) -> None:
     if storage.size(marker(save_id)) is None:
         raise StorageError(
             f"another write to {where} started while this one ran (it removed our marker); not committing {save_id}"
         )
-    storage.commit_file(index, blob, exclusive=True)
 
 
 def finish(storage: Storage, save_id: str, committed: bool) -> None:
-    """Remove our marker; when nothing was committed, first every file this write created."""
-    if not committed:
-        _remove_created(storage, save_id, storage.list_files())
-    storage.remove(marker(save_id))
+    """Remove our marker; when nothing was committed, first every file this write created.
+    Never raises: a failure here must not hide the error that ended the write, nor turn a
+    commit into a failure; what is left, the next write's `begin` takes over."""
+    try:
+        if not committed:
+            _remove_created(storage, save_id, storage.list_files())
+        storage.remove(marker(save_id))
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning("cleaning up after write %s: %s", save_id, exc)
 
 
 def _take_over(storage: Storage, where: str) -> None:

@@ -23,7 +23,7 @@ POINTS = (
     "save.committed",  # rank 0, after the manifest is written, before the ranks hear of it
     "load.read",       # before this rank reads its data
     "offline.start",   # reshard and exports: after the write began, before any data file
-    "offline.write",   # after the first data file is written
+    "offline.write",   # after the first data file is written (torch_dist export: all of DCP's)
     "offline.commit",  # before the index is published
 )
 

@@ -228,8 +228,11 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: workers end when the pool's pipe closes
         return
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() == 1:  # the parent died before prctl took effect (under a subreaper: see below)
         os._exit(1)
+    # PDEATHSIG follows the thread that forked the worker: the pool forks from the thread that
+    # submits, the reshard's own. Should that thread end first, the pool's closed pipe ends the
+    # worker at its next task.
 
 
 _PR_SET_PDEATHSIG = 1
@@ -237,7 +240,7 @@ _PR_SET_PDEATHSIG = 1
 
 def run_reshard(
     src_url: str, dst_url: str, manifest: Manifest, plans: Mapping[str, ModuleReshard], *,
-    budget: Budget, workers: int = 1, progress: bool = True, save_id: str | None = None,
+    budget: Budget, save_id: str, workers: int = 1, progress: bool = True,
 ) -> Manifest:
     """Write the resharded checkpoint at `dst_url` through the commit protocol; returns its
     (committed) manifest. New files carry `save_id` in their names (plan with
