@@ -10,26 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import crc32c
 import numpy as np
 
-from .errors import CorruptShardError, PlanError
+from .errors import PlanError
 
-__all__ = [
-    "BLOCK_BYTES", "ShardSums", "BlockHasher", "crc_of", "crc32c_combine", "shard_sums", "shard_checksums",
-    "check_blocks",
-]
+__all__ = ["BLOCK_BYTES", "ShardSums", "BlockHasher", "crc32c_combine", "shard_sums"]
 
 BLOCK_BYTES = 1 << 20
-
-
-def crc_of(buffers: Iterable[memoryview | np.ndarray]) -> int:
-    value = 0
-    for b in buffers:
-        value = crc32c.crc32c(b, value)
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +94,6 @@ def shard_sums(data: memoryview, block_bytes: int = BLOCK_BYTES) -> ShardSums:
     return hasher.sums()
 
 
-def shard_checksums(data: memoryview, block_bytes: int = BLOCK_BYTES) -> tuple[int, tuple[int, ...]]:
-    """(crc of all bytes, crc per block) of `shard_sums`."""
-    sums = shard_sums(data, block_bytes)
-    return sums.crc32c, sums.block_crcs
-
-
 # CRC combination as in zlib's crc32_combine: appending len2 bytes multiplies the first crc by
 # x^(8 * len2) modulo the polynomial (in the bit-reflected representation), then adds the second.
 _POLY = 0x82F63B78  # CRC-32C (Castagnoli), bit-reflected
@@ -152,35 +136,3 @@ def _shift_by_bytes(nbytes: int) -> int:
 def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
     """The crc32c of A + B from crc32c(A), crc32c(B) and len(B)."""
     return _multiply_mod_poly(_shift_by_bytes(len2), crc1) ^ crc2
-
-
-def check_blocks(
-    shard_begin: int, shard_end: int, block_bytes: int, block_crcs: Sequence[int],
-    file_offset: int, buffers: Sequence[memoryview | np.ndarray], where: str,
-) -> int:
-    """Check the blocks that bytes `[file_offset, file_offset + len(buffers))` cover completely;
-    returns how many were checked. Raises CorruptShardError naming the first bad block."""
-    k = -(-(file_offset - shard_begin) // block_bytes)  # first block starting inside the read
-    if k >= len(block_crcs):
-        return 0
-    lo = shard_begin + k * block_bytes
-    hi = min(lo + block_bytes, shard_end)
-    pos, crc, checked = file_offset, 0, 0
-    for buf in buffers:  # one pass: each byte is hashed once, whatever the number of buffers
-        view = memoryview(buf).cast("B")
-        start, end = pos, pos + len(view)
-        i = max(start, lo)
-        while i < end:
-            j = min(end, hi)
-            crc = crc32c.crc32c(view[i - start : j - start], crc)
-            i = j
-            if i < hi:
-                break
-            if crc != block_crcs[k]:
-                raise CorruptShardError(f"{where}: checksum mismatch in block {k} (bytes {lo}..{hi}): the file is corrupt")
-            checked, k, crc = checked + 1, k + 1, 0
-            if k == len(block_crcs):
-                return checked
-            lo, hi = hi, min(hi + block_bytes, shard_end)
-        pos = end
-    return checked

@@ -104,8 +104,10 @@ def execute_reads(
     """Fill `targets[item.request]` (array, its box) from storage; returns bytes read.
 
     Up to `threads` files are read at once, each as one stream in file order (the items' target
-    regions are disjoint). Every thread's scratch buffer holds at most one stored span, or
-    `temp_bytes` when given (the span is then read in pieces).
+    regions are disjoint). With `verify`, reads widen to the whole checksum blocks they touch (or
+    the whole shard, when it has none) and every byte read is checked. Scratch per thread: the
+    stored span being read (at most `temp_bytes` when given: the span is then read in pieces) and
+    up to MAX_GAPS_BYTES of gaps read between runs.
     """
     by_file: dict[str, list[ReadItem]] = {}
     for item in items:

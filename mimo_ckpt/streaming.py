@@ -11,13 +11,15 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import crc32c
 import numpy as np
 
 from .box import Box, split_for_span
 from .checksums import BlockHasher, ShardSums
 from .dtypes import ITEMSIZE
+from .errors import CorruptShardError
 from .load_plan import plan_tensor_reads
-from .manifest import StoredTensor
+from .manifest import StoredShard, StoredTensor
 from .progress import Progress
 from .reads import execute_reads, raw_dtype
 from .storage import Storage
@@ -64,16 +66,40 @@ def iter_box(
     buffer: np.ndarray | None = None,
 ) -> Iterator[tuple[Box, np.ndarray]]:
     """Pieces of `box` in C order with their raw values (views into one reused buffer), every byte
-    checked against the stored checksums: offline tools never pass on corrupt data."""
+    checked against the stored checksums: offline tools never hand on, or re-checksum, corrupt
+    data. A shard without blocks that spans several pieces is checked whole once, up front;
+    checking it with each piece would read it whole for every piece."""
     itemsize = ITEMSIZE[stored.dtype]
     if buffer is None:
         buffer = np.empty(max(budget.chunk_bytes, itemsize), dtype=np.uint8)
-    for piece in split_for_span(box, box, max(1, budget.chunk_bytes // itemsize)):
+    piece_elements = max(1, budget.chunk_bytes // itemsize)
+    checked: set[StoredShard] = set()
+    for piece in split_for_span(box, box, piece_elements):
         nbytes = piece.volume * itemsize
         out = buffer[:nbytes].view(raw_dtype(stored.dtype)).reshape(piece.shape)
         items = plan_tensor_reads(module, key, stored, piece)
-        execute_reads(storage, items, [(out, piece)], verify=True, temp_bytes=budget.temp_bytes)
+        for item in items:
+            shard = item.shard
+            if not shard.block_crcs and shard not in checked and shard.box.volume > piece_elements:
+                _check_whole(storage, shard, budget.temp_bytes, item.what)
+                checked.add(shard)
+        execute_reads(storage, [i for i in items if i.shard in checked], [(out, piece)],
+                      verify=False, temp_bytes=budget.temp_bytes)
+        execute_reads(storage, [i for i in items if i.shard not in checked], [(out, piece)],
+                      verify=True, temp_bytes=budget.temp_bytes)
         yield piece, out
+
+
+def _check_whole(storage: Storage, shard: StoredShard, chunk_bytes: int, what: str) -> None:
+    buf = np.empty(max(1, min(chunk_bytes, shard.end - shard.begin)), dtype=np.uint8)
+    crc = 0
+    for start in range(shard.begin, shard.end, len(buf)):
+        view = buf[: min(len(buf), shard.end - start)]
+        storage.read_into(shard.file, start, memoryview(view))
+        crc = crc32c.crc32c(view, crc)
+    if crc != shard.crc32c:
+        raise CorruptShardError(f"{what + ': ' if what else ''}{shard.file} (box {shard.box}): checksum mismatch "
+                                f"in bytes {shard.begin}..{shard.end}: the file is corrupt")
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,9 @@ import json
 import struct
 from dataclasses import dataclass
 
-import crc32c
 import numpy as np
 
+from .checksums import BLOCK_BYTES, BlockHasher
 from .errors import ManifestError, StorageError
 from .manifest import Manifest, ModuleEntry, StoredShard, loads_strict
 from .progress import Progress
@@ -121,19 +121,27 @@ def _check_file(storage: Storage, path: str, placed: list[_Placed]) -> tuple[lis
 
 
 def _checksum(storage: Storage, p: _Placed, buf: np.ndarray, bar: Progress | None) -> BadShard | None:
+    """The shard's bytes hashed as the writer did: the whole-shard crc and every block crc."""
     shard, chunk_bytes = p.shard, len(buf)
-    crc = 0
+    hasher = BlockHasher(shard.block_bytes or BLOCK_BYTES)
     for start in range(shard.begin, shard.end, chunk_bytes):
         view = buf[: min(chunk_bytes, shard.end - start)]
         try:
             storage.read_into(shard.file, start, memoryview(view))
         except StorageError as exc:
             return _bad(p, str(exc))
-        crc = crc32c.crc32c(view, crc)
+        hasher.update(view)
         if bar:
             bar.advance(len(view))
-    if crc != shard.crc32c:
-        return _bad(p, f"checksum {crc:08x} != manifest {shard.crc32c:08x}")
+    got = hasher.sums()
+    if got.crc32c != shard.crc32c:
+        return _bad(p, f"checksum {got.crc32c:08x} != manifest {shard.crc32c:08x}")
+    if shard.block_crcs and got.block_crcs != shard.block_crcs:
+        k = next(i for i, (a, b) in enumerate(zip(got.block_crcs, shard.block_crcs)) if a != b) \
+            if len(got.block_crcs) == len(shard.block_crcs) else -1
+        what = f"block {k} checksum {got.block_crcs[k]:08x} != manifest {shard.block_crcs[k]:08x}" if k >= 0 else \
+            f"{len(got.block_crcs)} blocks of {shard.block_bytes} bytes, the manifest lists {len(shard.block_crcs)}"
+        return _bad(p, what)
     return None
 
 

@@ -7,12 +7,14 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import crc32c
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from mimo_ckpt.local_world import run_local_world
+from mimo_ckpt.manifest import encode_manifest
 from tools.synthetic_state import global_tensors
 
 NO_TORCH = ("import sys, mimo_ckpt.cli as c; rc = c.main(sys.argv[1:]); "
@@ -129,6 +131,9 @@ def test_diff_identical_then_one_changed_element(src, resharded, tmp_path):
     old = np.frombuffer(bytes(data[start:start + 4]), dtype=np.float32)[0]
     data[start:start + 4] = np.float32(old + 0.5).tobytes()
     path.write_bytes(bytes(data))
+    assert "blocks" not in shard  # a valid edit: the shard's checksum follows the change
+    shard["crc32c"] = f"{crc32c.crc32c(bytes(data[shard['begin']:shard['end']])):08x}"
+    (copy / "manifest.json").write_bytes(encode_manifest(manifest))
     found = json.loads(cli("diff", src, copy, "--json", check=1).stdout)
     changed = [d for d in found if d["status"] != "identical"]
     assert len(changed) == 1 and changed[0]["key"] == key and changed[0]["elements_differing"] == 1

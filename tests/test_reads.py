@@ -14,7 +14,7 @@ from mimo_ckpt.layout import ModuleLayout
 from mimo_ckpt import reads
 from mimo_ckpt.reads import execute_reads
 from mimo_ckpt.shard import TensorMeta
-from mimo_ckpt.checksums import shard_checksums
+from mimo_ckpt.checksums import shard_sums
 from mimo_ckpt.errors import CorruptShardError
 from mimo_ckpt.storage import LocalStorage
 
@@ -129,7 +129,8 @@ def test_gaps_read_with_the_runs_have_their_blocks_checked(tmp_path, monkeypatch
     monkeypatch.setattr(reads, "MAX_GAP_BYTES", max_gap)
     full = np.arange(16 * 64, dtype=np.float32).reshape(16, 64)
     raw = bytearray(full.tobytes())
-    whole, blocks = shard_checksums(memoryview(bytes(raw)), block_bytes=1024)
+    sums = shard_sums(memoryview(bytes(raw)), block_bytes=1024)
+    whole, blocks = sums.crc32c, sums.block_crcs
     raw[5 * 256 + 200] ^= 1  # row 5, column 50
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "r0.bin").write_bytes(bytes(raw))
@@ -156,7 +157,8 @@ def test_direct_reads_go_in_pieces_of_whole_checksum_blocks(tmp_path, monkeypatc
     monkeypatch.setattr(reads, "CHECKED_READ_BYTES", piece_bytes)
     full = np.arange(16 * 64, dtype=np.float32).reshape(16, 64)
     raw = bytearray(full.tobytes())
-    whole, blocks = shard_checksums(memoryview(bytes(raw)), block_bytes=1024)
+    sums = shard_sums(memoryview(bytes(raw)), block_bytes=1024)
+    whole, blocks = sums.crc32c, sums.block_crcs
     if flip:
         raw[2100] ^= 1
     (tmp_path / "m").mkdir()

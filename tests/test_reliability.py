@@ -339,34 +339,15 @@ def test_partial_reads_are_checked_block_by_block(tmp_path):
     assert errors == {} and not torch.equal(results[1], full[256:512]) and torch.equal(results[0], full[:256])
 
 
-def test_block_checks_cover_exactly_the_complete_blocks():
-    from mimo_ckpt.checksums import check_blocks, shard_checksums
-
-    data = bytes(range(256)) * 64  # 16 KiB: four 4 KiB blocks, at file offset 100
-    whole, blocks = shard_checksums(memoryview(data), 4096)
-    assert len(blocks) == 4
-    view = memoryview(data)
-    # bytes 4096..12288 of the shard, given as two pieces: blocks 1 and 2 are complete
-    assert check_blocks(100, 100 + len(data), 4096, blocks, 100 + 4000, [view[4000:9000], view[9000:12300]], "x") == 2
-    bad = bytearray(data)
-    bad[5000] ^= 1
-    with pytest.raises(CorruptShardError, match="block 1"):
-        check_blocks(100, 100 + len(data), 4096, blocks, 100 + 4096, [memoryview(bad)[4096:8192]], "x")
-    assert check_blocks(100, 100 + len(data), 4096, blocks, 100 + 4097, [memoryview(bad)[4097:8192]], "x") == 0
-    pieces = [view[i:i + 100] for i in range(0, len(data), 100)]  # many small runs, as strided reads give
-    assert check_blocks(100, 100 + len(data), 4096, blocks, 100, pieces, "x") == 4
-    with pytest.raises(CorruptShardError, match="block 1"):
-        check_blocks(100, 100 + len(data), 4096, blocks, 100, [memoryview(bad)[i:i + 100] for i in range(0, len(bad), 100)], "x")
-
-
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 5])
 def test_whole_shard_crc_combined_from_blocks_equals_one_pass(size):
     import crc32c
 
-    from mimo_ckpt.checksums import crc32c_combine, shard_checksums
+    from mimo_ckpt.checksums import crc32c_combine, shard_sums
 
     data = os.urandom(size)
-    whole, blocks = shard_checksums(memoryview(data), 4096)
+    sums = shard_sums(memoryview(data), 4096)
+    whole, blocks = sums.crc32c, sums.block_crcs
     assert whole == crc32c.crc32c(data)
     assert blocks == (() if size <= 4096 else tuple(crc32c.crc32c(data[i:i + 4096]) for i in range(0, size, 4096)))
     cut = size // 3

@@ -6,6 +6,9 @@ without blocks is read and checked whole. With verify=False the flipped value co
 which shows each case can see the flip.
 """
 
+from dataclasses import astuple
+
+import crc32c
 import numpy as np
 import pytest
 import torch
@@ -14,7 +17,7 @@ import mimo_ckpt
 from mimo_ckpt import CorruptShardError, ModuleLayout, TensorShard, ThreadWorld
 from mimo_ckpt import reads
 from mimo_ckpt.box import Box
-from mimo_ckpt.checksums import BLOCK_BYTES, shard_checksums
+from mimo_ckpt.checksums import BLOCK_BYTES, shard_sums
 from mimo_ckpt.cli import main
 from mimo_ckpt.load_plan import plan_module_load
 from mimo_ckpt.manifest import read_manifest
@@ -176,8 +179,9 @@ def test_the_block_hasher_matches_the_one_pass_checksums(sizes):
         pos += n
     sums = hasher.sums()
     assert sums == shard_sums(memoryview(data))
-    whole, blocks = shard_checksums(memoryview(data))
-    assert (sums.crc32c, sums.block_crcs) == (whole, blocks)
+    raw = data.tobytes()  # the reference: crc32c of the bytes and of each whole block, directly
+    blocks = tuple(crc32c.crc32c(raw[i : i + BLOCK_BYTES]) for i in range(0, len(raw), BLOCK_BYTES))
+    assert (sums.crc32c, sums.block_crcs) == (crc32c.crc32c(raw), blocks if len(raw) > BLOCK_BYTES else ())
     assert bool(sums.block_crcs) == (len(data) > BLOCK_BYTES)
     assert ShardSums.from_wire(sums.to_wire()) == sums
 
@@ -212,7 +216,7 @@ def test_reshard_output_has_the_block_checksums_a_save_writes(tmp_path, workers)
         (shard,) = out.tensors[key].shards
         data = (tmp_path / "tp1" / shard.file).read_bytes()[shard.begin : shard.end]
         assert data == t.numpy().tobytes()
-        assert (shard.crc32c, shard.block_crcs) == shard_checksums(memoryview(data))
+        assert (shard.crc32c, shard.block_bytes, shard.block_crcs) == astuple(shard_sums(memoryview(data)))
         assert shard.block_bytes == (BLOCK_BYTES if shard.block_crcs else 0)
         assert bool(shard.block_crcs) == (len(data) > BLOCK_BYTES), key
         (twin,) = saved.tensors[key].shards
@@ -242,3 +246,66 @@ def test_offline_tools_refuse_a_corrupt_source_and_commit_nothing(tmp_path, caps
     assert "checksum mismatch" in err and shard.file in err, err
     out = tmp_path / "out"
     assert not (out / "manifest.json").exists() and not (out / "model.safetensors.index.json").exists()
+
+
+def test_verify_checks_block_checksums_not_only_the_whole_shard(tmp_path):
+    """Two block checksums swapped in the manifest (re-signed, whole-shard crc still right): a
+    partial load would fail on them, so verify reports them too."""
+    import json
+
+    from mimo_ckpt.manifest import encode_manifest
+    from mimo_ckpt.verify import verify_checkpoint
+
+    _save_one_rank(tmp_path, _full((1024, 768)))  # 3 MiB: three blocks
+    doc = json.loads((tmp_path / "manifest.json").read_bytes())
+    blocks = doc["modules"]["m"]["tensors"]["w"]["shards"][0]["blocks"]
+    crcs = blocks["crc32c"]
+    assert len(crcs) == 3 * 8
+    blocks["crc32c"] = crcs[8:16] + crcs[:8] + crcs[16:]
+    (tmp_path / "manifest.json").write_bytes(encode_manifest(doc))
+    storage = open_storage(str(tmp_path))
+    (bad,) = verify_checkpoint(storage, read_manifest(storage), progress=False)
+    assert "block 0 checksum" in bad.problem, bad.problem
+    with pytest.raises(CorruptShardError, match="block 0"):
+        _load_box(tmp_path, (1024, 768), Box((0, 0), (10, 768)), verify=True)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_streaming_checks_a_shard_without_blocks_once_not_per_piece(tmp_path, monkeypatch, flip):
+    """A 4 MiB shard without blocks (as reshard wrote them before it wrote blocks), streamed in
+    256 KiB pieces: checked whole once, so about twice its bytes are read, not 16 times."""
+    import json
+
+    from mimo_ckpt.manifest import encode_manifest
+    from mimo_ckpt.streaming import Budget, iter_box
+
+    full = _full((1024, 1024))
+    _save_one_rank(tmp_path, full)
+    doc = json.loads((tmp_path / "manifest.json").read_bytes())
+    shard = doc["modules"]["m"]["tensors"]["w"]["shards"][0]
+    del shard["blocks"]
+    (tmp_path / "manifest.json").write_bytes(encode_manifest(doc))
+    if flip:
+        _flip(tmp_path, (1000, 3))
+
+    import mimo_ckpt.storage as storage_module
+
+    read = [0]
+    preadv = storage_module._preadv_exact
+
+    def counted(fd, offset, buffers, *args):
+        read[0] += sum(memoryview(b).nbytes for b in buffers)
+        return preadv(fd, offset, buffers, *args)
+
+    monkeypatch.setattr(storage_module, "_preadv_exact", counted)
+    storage = LocalStorage(str(tmp_path))
+    stored = read_manifest(storage).modules["m"].tensors["w"]
+    budget = Budget(chunk_bytes=256 << 10, temp_bytes=256 << 10)
+    pieces = iter_box(storage, "m", "w", stored, Box((0, 0), (1024, 1024)), budget)
+    if flip:
+        with pytest.raises(CorruptShardError, match=r"checksum mismatch in bytes"):
+            next(pieces)
+        return
+    got = np.concatenate([values.reshape(-1).copy() for _, values in pieces])
+    assert np.array_equal(got.view(np.float32), full.numpy().reshape(-1))
+    assert read[0] <= 2 * full.numel() * 4 + (64 << 10), read[0]
