@@ -83,6 +83,7 @@ def diff_checkpoints(sa: Storage, ma: Manifest, sb: Storage, mb: Manifest, *, bu
                 out.append(Difference(name, "object", key, "only in A" if key in a.objects else "only in B"))
                 continue
             oa, ob = a.objects[key], b.objects[key]
+            # Compared as stored (object_codec): decoded, io.BytesIO values would compare by identity.
             same = oa.global_shape == ob.global_shape and dict(oa.values) == dict(ob.values)
             out.append(Difference(name, "object", key, "identical" if same else "different"))
     if bar:

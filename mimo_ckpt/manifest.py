@@ -1,7 +1,8 @@
 """The manifest: the JSON index of a checkpoint, and its commit marker (docs/format.md).
 
-Pure data and parsing; no torch. `Manifest.from_bytes` validates everything a reader relies on,
-so code past it can trust paths, boxes and byte ranges.
+Pure data and parsing; no torch.
+`Manifest.from_bytes` validates everything a reader relies on, so code past it can trust paths,
+boxes, byte ranges and object encodings.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .box import Box, first_overlap
 from .dtypes import ITEMSIZE
 from .errors import CheckpointNotFoundError, LayoutError, ManifestError, StorageError
 from .layout import PARALLEL_DIMS, ModuleLayout
+from .object_codec import check, decode, encode
 from .storage import Storage, check_relpath, read_small_file
 
 __all__ = [
@@ -39,9 +41,10 @@ __all__ = [
 ]
 
 FORMAT_NAME = "mimo-ckpt"
-FORMAT_VERSION = 2
-KNOWN_VERSIONS = (1, 2)
-"""Version 1 has no `manifest_crc32c`; version 2 requires it."""
+FORMAT_VERSION = 3
+KNOWN_VERSIONS = (1, 2, 3)
+"""Versions 2 and 3 require `manifest_crc32c`; in version 1 it is optional (checked when present).
+Version 3 object values are in the encoding of `object_codec`; earlier ones are plain JSON."""
 MANIFEST_PATH = "manifest.json"
 CRC_KEY = "manifest_crc32c"
 _TRAILER = re.compile(rb',"manifest_crc32c":"([0-9a-f]{8})"\}')
@@ -142,7 +145,8 @@ class StoredTensor:
 class StoredObject:
     global_shape: tuple[int, ...]
     values: Mapping[tuple[int, ...], Any]
-    """Value per grid offset; `()` for plain objects."""
+    """Value per grid offset; `()` for plain objects. Encoded by `object_codec` whatever the
+    manifest's version (`decode` gives the value back)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +173,7 @@ class Manifest:
             "version": self.version,
             "world_size": self.world_size,
             "metadata": dict(self.metadata),
-            "modules": {name: module_to_json(m) for name, m in sorted(self.modules.items())},
+            "modules": {name: module_to_json(m, self.version) for name, m in sorted(self.modules.items())},
         }
 
     def to_bytes(self) -> bytes:
@@ -181,7 +185,7 @@ class Manifest:
         crc = _check_trailer(data, source)
         doc = loads_strict(data, source)
         _need(isinstance(doc, dict), source, "top level must be a JSON object")
-        if CRC_KEY in doc or doc.get("version") == 2:
+        if CRC_KEY in doc or doc.get("version") in (2, 3):
             # The trailer check above saw the writer's exact bytes; anything else (a re-encoded
             # or hand-edited manifest, a checksum key elsewhere) cannot be trusted.
             _need(crc is not None and next(reversed(doc)) == CRC_KEY and doc[CRC_KEY] == crc, source,
@@ -246,7 +250,7 @@ def _not_json(token: str) -> None:
     raise ValueError(f"{token} is not a JSON number")  # Python's json would read it as a float
 
 
-def module_to_json(m: ModuleEntry) -> dict[str, Any]:
+def module_to_json(m: ModuleEntry, version: int = FORMAT_VERSION) -> dict[str, Any]:
     tensors = {}
     for key, t in sorted(m.tensors.items()):
         tensors[key] = {
@@ -267,7 +271,9 @@ def module_to_json(m: ModuleEntry) -> dict[str, Any]:
     for key, o in sorted(m.objects.items()):
         objects[key] = {
             "grid": list(o.global_shape),
-            "values": [{"offset": list(off), "value": v} for off, v in sorted(o.values.items())],
+            # Held encoded whatever the version (StoredObject); versions 1 and 2 store them plain.
+            "values": [{"offset": list(off), "value": v if version >= 3 else decode(v)}
+                       for off, v in sorted(o.values.items())],
         }
     return {"layout": m.layout.to_json(), "tensors": tensors, "objects": objects}
 
@@ -326,11 +332,11 @@ def _parse(doc: Any, source: str) -> Manifest:
             check_module_name(name)
         except ManifestError as exc:
             raise ManifestError(f"{source}: {exc}") from None
-        modules[name] = _parse_module(mdoc, f"{source}: module {name!r}", name)
+        modules[name] = _parse_module(mdoc, f"{source}: module {name!r}", name, version)
     return Manifest(world_size=world_size, modules=modules, metadata=metadata, version=version)
 
 
-def _parse_module(mdoc: Any, where: str, name: str) -> ModuleEntry:
+def _parse_module(mdoc: Any, where: str, name: str, version: int) -> ModuleEntry:
     _need(isinstance(mdoc, dict), where, "must be an object")
     try:
         layout = ModuleLayout.from_json(mdoc.get("layout"))
@@ -340,7 +346,7 @@ def _parse_module(mdoc: Any, where: str, name: str) -> ModuleEntry:
     _need(isinstance(tensors_doc, dict) and isinstance(objects_doc, dict), where,
           "tensors and objects must be objects")
     tensors = {k: _parse_tensor(v, f"{where}, tensor {k!r}", name) for k, v in tensors_doc.items()}
-    objects = {k: _parse_object(v, f"{where}, object {k!r}") for k, v in objects_doc.items()}
+    objects = {k: _parse_object(v, f"{where}, object {k!r}", version) for k, v in objects_doc.items()}
     return ModuleEntry(layout=layout, tensors=tensors, objects=objects)
 
 
@@ -408,7 +414,7 @@ def _parse_blocks(bdoc: Any, begin: int, end: int, where: str) -> tuple[int, tup
     return size, tuple(int(hexes[i : i + 8], 16) for i in range(0, len(hexes), 8))
 
 
-def _parse_object(odoc: Any, where: str) -> StoredObject:
+def _parse_object(odoc: Any, where: str, version: int) -> StoredObject:
     _need(isinstance(odoc, dict), where, "must be an object")
     grid = _dims(odoc.get("grid"), where, "grid")
     values_doc = odoc.get("values")
@@ -420,6 +426,11 @@ def _parse_object(odoc: Any, where: str) -> StoredObject:
         _need(len(offset) == len(grid), where, f"offset {list(offset)} must have the grid's {len(grid)} dimensions")
         _need(Box(offset, (1,) * len(offset)).fits_in(grid), where, f"offset {list(offset)} outside grid {list(grid)}")
         _need(offset not in values, where, f"offset {list(offset)} appears twice")
-        check_json_value(vdoc["value"], f"{where}, offset {list(offset)}")
-        values[offset] = vdoc["value"]
+        value = vdoc["value"]
+        check_json_value(value, f"{where}, offset {list(offset)}")
+        if version >= 3:
+            check(value, f"{where}, offset {list(offset)}")  # a bad encoding is a bad manifest
+        else:  # plain JSON, where a "__mimo__" key is data: escaped, so it decodes as itself
+            value = encode(value)
+        values[offset] = value
     return StoredObject(grid, values)

@@ -5,8 +5,9 @@ own metadata dataclasses and enums, torch.Size and dtypes, and refuses anything 
 crafted index cannot run code. Tensors are `torch.save` records read with `weights_only=True`
 (the same restriction). Objects (ShardedObjects, `common.pt`) may be arbitrary pickles: they are
 read with `weights_only=True` too, and only `allow_pickle=True` lifts that, for checkpoints the
-user trusts. What is kept must be JSON-able (our format stores no pickles); the rest is listed
-as dropped.
+user trusts. What is kept must be storable: module objects as `object_codec` encodes them,
+records of no module as plain JSON (they go to the manifest's metadata); the rest is listed as
+dropped. Our format stores no pickles.
 
 Writing: one process writes the consolidated tensors with DCP itself (`no_dist`), under
 megatron's keys, plus megatron's `metadata.json`, so `dist_checkpointing.load` reads it under any
@@ -33,6 +34,7 @@ from .errors import ManifestError, ShardError, StorageError, UnsafeCheckpointErr
 from .faults import fault_point
 from .layout import ModuleLayout
 from .megatron_keys import megatron_key, split_key
+from .object_codec import decode
 from .progress import Progress
 from .rank_state import is_layout_bound
 from .storage import LocalStorage, check_relpath, read_small_file
@@ -187,7 +189,7 @@ class ImportReport:
     objects: int = 0
     bytes: int = 0
     dropped: list[str] = field(default_factory=list)
-    """Entries that could not be kept (not JSON-able), with the reason."""
+    """Entries that could not be kept (not storable), with the reason."""
 
 
 def import_torch_dist(src: str, dst: str, *, allow_pickle: bool = False, progress: bool = True) -> ImportReport:
@@ -200,7 +202,7 @@ def import_torch_dist(src: str, dst: str, *, allow_pickle: bool = False, progres
 
     from .checkpoint import save
     from .comm import ThreadWorld
-    from .shard import ObjectShard, TensorShard
+    from .shard import ObjectShard, TensorShard, encode_object
 
     index = read_index(src)
     source = LocalStorage(src)  # reads only regular files inside `src`, never through a link out
@@ -238,8 +240,10 @@ def import_torch_dist(src: str, dst: str, *, allow_pickle: bool = False, progres
             else:
                 report.dropped.append(f"{fqn}: {type(value).__name__} is not JSON-able")
             continue
-        if not _json_able(value):
-            report.dropped.append(f"{fqn}: {type(value).__name__} is not JSON-able")
+        try:
+            encode_object(fqn, value)  # as save will: better dropped here than failing the save
+        except ShardError as exc:
+            report.dropped.append(str(exc))
             continue
         offset = tuple(int(x) for x in m["offset"].split(".")) if m else ()
         grid = tuple(int(x) for x in m["shape"].split(".")) if m else ()
@@ -313,7 +317,7 @@ def export_torch_dist(src: str, dst: str, *, modules: list[str] | None = None,
                 fqn = base
                 if obj.global_shape:
                     fqn = f"{base}/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, obj.global_shape))}"
-                out[fqn] = _record(value)
+                out[fqn] = _record(decode(value, f"{src}: module {name!r}, object {key!r}"))
                 counts["objects"] += 1
     if bar:
         bar.close()

@@ -76,7 +76,7 @@ def _first_shard(doc):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(version=3), "unsupported format version 3"),
+    (lambda d: d.update(version=4), "unsupported format version 4"),
     (lambda d: d.update(format="other"), "format must be"),
     (lambda d: _first_shard(d).update(file="../../etc/passwd"), "not a plain relative path"),
     (lambda d: _first_shard(d).update(file="/etc/passwd"), "not a plain relative path"),

@@ -60,11 +60,11 @@ def _tensor(shape, boxes, dtype="U8", itemsize=1, begin=0):
 # --- the manifest's checksum --------------------------------------------------------------------
 
 
-def test_written_manifest_is_version_2_and_ends_with_its_checksum(saved):
+def test_written_manifest_is_version_3_and_ends_with_its_checksum(saved):
     blob = (saved / MANIFEST_PATH).read_bytes()
     body = blob[: -len(TRAILER % 0)] + b"}"
     assert blob == body[:-1] + TRAILER % crc32c.crc32c(body)
-    assert json.loads(blob)["version"] == 2
+    assert json.loads(blob)["version"] == 3
     assert Manifest.from_bytes(blob).to_bytes() == blob
 
 
