@@ -123,12 +123,13 @@ class AsyncSaver:
     def save(
         self, state: Mapping[str, Any], path: str, *, layouts: Mapping[str, ModuleLayout],
         storage: Storage | None = None, metadata: Mapping[str, Any] | None = None,
-        if_pending: Literal["wait", "raise"] = "wait",
+        if_pending: Literal["wait", "raise"] = "wait", replicas: Literal["main", "spread"] = "main",
     ) -> AsyncSave:
         """Collective like `mimo_ckpt.save`; returns once this rank's state sits in host buffers."""
         start = time.perf_counter()
         self._settle_pending(if_pending)
-        job = start_save(state, path, layouts=layouts, comm=self.comm, storage=storage, metadata=metadata)
+        job = start_save(state, path, layouts=layouts, comm=self.comm, storage=storage, metadata=metadata,
+                         replicas=replicas)
         images: dict[str, torch.Tensor] = {}  # file path -> its staged image
         if job.run.failure is None:
             try:

@@ -173,3 +173,36 @@ def split_for_span(inner: Box, outer: Box, max_elems: int) -> list[Box]:
 
     go(inner, 0)
     return out
+
+
+def flat_range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[Box, int, int]]:
+    """Elements [start, stop) of a C-order array of `shape` as boxes, each with its own element
+    range [lo, hi): at most 2 * ndim - 1 of them, in order. A flat slice of a tensor (megatron's
+    `flattened_range`, a DistributedOptimizer shard) is these boxes, each a view of the slice."""
+    if not 0 <= start <= stop <= math.prod(shape):
+        raise ValueError(f"range [{start}, {stop}) outside an array of shape {list(shape)}")
+    if start == stop:
+        return []
+    if not shape:
+        return [(Box((), ()), start, stop)]
+    inner = math.prod(shape[1:])
+    rest = shape[1:]
+
+    def at_row(row: int, lo: int, hi: int) -> list[tuple[Box, int, int]]:
+        base = row * inner
+        return [(Box((row, *b.offset), (1, *b.shape)), base + a, base + z)
+                for b, a, z in flat_range_boxes(rest, lo, hi)]
+
+    first, first_col = divmod(start, inner)
+    last, last_col = divmod(stop, inner)
+    if first == last:
+        return at_row(first, first_col, last_col)
+    out = []
+    if first_col:
+        out += at_row(first, first_col, inner)
+        first += 1
+    if last > first:
+        out.append((Box((first, *(0,) * len(rest)), (last - first, *rest)), first * inner, last * inner))
+    if last_col:
+        out += at_row(last, 0, last_col)
+    return out

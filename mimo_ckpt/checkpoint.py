@@ -22,7 +22,9 @@ import os
 import warnings
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
+
+import torch
 
 from . import commit
 from .checksums import ShardSums
@@ -33,16 +35,19 @@ from .errors import (
 )
 from .faults import fault_point
 from .layout import ModuleLayout
-from .load_plan import KeyReport, check_keys, plan_module_load
+from .dtypes import to_torch
+from .load_plan import KeyReport, check_keys, padded_region, plan_module_load
 from .manifest import (
     FORMAT_NAME, FORMAT_VERSION, MANIFEST_PATH, Manifest, ModuleEntry, check_module_name, encode_manifest,
     module_to_json, read_manifest_bytes,
 )
 from .megatron_interop import kind as megatron_kind
+from .object_codec import decode
 from .rank_state import LayoutChangedWarning, is_layout_bound, same_grid
 from .save_plan import FilePlan, ModuleSavePlan, plan_module_save
 from .shard import (
-    ModuleShards, ObjectMeta, TensorMeta, TensorShard, check_json, flatten_module_state, rebuild,
+    FactoryLeaf, Leaves, ModuleShards, ObjectMeta, TensorMeta, TensorShard, check_json, flatten_module_state,
+    rebuild,
 )
 from .storage import IO_THREADS, Storage, open_storage
 from .tensor_io import all_at_once, fill_tensors, write_shard_file
@@ -61,6 +66,8 @@ class LoadResult:
     not_loaded: dict[str, list[str]] = field(default_factory=dict)
     """Per module, this rank's optional object keys the checkpoint could not give, left as they
     were: layout-bound state saved under another layout, `_extra_state` it does not hold."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """The save's `metadata` (rank 0's), the same on every rank."""
 
 
 def _encode(obj: Any) -> bytes:
@@ -132,20 +139,24 @@ def save(
     comm: Comm | None = None,
     storage: Storage | None = None,
     metadata: Mapping[str, Any] | None = None,
+    replicas: Literal["main", "spread"] = "main",
 ) -> None:
     """Save module-keyed state as one checkpoint; every rank of `comm` calls it.
 
     `state[module]` holds this rank's shards of that module (see `mimo_ckpt.shard`); `layouts`
     gives every module's layout and is the same on all ranks. Returns once the manifest is
-    committed; raises on every rank if any rank failed, and then commits nothing.
+    committed; raises on every rank if any rank failed, and then commits nothing. A box several
+    ranks hold is written by its main replica (`replicas="main"`, as megatron's save does), or by
+    any of them, balancing the bytes each rank writes (`"spread"`, as megatron's fully parallel
+    save does: only for replicas known to be equal).
 
     Nothing is a checkpoint until its manifest exists: data files are durable first, the manifest
-    is published atomically and never over an existing one. Each save names its files and a
-    `.saving-<id>` marker with its own id; a save that starts on the same path takes the marker
-    over, so an earlier save still running there fails at commit. After a commit, files that the
-    manifest does not name (left by saves that died) are removed; after a failure, this save's own.
+    is published atomically and never over an existing one (`mimo_ckpt.commit`). Each save names
+    its files and a `.saving-<id>` marker with its own id; a save that starts on the same path
+    first removes what saves that died there created, and takes their markers over, so an earlier
+    save still running there fails at commit. After a failure, this save's own files are removed.
     """
-    job = start_save(state, path, layouts=layouts, comm=comm, storage=storage, metadata=metadata)
+    job = start_save(state, path, layouts=layouts, comm=comm, storage=storage, metadata=metadata, replicas=replicas)
     crcs: dict[str, dict[str, list[ShardSums]]] = {}
     if job.run.failure is None:
         data = job.tensors_by_module()
@@ -192,6 +203,7 @@ class SaveJob:
 def start_save(
     state: Mapping[str, Any], path: str | os.PathLike[str], *, layouts: Mapping[str, ModuleLayout],
     comm: Comm | None = None, storage: Storage | None = None, metadata: Mapping[str, Any] | None = None,
+    replicas: Literal["main", "spread"] = "main",
 ) -> SaveJob:
     """The collective first half of a save: agree on a save id, flatten, plan every module."""
     comm = comm or TorchComm()
@@ -229,7 +241,7 @@ def start_save(
                 name, layouts[name],
                 {ranks[i]: [TensorMeta.from_wire(w) for w in g["tensors"]] for i, g in enumerate(gathered)},
                 {ranks[i]: [ObjectMeta.from_wire(w) for w in g["objects"]] for i, g in enumerate(gathered)},
-                file_tag=save_id,
+                file_tag=save_id, replicas=replicas,
             )
         except MimoCkptError as exc:
             run.fail(exc)
@@ -306,10 +318,7 @@ def _commit(storage: Storage, doc: dict[str, Any] | None, save_id: str, path: st
         except Exception as exc:  # noqa: BLE001 - reported to every rank
             errors.append(f"rank 0 committing the manifest: {exc}")
         fault_point("save.committed", 0)
-    try:
-        commit.finish(storage, save_id, committed)
-    except (MimoCkptError, OSError) as exc:
-        log.warning("cleaning up after save %s: %s", save_id, exc)
+    commit.finish(storage, save_id, committed)
     return errors
 
 
@@ -320,17 +329,21 @@ def load(
     layouts: Mapping[str, ModuleLayout],
     comm: Comm | None = None,
     storage: Storage | None = None,
-    strict: bool = True,
+    strict: bool | Literal["requested"] = True,
     verify: bool = True,
     io_threads: int = IO_THREADS,
 ) -> LoadResult:
     """Fill this rank's shards from a checkpoint saved under any layouts; every rank calls it.
 
-    Each rank reads only the stored bytes that overlap its own boxes. With `strict`, any missing,
-    unexpected or mismatched key raises `KeyMismatchError` listing them per module; otherwise
-    matching keys load and the differences come back in `LoadResult.report`. With `verify`,
-    every byte read is checked against its crc32c: a partial read widens to the whole blocks it
-    touches, or to the whole shard when the shard has no blocks. Each rank reads up to `io_threads` files at once, each in file order.
+    Each rank reads only the stored bytes that overlap its own boxes. With `strict=True`, any
+    missing (requested, not stored), unexpected (stored, not requested) or mismatched key raises
+    `KeyMismatchError` listing them per module on every rank; with "requested" (what megatron's
+    loader does by default), only missing and mismatched keys do; otherwise matching keys load.
+    The differences come back in `LoadResult.report`. With `verify`, every byte read is checked
+    against its crc32c: a partial read widens to the whole blocks it touches, or to the whole
+    shard when the shard has no blocks. Each rank reads up to `io_threads` files at once, each in
+    file order. Floating-point tensors are cast from the stored dtype; see docs/megatron.md for
+    factories, flat slices and padded vocabularies.
     """
     comm = comm or TorchComm()
     storage = storage or open_storage(path)
@@ -382,7 +395,8 @@ def load(
                     LayoutChangedWarning, stacklevel=2,
                 )
         asked = {
-            "tensors": sorted({(t.key, t.meta().dtype, t.global_shape) for t in shards.tensors}),
+            "tensors": sorted({(t.key, t.meta().dtype, t.global_shape, t.allow_shape_mismatch)
+                               for t in shards.tensors}),
             "objects": sorted({(o.key, o.global_shape) for o in shards.objects}),
         }
         gathered = run.unpack(mc.all_gather_bytes(run.payload(asked)))
@@ -390,12 +404,12 @@ def load(
             continue
         module_report, skipped = check_keys(
             name, entry,
-            sorted({(k, d, tuple(s)) for g in gathered for k, d, s in g["tensors"]}),
+            sorted({(k, d, tuple(s), flexible) for g in gathered for k, d, s, flexible in g["tensors"]}),
             sorted({(k, tuple(s)) for g in gathered for k, s in g["objects"]}),
             unused_ok=unusable,
         )
         report.merge(module_report)
-        if module_report and strict:
+        if module_report.fatal(strict):
             run.fail(KeyMismatchError(module_report))
         if run.failure is not None or entry is None:
             continue
@@ -409,20 +423,31 @@ def load(
     run.finish([])
     log.debug("rank %d read %d bytes", comm.rank, bytes_read)
 
-    result = {}
-    for name, module_state in state.items():
-        by_path = {path: shard for path, shard in local[name].leaves}
+    result = {name: _loaded_state(module_state, local[name].leaves, name, loaded_objects)
+              for name, module_state in state.items()}
+    return LoadResult(state=result, report=report, not_loaded=not_loaded, metadata=dict(manifest.metadata))
 
-        def value_of(path: tuple[Any, ...], leaf: Any, name: str = name) -> Any:
-            shard = by_path[path]
-            if shard is None:
-                return leaf.unwrap() if megatron_kind(leaf) == "LocalNonpersistentObject" else leaf
-            if isinstance(shard, TensorShard):  # megatron returns the tensor, not the mapping
-                return leaf.data if isinstance(leaf, TensorShard) or megatron_kind(leaf) else leaf
-            return loaded_objects.get((name, id(shard)), shard.data)
 
-        result[name] = rebuild(module_state, value_of)
-    return LoadResult(state=result, report=report, not_loaded=not_loaded)
+def _loaded_state(state: Any, leaves: Leaves, name: str, loaded_objects: dict[tuple[str, int], Any]) -> Any:
+    """`state` with each leaf replaced by what was loaded for it: tensors were filled in place
+    (megatron gets the tensor, not the mapping), objects come from the checkpoint, factories are
+    merged from their loaded parts."""
+    by_path = dict(leaves)
+
+    def value_of(path: tuple[Any, ...], leaf: Any) -> Any:
+        became = by_path[path]
+        if isinstance(became, FactoryLeaf):
+            return became.factory.merge_fn(_loaded_state(became.built, became.leaves, name, loaded_objects))
+        kind = megatron_kind(leaf)
+        if kind == "LocalNonpersistentObject":
+            return leaf.unwrap()
+        if isinstance(leaf, TensorShard) or kind == "ShardedTensor":  # even an empty flat slice's
+            return leaf.data
+        if not became or isinstance(became[0], TensorShard):  # a plain tensor, filled in place
+            return leaf
+        return loaded_objects.get((name, id(became[0])), became[0].data)
+
+    return rebuild(state, value_of)
 
 
 def _unusable_layout_bound(entry: ModuleEntry | None, layout: ModuleLayout) -> set[str]:
@@ -449,9 +474,31 @@ def _load_module(
     name: str, entry: ModuleEntry, shards: ModuleShards, bad: set[str], storage: Storage,
     verify: bool, io_threads: int, loaded_objects: dict[tuple[str, int], Any],
 ) -> int:
-    wanted = [t for t in shards.tensors if t.key not in bad]
-    items = plan_module_load(name, entry, [t.meta() for t in wanted])
-    nbytes = fill_tensors(storage, items, [(t.data, t.box) for t in wanted], verify=verify, threads=io_threads)
+    metas, targets, casts = [], [], []
+    for t in shards.tensors:
+        if t.key in bad:
+            continue
+        stored = entry.tensors[t.key]
+        box = t.box if stored.global_shape == t.global_shape else padded_region(t.box, stored.global_shape)
+        if box != t.box:  # megatron's rule: what the checkpoint lacks is zero
+            t.data.zero_()
+        if box is None:
+            continue
+        meta = TensorMeta(t.key, stored.dtype, stored.global_shape, box, t.is_main_replica)
+        if box == t.box and meta.dtype == t.meta().dtype:
+            target = t.data
+        else:  # read the stored dtype into a scratch tensor, then copy (casting) into place
+            target = torch.empty(box.shape, dtype=to_torch(stored.dtype, key=t.key))
+            casts.append((target, t.data[tuple(slice(o, o + n) for o, n in zip(box.relative_to(t.box), box.shape))]))
+        metas.append(meta)
+        targets.append((target, box))
+    items = plan_module_load(name, entry, metas)
+    nbytes = fill_tensors(storage, items, targets, verify=verify, threads=io_threads)
+    for scratch, view in casts:
+        view.copy_(scratch)
+    for twin, loaded in shards.twins:
+        if loaded.key not in bad:
+            twin.data.copy_(loaded.data)
     for obj in shards.objects:
         if obj.key in bad:
             continue
@@ -460,5 +507,5 @@ def _load_module(
             raise ManifestError(
                 f"module {name!r}, object {obj.key!r}: no value stored for offset {list(obj.global_offset)}"
             )
-        loaded_objects[(name, id(obj))] = values[obj.global_offset]
+        loaded_objects[(name, id(obj))] = decode(values[obj.global_offset], f"module {name!r}, object {obj.key!r}")
     return nbytes

@@ -6,7 +6,7 @@ from typing import Any
 
 from .errors import ShardError
 
-__all__ = ["ITEMSIZE", "from_torch", "to_torch"]
+__all__ = ["ITEMSIZE", "castable", "from_torch", "to_torch"]
 
 ITEMSIZE: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
@@ -21,6 +21,13 @@ _TORCH_NAMES: dict[str, str] = {
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
     "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
+
+
+def castable(stored: str, wanted: str) -> bool:
+    """Whether a load may cast `stored` values to `wanted`, as megatron's loader does: between
+    floating-point types (fp32 master weights into bf16, and back); never between kinds."""
+    floats = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+    return stored == wanted or (stored in floats and wanted in floats)
 
 
 def from_torch(dtype: Any, *, key: str = "?") -> str:

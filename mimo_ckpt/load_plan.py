@@ -8,7 +8,7 @@ from typing import Collection, Sequence
 import numpy as np
 
 from .box import Box, span_in
-from .dtypes import ITEMSIZE
+from .dtypes import ITEMSIZE, castable
 from .errors import ManifestError
 from .manifest import ModuleEntry, StoredShard, StoredTensor
 from .shard import TensorMeta
@@ -43,7 +43,10 @@ class ReadItem:
 
 @dataclass(slots=True)
 class KeyReport:
-    """Differences between what a module's ranks ask for and what the checkpoint holds."""
+    """Differences between what a module's ranks ask for and what the checkpoint holds, named as
+    torch's `load_state_dict` names them: `missing` is requested but not in the checkpoint,
+    `unexpected` is in the checkpoint but not requested (megatron's StrictHandling uses the two
+    words the other way round)."""
 
     missing: dict[str, list[str]] = field(default_factory=dict)
     unexpected: dict[str, list[str]] = field(default_factory=dict)
@@ -51,6 +54,13 @@ class KeyReport:
 
     def __bool__(self) -> bool:
         return bool(self.missing or self.unexpected or self.mismatched)
+
+    def fatal(self, strict: bool | str) -> bool:
+        """Whether a load under `strict` fails on this report: True, any difference; "requested"
+        (megatron's default), only what was requested and cannot load; False, nothing."""
+        if strict == "requested":
+            return bool(self.missing or self.mismatched)
+        return bool(strict) and bool(self)
 
     def merge(self, other: "KeyReport") -> None:
         for mine, theirs in ((self.missing, other.missing), (self.unexpected, other.unexpected),
@@ -67,26 +77,33 @@ class KeyReport:
                                  ("mismatched", self.mismatched)):
                 for key in table.get(module, []):
                     lines.append(f"    {label}: {key}")
-        lines.append("  (pass strict=False to load what matches and get this report back)")
+        lines.append("  (missing: requested, not in the checkpoint; unexpected: in it, not requested. "
+                     "strict=\"requested\" loads despite unexpected keys, strict=False whatever matches)")
         return "\n".join(lines)
 
 
 def check_keys(
     module: str,
     entry: ModuleEntry | None,
-    tensors: Sequence[tuple[str, str, tuple[int, ...]]],
+    tensors: Sequence[tuple[str, str, tuple[int, ...], bool]],
     objects: Sequence[tuple[str, tuple[int, ...]]],
     unused_ok: Collection[str] = (),
 ) -> tuple[KeyReport, set[str]]:
-    """Compare the union of a module's requests (key, dtype, global shape) with its stored keys.
-    Stored keys in `unused_ok` may go unrequested (layout-bound state of another layout).
+    """Compare the union of a module's requests (key, dtype, global shape, whether the shape may
+    differ) with its stored keys. Stored keys in `unused_ok` may go unrequested (layout-bound
+    state of another layout). A floating-point dtype other than the stored one is cast on load;
+    a global shape other than the stored one loads only where every request allows it
+    (megatron's `allow_shape_mismatch`, on padded vocabularies): see `padded_region`.
 
     Returns the report and the requested keys that cannot be loaded (missing or mismatched).
     """
     report = KeyReport()
     stored_t = entry.tensors if entry else {}
     stored_o = entry.objects if entry else {}
-    asked_t = {k: (d, s) for k, d, s in tensors}
+    asked_t: dict[str, tuple[str, tuple[int, ...], bool]] = {}
+    for k, d, s, flexible in tensors:
+        _, _, all_flexible = asked_t.get(k, (d, s, True))
+        asked_t[k] = (d, s, all_flexible and flexible)
     asked_o = {k: g for k, g in objects}
     missing = [f"tensor {k!r}" for k in sorted(asked_t) if k not in stored_t]
     missing += [f"object {k!r}" for k in sorted(asked_o) if k not in stored_o]
@@ -94,13 +111,13 @@ def check_keys(
     unexpected += [f"object {k!r}" for k in sorted(stored_o) if k not in asked_o and k not in unused_ok]
     skipped = {k for k in asked_t if k not in stored_t} | {k for k in asked_o if k not in stored_o}
     mismatched = []
-    for k, (dtype, shape) in sorted(asked_t.items()):
+    for k, (dtype, shape, flexible) in sorted(asked_t.items()):
         if k in stored_t:
             st = stored_t[k]
-            if st.global_shape != shape:
+            if st.global_shape != shape and not (flexible and len(shape) == len(st.global_shape)):
                 mismatched.append(f"tensor {k!r}: shape {list(shape)} requested, {list(st.global_shape)} stored")
                 skipped.add(k)
-            if st.dtype != dtype:
+            if not castable(st.dtype, dtype):
                 mismatched.append(f"tensor {k!r}: dtype {dtype} requested, {st.dtype} stored")
                 skipped.add(k)
     for k, grid in sorted(asked_o.items()):
@@ -114,6 +131,13 @@ def check_keys(
     if mismatched:
         report.mismatched[module] = mismatched
     return report, skipped
+
+
+def padded_region(box: Box, stored_shape: tuple[int, ...]) -> Box | None:
+    """The part of a requested box that a stored tensor of another global shape holds, when the
+    shapes may differ (a vocabulary padded to another multiple): megatron's rule, which this
+    follows, is to load that part and leave zeros elsewhere (truncating what lies beyond)."""
+    return box.intersect(Box((0,) * len(stored_shape), tuple(stored_shape)))
 
 
 def plan_tensor_reads(module: str, key: str, stored: StoredTensor, box: Box, request: int = 0) -> list[ReadItem]:

@@ -17,7 +17,7 @@ import os
 import re
 import time
 import uuid
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from .checkpoint import LoadResult, load, save
 from .commit import SAVING_MARKER_PREFIX
@@ -91,11 +91,13 @@ class CheckpointManager:
 
     def save(
         self, state: Mapping[str, Any], step: int, *, layouts: Mapping[str, ModuleLayout],
-        metadata: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None, replicas: Literal["main", "spread"] = "main",
     ) -> str:
-        """Save `step`, then (rank 0) point `latest` at it and apply retention. Returns the path."""
+        """Save `step` (see `mimo_ckpt.save`), then (rank 0) point `latest` at it and apply
+        retention. Returns the path."""
         path = self.path_for(step)
-        save(state, path, layouts=layouts, comm=self.comm, metadata={**(metadata or {}), "step": step})
+        save(state, path, layouts=layouts, comm=self.comm, metadata={**(metadata or {}), "step": step},
+             replicas=replicas)
         error = ""
         if self.comm.rank == 0:
             try:

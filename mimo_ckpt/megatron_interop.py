@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .box import flat_range_boxes
 from .errors import ShardError
 
-__all__ = ["kind", "to_shard", "to_sharded_tensor", "to_sharded_object"]
+__all__ = ["kind", "to_shards", "to_sharded_tensor", "to_sharded_object"]
 
 _MAPPING_MODULE = "megatron.core.dist_checkpointing.mapping"
 
@@ -29,38 +30,47 @@ def _is_main(replica_id: Any) -> bool:
     return all(r == 0 for r in replica_id)
 
 
-def to_shard(value: Any, *, module: str) -> Any:
-    """Our TensorShard / ObjectShard for a megatron-core object; None if it is not persisted."""
+def to_shards(value: Any, *, module: str) -> list[Any]:
+    """Our TensorShards / ObjectShard for a megatron-core ShardedTensor or ShardedObject (none
+    for a LocalNonpersistentObject). A ShardedTensor with a `flattened_range` (a flat slice of its
+    box, as DistributedOptimizer keeps state) becomes the boxes that slice covers, each a view of
+    its data: loads fill the slice in place, saves write it without a copy."""
     from .shard import ObjectShard, TensorShard
 
     name = kind(value)
     if name == "ShardedTensor":
-        if value.flattened_range is not None:
-            raise ShardError(
-                f"module {module!r}, tensor {value.key!r}: flattened_range shards are not "
-                f"supported; use model-space (fully_reshardable) optimizer state"
-            )
+        where = f"module {module!r}, tensor {value.key!r}"
         if value.data is None:
-            raise ShardError(f"module {module!r}, tensor {value.key!r}: ShardedTensor has no data")
-        data = value.data
-        for _ in range(value.prepend_axis_num):
-            data = data.unsqueeze(0)
-        if tuple(data.shape) != (1,) * value.prepend_axis_num + tuple(value.local_shape):
-            raise ShardError(
-                f"module {module!r}, tensor {value.key!r}: data shape {tuple(value.data.shape)} "
-                f"!= local_shape {tuple(value.local_shape)}"
-            )
-        return TensorShard(
-            value.key, data, tuple(value.global_shape), tuple(value.global_offset),
-            _is_main(value.replica_id),
-        )
+            raise ShardError(f"{where}: ShardedTensor has no data")
+        ones, main = (1,) * value.prepend_axis_num, _is_main(value.replica_id)
+        local = tuple(value.local_shape)
+        if value.flattened_range is None:
+            data = value.data.reshape(ones + tuple(value.data.shape)) if ones else value.data
+            if tuple(data.shape) != ones + local:
+                raise ShardError(f"{where}: data shape {tuple(value.data.shape)} != local_shape {local}")
+            return [TensorShard(value.key, data, tuple(value.global_shape), tuple(value.global_offset), main,
+                                bool(value.allow_shape_mismatch), exclusive_main=True)]
+        start, stop = value.flattened_range.start or 0, value.flattened_range.stop
+        if value.data.ndim != 1 or value.data.numel() != stop - start or value.flattened_range.step not in (None, 1):
+            raise ShardError(f"{where}: flattened_range {start}..{stop} needs 1-D data of {stop - start} elements, "
+                             f"got shape {tuple(value.data.shape)}")
+        try:
+            boxes = flat_range_boxes(local, start, stop)
+        except ValueError as exc:
+            raise ShardError(f"{where}: flattened_range: {exc}") from None
+        offset = tuple(value.global_offset)
+        p = value.prepend_axis_num
+        return [
+            TensorShard(value.key, value.data[lo - start : hi - start].view(ones + box.shape),
+                        tuple(value.global_shape), offset[:p] + tuple(o + b for o, b in zip(offset[p:], box.offset)), main,
+                        bool(value.allow_shape_mismatch), exclusive_main=True)
+            for box, lo, hi in boxes
+        ]
     if name == "ShardedObject":
-        return ObjectShard(
-            value.key, value.data, tuple(value.global_shape), tuple(value.global_offset),
-            _is_main(value.replica_id),
-        )
+        return [ObjectShard(value.key, value.data, tuple(value.global_shape), tuple(value.global_offset),
+                            _is_main(value.replica_id))]
     if name == "LocalNonpersistentObject":
-        return None
+        return []
     raise ShardError(f"module {module!r}: megatron-core {name} entries are not supported")
 
 

@@ -24,10 +24,11 @@ import dataclasses
 from typing import Any, Iterator, Mapping
 
 from .errors import ShardError
-from .megatron_interop import kind, to_shard
+from .megatron_interop import kind, to_shards
 
 __all__ = [
-    "LANGUAGE_MODULE", "split_key", "megatron_key", "from_megatron", "to_megatron", "iter_leaves",
+    "LANGUAGE_MODULE", "COMMON_METADATA", "split_key", "megatron_key", "from_megatron", "to_megatron", "split_common",
+    "with_common", "iter_leaves",
 ]
 
 LANGUAGE_MODULE = "language"  # megatron's MIMO_LANGUAGE_MODULE_KEY
@@ -115,26 +116,66 @@ def from_megatron(sharded_state_dict: Mapping[str, Any]) -> dict[str, dict[str, 
     for path, value in iter_leaves(sharded_state_dict):
         name = kind(value)
         where = "/".join(map(str, path))
-        if name == "LocalNonpersistentObject":
-            continue  # not persisted by megatron either
+        if name == "LocalNonpersistentObject" or value is _TAKEN:
+            continue  # not persisted by megatron either; or common state, saved as metadata
         if name is None:
             raise ShardError(
-                f"entry {where!r} is a plain {type(value).__name__}, which names no module (megatron keeps "
-                f"such values in rank 0's common state); add it to a module's state under a key of yours"
+                f"entry {where!r} is a plain {type(value).__name__}, which names no module: megatron keeps such "
+                f"values in rank 0's common state; take them out with split_common and save them as metadata"
             )
-        if name not in ("ShardedTensor", "ShardedObject"):
+        if name not in ("ShardedTensor", "ShardedObject", "ShardedTensorFactory"):
             raise ShardError(f"entry {where!r}: megatron-core {name} is not supported")
         module, key = split_key(value.key)
-        shard = to_shard(value, module=module)
-        out.setdefault(module, {})[where] = dataclasses.replace(shard, key=key)
+        if name == "ShardedTensorFactory":  # built (under the canonical key) when it is saved or loaded
+            out.setdefault(module, {})[where] = dataclasses.replace(value, key=key)
+            continue
+        shards = [dataclasses.replace(s, key=key) for s in to_shards(value, module=module)]
+        if shards:  # several for a flat slice (its boxes), none for an empty one
+            out.setdefault(module, {})[where] = shards[0] if len(shards) == 1 else shards
     return out
 
 
-def to_megatron(sharded_state_dict: dict[str, Any], loaded: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+COMMON_METADATA = "megatron_common"
+"""The save metadata key under which `split_common`'s values go (rank 0's are the ones stored)."""
+
+
+def split_common(sharded_state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the state without its plain values, the plain values by '/'-joined path): megatron's
+    common state, which it saves from rank 0 and gives back to every rank. Save the second as
+    `metadata={COMMON_METADATA: common}` and pass `LoadResult.metadata[COMMON_METADATA]` to
+    `to_megatron`, which puts rank 0's values back on every rank."""
+    common: dict[str, Any] = {}
+
+    def go(tree: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(tree, Mapping):
+            kept = {k: go(v, (*path, k)) for k, v in tree.items()}
+            return {k: v for k, v in kept.items() if v is not _TAKEN}
+        if isinstance(tree, (list, tuple)) and any(kind(v) for _, v in iter_leaves(tree)):
+            return type(tree)(go(v, (*path, i)) for i, v in enumerate(tree))  # positions kept
+        if kind(tree) is None:
+            common["/".join(map(str, path))] = tree
+            return _TAKEN
+        return tree
+
+    return go(sharded_state_dict, ()), common
+
+
+class _Taken:
+    """Where `split_common` took a plain value out of a list (a dict just loses the key)."""
+
+
+_TAKEN = _Taken()
+
+
+def to_megatron(sharded_state_dict: dict[str, Any], loaded: Mapping[str, Mapping[str, Any]],
+                common: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`sharded_state_dict` with each ShardedObject replaced by its loaded value (from `loaded`,
-    what `mimo_ckpt.load` returned for `from_megatron(sharded_state_dict)`) and each ShardedTensor
-    by its tensor, filled in place: the structure megatron's own `load` returns."""
+    what `mimo_ckpt.load` returned for `from_megatron(sharded_state_dict)`), each ShardedTensor
+    by its tensor, filled in place, and each factory by its merged value; plus the `common`
+    values (see `split_common`) at their paths: the structure megatron's own `load` returns."""
     values = {p: v for module in loaded.values() for p, v in module.items()}
+    if common:
+        sharded_state_dict = with_common(sharded_state_dict, common)
 
     def rebuild(tree: Any, path: tuple[Any, ...]) -> Any:
         if isinstance(tree, dict):
@@ -153,3 +194,27 @@ def to_megatron(sharded_state_dict: dict[str, Any], loaded: Mapping[str, Mapping
         return tree
 
     return rebuild(sharded_state_dict, ())
+
+
+def with_common(tree: dict[str, Any], common: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the nested dicts and lists of `tree` with each common value (`split_common`) set
+    at its path, dicts made on the way where missing: rank 0's common state on every rank."""
+    out = _copy_dicts(tree)
+    for joined, value in common.items():
+        *parents, last = joined.split("/")
+        node = out
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return out
+
+
+def _copy_dicts(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _copy_dicts(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copy_dicts(v) for v in tree]
+    return tree

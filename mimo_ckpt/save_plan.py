@@ -11,7 +11,7 @@ import math
 import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -135,8 +135,10 @@ def plan_module_save(
     tensors_by_rank: Mapping[int, Sequence[TensorMeta]],
     objects_by_rank: Mapping[int, Sequence[ObjectMeta]],
     file_tag: str = "",
+    replicas: Literal["main", "spread"] = "main",
 ) -> ModuleSavePlan:
-    """Dedupe boxes, check they tile each tensor, and spread writes of replicas by bytes."""
+    """Dedupe boxes, check they tile each tensor, and spread writes by bytes over the ranks that
+    may write each box (`replicas`: see `_TensorGroup.writers`)."""
     groups = _group_by_tensor(module, tensors_by_rank)
     tilings: dict[str, _Tiling] = {}
     splits: dict[str, SplitSpec] = {}
@@ -151,7 +153,7 @@ def plan_module_save(
             tilings[key], splits[key] = tilings[alike], splits[alike]
         ITEMSIZE[g.dtype]  # an unknown dtype raises KeyError here, before later tensors are checked
 
-    items = _Items.in_file_order(groups, tilings)
+    items = _Items.in_file_order(module, groups, tilings, replicas)
     parts = [
         (writer, part, indexes)
         for writer, all_indexes in sorted(_assign_writers(items).items())
@@ -195,6 +197,10 @@ class _TensorGroup:
     """Per box, the lowest rank that holds it."""
     replicas: dict[int, list[int]] = field(default_factory=dict)
     """Boxes that more than one rank holds -> all their holders, ascending."""
+    not_main: dict[int, set[int]] = field(default_factory=dict)
+    """Boxes -> the holders that are not their main replica (megatron: replica_id other than 0)."""
+    exclusive: set[int] = field(default_factory=set)
+    """Boxes that a holder claims as main by a replica id (`TensorMeta.exclusive_main`)."""
 
     def holders(self, i: int) -> list[int]:
         return self.replicas.get(i) or [self.holder[i]]
@@ -208,8 +214,42 @@ class _TensorGroup:
         optimizer states (main copy, Adam moments) are: planning checks them once."""
         return (
             self.sketch() == other.sketch() and self.holder == other.holder
-            and self.replicas == other.replicas and self.number == other.number
+            and self.replicas == other.replicas and self.number == other.number and self.not_main == other.not_main
+            and self.exclusive == other.exclusive
         )
+
+    def writers(self, module: str, key: str, replicas: str) -> tuple[list[int], dict[int, list[int]]]:
+        """`holder` and `replicas` as the ranks that may write each box. "main": its main replica
+        (megatron: replica_id 0), as megatron's save writes; holders that all claim to be main
+        (plain tensors carry no replica id) share the writes. "spread": any holder, balanced, as
+        megatron's fully parallel save does, for replicas known to be equal. Either way a box
+        none of whose holders is main is a PlanError: nobody vouches for its values; so is a box
+        that several claim as main when one of them does so by a replica id (megatron's)."""
+        for i in sorted(self.exclusive):
+            mains = [r for r in self.holders(i) if r not in self.not_main.get(i, ())]
+            if len(mains) > 1 and self.boxes[i].volume:  # an empty box holds nothing to disagree on
+                raise PlanError(
+                    f"module {module!r}, tensor {key!r}, box {self.boxes[i]}: ranks {mains} all claim to be its "
+                    f"main replica (megatron: replica_id 0); exactly one may"
+                )
+        if not self.not_main:
+            return self.holder, self.replicas
+        holder, shared = list(self.holder), dict(self.replicas)
+        for i, others in self.not_main.items():
+            ranks = self.holders(i)
+            mains = [r for r in ranks if r not in others]
+            if not mains:
+                raise PlanError(
+                    f"module {module!r}, tensor {key!r}, box {self.boxes[i]}: held by ranks {ranks}, none of "
+                    f"them the main replica (megatron: replica_id 0); one must be"
+                )
+            if replicas == "main":
+                holder[i] = mains[0]
+                if len(mains) > 1:
+                    shared[i] = mains
+                else:
+                    shared.pop(i, None)
+        return holder, shared
 
     def holdings(self) -> int:
         """(rank, box) pairs: one per shard."""
@@ -232,6 +272,10 @@ def _group_by_tensor(module: str, tensors_by_rank: Mapping[int, Sequence[TensorM
             i = g.number.setdefault(box.offset, new)  # the offset tuple exists already: no allocation
             if i != new and g.boxes[i].shape != box.shape:  # another box at this offset (an empty one)
                 i = g.number.setdefault((box.offset, box.shape), new)
+            if not m.is_main_replica:
+                g.not_main.setdefault(i, set()).add(rank)
+            elif m.exclusive_main:
+                g.exclusive.add(i)
             if i == new:
                 g.boxes.append(box)
                 g.holder.append(rank)
@@ -367,10 +411,12 @@ class _Items:
     replicas: list[list[int] | None] = field(default_factory=list)
 
     @classmethod
-    def in_file_order(cls, groups: Mapping[str, _TensorGroup], tilings: Mapping[str, _Tiling]) -> _Items:
+    def in_file_order(cls, module: str, groups: Mapping[str, _TensorGroup], tilings: Mapping[str, _Tiling],
+                      replicas: str) -> _Items:
         items = cls()
         for key in sorted(groups):
             g, order, volumes = groups[key], tilings[key].order, tilings[key].volumes
+            holder, shared = g.writers(module, key, replicas)
             itemsize = ITEMSIZE[g.dtype]
             boxes = [g.boxes[i] for i in order]
             items.keys.extend(itertools.repeat(key, len(boxes)))
@@ -378,8 +424,8 @@ class _Items:
             items.dtypes.extend(itertools.repeat(g.dtype, len(boxes)))
             items.offset_texts.extend(tilings[key].offset_texts)
             items.nbytes.extend(volumes[i] * itemsize for i in order)
-            items.holder.extend(map(g.holder.__getitem__, order))
-            items.replicas.extend(map(g.replicas.get, order))
+            items.holder.extend(map(holder.__getitem__, order))
+            items.replicas.extend(map(shared.get, order))
         return items
 
     def header_entries(self, indexes: list[int]) -> list[tuple[str, str, tuple[int, ...]]]:

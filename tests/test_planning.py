@@ -16,13 +16,24 @@ def meta(key, offset, shape, gshape, main=True, dtype="F32"):
     return TensorMeta(key, dtype, tuple(gshape), Box(tuple(offset), tuple(shape)), main)
 
 
-def test_replicas_written_once_and_spread():
-    # 4 DP replicas of 8 equal boxes: each box written once, 2 per replica.
-    metas = {r: [meta(f"w{i}", (0,), (10,), (10,), main=r == 0) for i in range(8)] for r in range(4)}
-    plan = plan_module_save("m", ModuleLayout(dp=4), metas, {})
+@pytest.mark.parametrize("replicas, per_writer", [("spread", {0: 2, 1: 2, 2: 2, 3: 2}), ("main", {1: 8})])
+def test_replicas_written_once_by_the_main_replica_or_spread(replicas, per_writer):
+    # 4 DP replicas of 8 equal boxes, rank 1 the main one: each box written once, by rank 1, or
+    # 2 per replica.
+    metas = {r: [meta(f"w{i}", (0,), (10,), (10,), main=r == 1) for i in range(8)] for r in range(4)}
+    plan = plan_module_save("m", ModuleLayout(dp=4), metas, {}, replicas=replicas)
     written = [(i.key, i.box) for f in plan.files for i in f.items]
     assert sorted(written) == sorted({(f"w{i}", Box((0,), (10,))) for i in range(8)})
+    assert {f.writer: len(f.items) for f in plan.files} == per_writer
+
+
+def test_plain_replicas_that_all_claim_main_share_the_writes_and_none_main_is_refused():
+    metas = {r: [meta(f"w{i}", (0,), (10,), (10,), main=True) for i in range(8)] for r in range(4)}
+    plan = plan_module_save("m", ModuleLayout(dp=4), metas, {})
     assert sorted(len(f.items) for f in plan.files) == [2, 2, 2, 2]
+    metas = {r: [meta("w", (0,), (10,), (10,), main=False)] for r in range(4)}
+    with pytest.raises(PlanError, match=r"'w', box \[0:10\]: held by ranks \[0, 1, 2, 3\], none of them the main"):
+        plan_module_save("m", ModuleLayout(dp=4), metas, {})
 
 
 def test_byte_ranges_are_disjoint_and_follow_the_header():
@@ -126,9 +137,11 @@ def test_save_plan_at_scale():
     for r in range(tp * dp):
         t, d = r % tp, r // tp
         metas[r] = [meta(f"layer{k}.w", (t * 16, 0), (16, 64), (16 * tp, 64), main=d == 0) for k in range(20)]
-    plan = plan_module_save("lm", ModuleLayout(tp=tp, dp=dp), metas, {})
+    plan = plan_module_save("lm", ModuleLayout(tp=tp, dp=dp), metas, {}, replicas="spread")
     assert sum(len(f.items) for f in plan.files) == 20 * tp
     assert len(plan.files) == 20 * tp  # spread: one box per writer
+    plan = plan_module_save("lm", ModuleLayout(tp=tp, dp=dp), metas, {})
+    assert sorted(f.writer for f in plan.files) == list(range(tp))  # the main replicas, DP rank 0
 
 
 def test_collector_pause_nests_across_threads_and_restores_the_callers_setting():

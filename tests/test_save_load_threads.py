@@ -244,12 +244,12 @@ def test_megatron_sharded_tensors_round_trip(threads, tmp_path):
 
 
 def test_our_shards_convert_to_megatron_and_back():
-    from mimo_ckpt.megatron_interop import to_shard, to_sharded_object, to_sharded_tensor
+    from mimo_ckpt.megatron_interop import to_shards, to_sharded_object, to_sharded_tensor
 
     shard = TensorShard("w", torch.arange(6.0).reshape(2, 3), (4, 3), (2, 0), is_main_replica=False)
     st = to_sharded_tensor(shard, replica_id=(0, 0, 1))
     assert st.global_offset == (2, 0) and st.local_shape == (2, 3) and st.data is shard.data
-    back = to_shard(st, module="m")
+    (back,) = to_shards(st, module="m")
     assert back.box == shard.box and back.global_shape == (4, 3) and not back.is_main_replica
     obj = ObjectShard("rng", {"a": 1}, (2,), (1,))
-    assert to_shard(to_sharded_object(obj), module="m") == obj
+    assert to_shards(to_sharded_object(obj), module="m") == [obj]

@@ -365,7 +365,9 @@ def _ours_ops(w: World, verify: bool = True, io_threads: int | None = None, one_
         return out
 
     def save(path: str) -> None:
-        mimo_ckpt.save(shards(w.boxes["save"], w.state), path, layouts=w.layouts["save"], comm=comm)
+        # DP replicas are equal here: their writes are spread, as megatron's fully parallel save does
+        mimo_ckpt.save(shards(w.boxes["save"], w.state), path, layouts=w.layouts["save"], comm=comm,
+                       replicas="spread")
 
     def save_one_file(path: str) -> None:  # PART_BYTES out of reach: one file per writer
         parts, save_plan.PART_BYTES = save_plan.PART_BYTES, 1 << 62
