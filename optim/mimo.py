@@ -140,14 +140,27 @@ class MimoOptimizer:
         for opt in self.modules.values():
             opt.zero_grad(set_to_none)
 
-    def reload_model_params(self) -> None:
-        """Refresh the fp32 main params from the model weights, after those were set from outside."""
+    def reload_model_params(self, state_dict: Any = None) -> None:
+        """Refresh the fp32 main params from the model weights, after those were set from outside
+        (`state_dict`: accepted as megatron's optimizers accept it, and unused)."""
         for opt in self.modules.values():
             opt.reload_model_params()
 
-    def get_loss_scale(self) -> float:
-        """The scale to multiply the loss by before backward."""
-        return self.loss_scaler.scale
+    # What megatron's training loop calls on a MegatronOptimizer, besides step, zero_grad,
+    # param_groups and reload_model_params: `config.grad_scale_func = optimizer.scale_loss`.
+
+    def get_loss_scale(self) -> torch.Tensor:
+        """The scale to multiply the loss by before backward: a one-element float32 tensor on the
+        collective device, as megatron's optimizers return it."""
+        return torch.tensor([self.loss_scaler.scale], dtype=torch.float32, device=self.device)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.loss_scaler.scale
+
+    @property
+    def is_stub_optimizer(self) -> bool:
+        """True on a rank that holds no module (megatron's name for an optimizer with no params)."""
+        return not self.modules
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -156,9 +169,12 @@ class MimoOptimizer:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def sharded_state_dict(self, is_loading: bool = False) -> dict[str, dict[str, Any]]:
+    def sharded_state_dict(self, model_sharded_state_dict: Any = None, is_loading: bool = False,
+                           **kwargs: Any) -> dict[str, dict[str, Any]]:
         """Per module of this rank, its optimizer state as shards: pass it to mimo_ckpt.save, or
-        (with `is_loading`) to mimo_ckpt.load and then its result to `load_sharded_state_dict`."""
+        (with `is_loading`) to mimo_ckpt.load and then its result to `load_sharded_state_dict`.
+        Megatron's signature: each module optimizer knows its params' shards, so the model's
+        `model_sharded_state_dict` (and megatron's other keywords) are not needed."""
         out = {}
         for name, opt in self.modules.items():
             state = opt.sharded_state_dict(is_loading)

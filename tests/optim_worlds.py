@@ -46,9 +46,9 @@ def overflow(args: dict) -> dict:
     Zeroed grads on one rank are counted once on every rank."""
     run = ToyRun(layouts("disjoint"), shard_state=args["shard_state"])
     run.step(0)
-    before, scale_before = run.weights(), run.opt.get_loss_scale()
+    before, scale_before = run.weights(), run.opt.get_loss_scale().item()
     poisoned = run.step(1, poison=run.rank == 1)
-    after, scale_after = run.weights(), run.opt.get_loss_scale()
+    after, scale_after = run.weights(), run.opt.get_loss_scale().item()
     recovered = run.step(2)
     zeroed = run.step(3, zero_row=run.rank == 0)  # a row of a box only rank 0 holds
     return {"poisoned": list(poisoned), "unchanged": before == after, "scales": [scale_before, scale_after],
@@ -149,7 +149,7 @@ def mixed_precision(args: dict) -> dict:
         opt.load_sharded_state_dict({})
         opt.step()
         return {}
-    state = {"m": {"model": TensorShard.whole("w", param.data), "optimizer": opt.sharded_state_dict(True)["m"]}}
+    state = {"m": {"model": TensorShard.whole("w", param.data), "optimizer": opt.sharded_state_dict(is_loading=True)["m"]}}
     result = mimo_ckpt.load(state, args["path"], layouts=lay)
     opt.load_sharded_state_dict({"m": result.state["m"]["optimizer"]})
     (main_slice,) = opt.modules["m"]._slices
@@ -159,10 +159,52 @@ def mixed_precision(args: dict) -> dict:
     return {"main": loaded_main, "weights": param.float().tolist()}
 
 
+def megatron_loop(args: dict) -> dict:
+    """MimoOptimizer driven as megatron's training loop drives a MegatronOptimizer: the loss scaled
+    by `scale_loss` (megatron's `config.grad_scale_func`), the scale read as a tensor, state asked
+    for with megatron's arguments. Module "m" lives on ranks 0-3; ranks 4-5 hold a stub."""
+    from optim import NativeModuleOptimizer, ShardedParam, build_module_groups
+    from optim.loss_scale import DynamicLossScaler
+
+    lay = {"m": ModuleLayout(dp=4)}
+    groups = build_module_groups(lay)
+    x = torch.linspace(-2, 2, 24).reshape(6, 4)
+    w0 = torch.linspace(1, -1, 24).reshape(6, 4)
+    out: dict[str, Any] = {}
+    if "m" in groups:
+        param = torch.nn.Parameter(w0.clone())
+        module = NativeModuleOptimizer([ShardedParam.whole("w", param)], groups["m"],
+                                       lambda gs: torch.optim.SGD(gs, lr=0.01), shard_state=True)
+        opt = MimoOptimizer({"m": module}, lay, loss_scaler=DynamicLossScaler(scale=16.0))
+        opt.reload_model_params()
+    else:
+        opt = MimoOptimizer({}, lay, loss_scaler=DynamicLossScaler(scale=16.0))
+    scale = opt.get_loss_scale()
+    out["scale"] = [scale.dtype == torch.float32, list(scale.shape), scale.item()]
+    out["stub"] = opt.is_stub_optimizer
+    for _ in range(3):
+        opt.zero_grad()
+        if "m" in groups:
+            opt.scale_loss(((param * x) ** 2).sum()).backward()  # each DP rank: the same batch
+        success, norm, _ = opt.step()
+    out["step"] = [success, norm]
+    if "m" in groups:
+        ref = torch.nn.Parameter(w0.clone())
+        sgd = torch.optim.SGD([ref], lr=0.01)  # SGD: an update that forgot to unscale is 16x off
+        for _ in range(3):  # the unscaled reference
+            sgd.zero_grad()
+            ((ref * x) ** 2).sum().backward()
+            sgd.step()
+        out["max_abs_diff"] = (param.detach() - ref.detach()).abs().max().item()
+        state = opt.sharded_state_dict({"unused": "model state"}, is_loading=False, metadata={"any": 1})
+        out["state_keys"] = sorted(state)
+    return out
+
+
 def suite(args: dict) -> dict:
     """Every scenario in one world, so ranks start once."""
     out = {"training": training(args["training"]), "overflow": overflow(args["overflow"]),
-           "plain_state": plain_state({}),
+           "plain_state": plain_state({}), "megatron_loop": megatron_loop({}),
            "mixed_precision": mixed_precision(dict(args["mixed_precision"], path=os.path.join(args["root"], "bf16")))}
     for i, case in enumerate(args["resume"]):
         out[f"resume{i}"] = resume(dict(case, path=os.path.join(args["root"], f"ckpt{i}")))

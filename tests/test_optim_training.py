@@ -156,3 +156,14 @@ def test_resume_across_a_layout_change_continues_the_trajectory(results, referen
             for module, lr in lrs.items():
                 assert lr == pytest.approx(reference["lr"][step][module], rel=1e-12)
     check_weights([p[layout]["weights"] for p in per_rank], reference)
+
+
+def test_megatrons_training_loop_calls_work_on_every_rank(results):
+    """scale_loss / a tensor loss scale / is_stub_optimizer / sharded_state_dict with megatron's
+    arguments; the scaled, unscaled step equals plain SGD on the unscaled loss."""
+    for rank, r in enumerate(results):
+        got = r["megatron_loop"]
+        assert got["scale"] == [True, [1], 16.0] and got["stub"] == (rank >= 4), (rank, got)
+        assert got["step"][0] is True and got["step"][1] > 0
+        if rank < 4:
+            assert got["max_abs_diff"] < 1e-6 and got["state_keys"] == ["m"], got

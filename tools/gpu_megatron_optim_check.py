@@ -122,7 +122,7 @@ def run_variant(variant: dict) -> dict:
     losses, norms = [], []
     for step in range(RESUME_AT):
         mimo.zero_grad()
-        losses.append(forward_backward(ddp, step, mimo.get_loss_scale()))
+        losses.append(forward_backward(ddp, step, float(mimo.get_loss_scale())))
         norms.append(mimo.step()[1])
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ckpt")
@@ -134,7 +134,7 @@ def run_variant(variant: dict) -> dict:
         continued = []
         for step in range(RESUME_AT, STEPS):
             mimo.zero_grad()
-            continued.append(forward_backward(ddp, step, mimo.get_loss_scale()))
+            continued.append(forward_backward(ddp, step, float(mimo.get_loss_scale())))
             mimo.step()
 
         ddp2, opt2, world2 = build(variant, seed=7)
@@ -145,7 +145,7 @@ def run_variant(variant: dict) -> dict:
         resumed = []
         for step in range(RESUME_AT, STEPS):
             mimo2.zero_grad()
-            resumed.append(forward_backward(ddp2, step, mimo2.get_loss_scale()))
+            resumed.append(forward_backward(ddp2, step, float(mimo2.get_loss_scale())))
             mimo2.step()
     out["mimo_losses"] = losses + continued
     out["resumed_losses"] = losses + resumed

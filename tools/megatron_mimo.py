@@ -485,7 +485,7 @@ class MegatronMimoRun:
         from mimo_ckpt.megatron_keys import from_megatron
 
         state = from_megatron(self.model.sharded_state_dict()) if self.model is not None else {}
-        optimizer = self.opt.sharded_state_dict(is_loading)
+        optimizer = self.opt.sharded_state_dict(is_loading=is_loading)
         trackers = random_module.get_cuda_rng_tracker().get_states()
         for m in state:
             state[m]["optimizer"] = optimizer[m]

@@ -49,9 +49,9 @@ class ToyRun:
 
     def step(self, step: int, poison: bool = False, zero_row: bool = False) -> tuple[bool, float | None, int | None]:
         self.opt.zero_grad()
-        self.log["scale"].append(self.opt.get_loss_scale())
+        self.log["scale"].append(self.opt.get_loss_scale().item())
         self.log["lr"].append({m: o.param_groups[0]["lr"] for m, o in self.opt.modules.items()})
-        loss = self.model.forward_backward(step, self.opt.get_loss_scale())
+        loss = self.model.forward_backward(step, float(self.opt.get_loss_scale()))
         self.model.sync_grads({m: g.group("dp_cp") for m, g in self.groups.items()})
         if poison:
             self.model.params["vision"]["encoder.fc1.weight"].grad[0, 0] = float("inf")
@@ -68,7 +68,7 @@ class ToyRun:
                 for m, ps in self.model.params.items() for k, p in ps.items()}
 
     def state(self, is_loading: bool = False) -> dict[str, Any]:
-        opt = self.opt.sharded_state_dict(is_loading)
+        opt = self.opt.sharded_state_dict(is_loading=is_loading)
         return {m: {"model": self.model.model_state(m), "optimizer": opt[m]} for m in self.model.params}
 
     def save(self, path: str, step: int) -> None:
