@@ -6,12 +6,13 @@ checkpoints can be handled on machines (and in CLI start-up) without it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .box import flat_range_boxes
 from .errors import ShardError
 
-__all__ = ["kind", "to_shards", "to_sharded_tensor", "to_sharded_object"]
+__all__ = ["kind", "to_shards", "flat_state_shards", "to_sharded_tensor", "to_sharded_object"]
 
 _MAPPING_MODULE = "megatron.core.dist_checkpointing.mapping"
 
@@ -72,6 +73,53 @@ def to_shards(value: Any, *, module: str) -> list[Any]:
     if name == "LocalNonpersistentObject":
         return []
     raise ShardError(f"module {module!r}: megatron-core {name} entries are not supported")
+
+
+def flat_state_shards(model_leaf: Any, key: str, flat: Any, start: int, *, replica_id: Any, module: str) -> list[Any]:
+    """Optimizer state kept as a flat slice [start, start + flat.numel()) of one parameter's local
+    tensor (a DistributedOptimizer rank's own part), as TensorShards of the model-space tensor
+    `key`: the boxes the slice covers, each a view of `flat`, so a save writes it and a load fills
+    it with no gather. `model_leaf` is the parameter's ShardedTensor, or the ShardedTensorFactory
+    that cuts it (SwiGLU): that one is built over the local tensor's element indices, which shows
+    where each local element lands in the stored tensors."""
+    import copy
+
+    import torch
+
+    stop = start + flat.numel()
+    name = kind(model_leaf)
+    if name == "ShardedTensor":
+        pieces = [(model_leaf, start, stop, 0)]
+    elif name == "ShardedTensorFactory":
+        index = torch.arange(model_leaf.data.numel()).reshape(model_leaf.data.shape)
+        built = dataclasses.replace(model_leaf, key=key, data=index, replica_id=replica_id).build()
+        pieces = []
+        for part in _leaves(built):
+            values = part.data.reshape(-1)
+            lo = int(values[0]) if values.numel() else 0
+            if not torch.equal(values, torch.arange(lo, lo + values.numel())):
+                raise ShardError(f"module {module!r}, tensor {key!r}: factory {model_leaf.key!r} cuts the local "
+                                 f"tensor into parts that are not contiguous; its flat slices cannot be boxes")
+            a, b = max(lo, start), min(lo + values.numel(), stop)
+            if a < b:
+                pieces.append((part, a, b, lo))
+    else:
+        raise ShardError(f"module {module!r}, tensor {key!r}: megatron-core {name} cannot describe a parameter")
+    out = []
+    for leaf, a, b, lo in pieces:
+        view = copy.copy(leaf)  # a dataclass copy: no validation, which refuses flattened_range since 0.19
+        view.key = key if name == "ShardedTensor" else leaf.key
+        view.data, view.flattened_range, view.replica_id = flat[a - start : b - start], slice(a - lo, b - lo), replica_id
+        out += to_shards(view, module=module)
+    return out
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in _leaves(v)]
+    return [tree]
 
 
 def to_sharded_tensor(shard: Any, replica_id: Any = 0) -> Any:

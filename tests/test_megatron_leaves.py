@@ -281,3 +281,50 @@ def test_a_box_held_twice_on_a_rank_as_main_and_copy_saves_once_and_loads_into_b
                                                     comm=comm).state["m"])[0]
     assert torch.equal(emb, full) and torch.equal(out, full)
     assert got["embedding"] is out and got["output_layer"] is emb
+
+
+@pytest.mark.parametrize("save_tp, save_dp, load_tp, load_dp", [(2, 3, 1, 2), (1, 2, 2, 2)])
+def test_distributed_optimizer_flat_state_of_a_swiglu_weight_reshards_without_a_gather(
+        tmp_path, save_tp, save_dp, load_tp, load_dp):
+    """Adam state of megatron's SwiGLU linear_fc1, kept as each DP rank's flat slice of the TP
+    rank's [W_r; V_r] (as DistributedOptimizer keeps it), saved as model-space boxes, loaded as
+    other slices under another TP x DP, and whole."""
+    from mimo_ckpt.megatron_interop import flat_state_shards
+
+    state = torch.arange(2 * F * H, dtype=torch.float32).reshape(2 * F, H) * 0.5 + 100  # [S_W; S_V]
+    s_w, s_v = state[:F], state[F:]
+
+    def local(tp, rank):
+        rows = F // tp
+        return torch.cat([s_w[rank * rows:(rank + 1) * rows], s_v[rank * rows:(rank + 1) * rows]]).reshape(-1)
+
+    def shards(tp, dp, rank, fill=None):
+        layout = ModuleLayout(tp=tp, dp=dp)
+        c = layout.coords(rank)
+        factory, _ = _fc1_factory(tp, c["tp"])
+        flat = local(tp, c["tp"])
+        bounds = [round(flat.numel() * k * (k + 1) / (dp * (dp + 1))) for k in range(dp + 1)]  # uneven
+        lo, hi = bounds[c["dp"]], bounds[c["dp"] + 1]
+        data = flat[lo:hi].clone() if fill is None else torch.full((hi - lo,), fill)
+        return data, flat[lo:hi], flat_state_shards(factory, "optimizer.state.exp_avg.mlp.linear_fc1.weight", data,
+                                                    lo, replica_id=(0, 0, 0), module="language")  # DP slices: no replicas
+
+    def save(comm, rank):
+        _, _, parts = shards(save_tp, save_dp, rank)
+        assert len(parts) <= 2 * (2 * 2 - 1)  # in W, in V, or over both: at most 3 boxes in each
+        mimo_ckpt.save({"language": {f"s{i}": p for i, p in enumerate(parts)}}, tmp_path,
+                       layouts={"language": ModuleLayout(tp=save_tp, dp=save_dp)}, comm=comm)
+    _run(save_tp * save_dp, save)
+
+    def load(comm, rank):
+        data, want, parts = shards(load_tp, load_dp, rank, fill=float("nan"))
+        mimo_ckpt.load({"language": {f"s{i}": p for i, p in enumerate(parts)}}, tmp_path,
+                       layouts={"language": ModuleLayout(tp=load_tp, dp=load_dp)}, comm=comm)
+        return torch.equal(data, want)
+    assert all(_run(load_tp * load_dp, load))
+
+    whole = torch.zeros(2 * F, H)
+    _run(1, lambda comm, rank: mimo_ckpt.load(
+        {"language": {"s": mimo_ckpt.TensorShard.whole("optimizer.state.exp_avg.mlp.linear_fc1.weight", whole)}},
+        tmp_path, layouts={"language": ModuleLayout()}, comm=comm))
+    assert torch.equal(whole, state)
