@@ -20,12 +20,13 @@ import torch
 import torch.distributed as dist
 
 from mimo_ckpt import megatron_interop
+from mimo_ckpt.errors import ShardError
 from mimo_ckpt.shard import ObjectShard
 
 from .groups import ModuleGroups
 from .state_init import materialise_state
 
-__all__ = ["MegatronModuleOptimizer", "FULLY_RESHARDABLE"]
+__all__ = ["MegatronModuleOptimizer", "FULLY_RESHARDABLE", "FLAT_BOXES"]
 
 # DistributedOptimizer metadata for model-space state that reshards over TP, PP, DP and EP.
 FULLY_RESHARDABLE = {
@@ -33,6 +34,11 @@ FULLY_RESHARDABLE = {
     "distrib_optim_fully_reshardable_mem_efficient": False,
     "chained_optim_avoid_prefix": True,
 }
+
+
+# DistributedOptimizer state as each rank's own flat slices, saved as boxes of the model-space
+# tensors: no gather, no full-domain buffer; reshards over TP, PP and DP like any other box.
+FLAT_BOXES = {"mimo_state_layout": "flat_boxes"}
 
 
 class _SharedScale:
@@ -67,7 +73,8 @@ class MegatronModuleOptimizer:
     keys carry no `module.` segments); the optimizer maps its state onto those keys.
     `zero_grad_buffer` clears the DDP grad buffers. `scheduler` is an optional megatron
     `OptimizerParamScheduler`. `metadata` goes to megatron's `sharded_state_dict` (for a
-    DistributedOptimizer pass FULLY_RESHARDABLE plus `dp_cp_group`).
+    DistributedOptimizer pass FULLY_RESHARDABLE plus `dp_cp_group`), except FLAT_BOXES, which
+    saves a DistributedOptimizer's state from each rank's own slices instead (`_flat_state`).
     """
 
     def __init__(
@@ -84,6 +91,9 @@ class MegatronModuleOptimizer:
         self.model_sharded_state_dict = model_sharded_state_dict
         self.zero_grad_buffer, self.scheduler = zero_grad_buffer, scheduler
         self.metadata = dict(metadata or {})
+        self.flat_boxes = self.metadata.pop("mimo_state_layout", None) == "flat_boxes"
+        if self.flat_boxes and not all(hasattr(inner, "gbuf_ranges") for inner in _inner(optimizer)):
+            raise ShardError(f"module {groups.name!r}: FLAT_BOXES state needs a DistributedOptimizer")
         self.main_rank = groups.layout.rank_of()
         self.device = torch.device("cuda", torch.cuda.current_device())
         self._shared = _SharedScale(self.device)
@@ -156,15 +166,50 @@ class MegatronModuleOptimizer:
             # megatron lists the shared step only when it is non-zero; a fresh template gets 1,
             # which the load overwrites.
             materialise_state(inner.optimizer, step=1 if is_loading else 0)
-        state = self.optimizer.sharded_state_dict(self.model_sharded_state_dict(), False, metadata=self.metadata)
         is_main = self.groups.rank == self.main_rank
-        out = {"megatron": _objects_for_plain_leaves(state, "optimizer.megatron", is_main)}
+        if self.flat_boxes:  # param groups and scaler as objects, the tensors as boxes of slices
+            state = self.optimizer.state_dict()
+            out = {"megatron": _objects_for_plain_leaves(state, "optimizer.megatron", is_main),
+                   "flat": self._flat_state()}
+        else:
+            state = self.optimizer.sharded_state_dict(self.model_sharded_state_dict(), False, metadata=self.metadata)
+            out = {"megatron": _objects_for_plain_leaves(state, "optimizer.megatron", is_main)}
         if self.scheduler is not None:
             out["lr_scheduler"] = ObjectShard("optimizer.lr_scheduler", self.scheduler.state_dict(), is_main_replica=is_main)
         return out
 
+    def _flat_state(self) -> dict[str, Any]:
+        """Every parameter's main copy and optimizer state as this rank keeps them (flat slices of
+        the parameter's local tensor), as boxes of `optimizer.state.<name>.<model key>` that view
+        the live tensors: a save writes them, a load fills them in place."""
+        leaves = {id(leaf.data): leaf for leaf in _param_leaves(self.model_sharded_state_dict())}
+        out: dict[str, Any] = {}
+        for inner in _inner(self.optimizer):
+            for gbuf_range_maps in inner.gbuf_ranges:
+                for buckets in gbuf_range_maps.values():
+                    for bucket in buckets:
+                        for param, ranges in bucket["param_map"].items():
+                            leaf = leaves.get(id(param))
+                            if leaf is None:
+                                raise ShardError(f"module {self.name!r}: a parameter of shape {tuple(param.shape)} "
+                                                 f"is not in the model's sharded_state_dict")
+                            # As megatron: the model's replica id, with the optimizer instance for DP.
+                            replica = (*tuple(leaf.replica_id)[:2], inner.distributed_optimizer_instance_id) \
+                                if isinstance(leaf.replica_id, tuple) else leaf.replica_id
+                            tensors = inner._get_main_param_and_optimizer_states(param)
+                            tensors["fp32_param"] = tensors.pop("param")
+                            for name, flat in tensors.items():
+                                if name == "step":  # restored from the param groups, as megatron does
+                                    continue
+                                key = f"optimizer.state.{name}.{leaf.key}"
+                                for shard in megatron_interop.flat_state_shards(
+                                        leaf, key, flat.view(-1), ranges["param"].start, replica_id=replica,
+                                        module=self.name):
+                                    out[f"{key}@{shard.global_offset}"] = shard
+        return out
+
     def load_sharded_state_dict(self, loaded: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(loaded["megatron"])
+        self.optimizer.load_state_dict(loaded["megatron"])  # FLAT_BOXES: the tensors were filled in place
         _unshare_steps(self.optimizer)
         if self.scheduler is not None and "lr_scheduler" in loaded:
             self.scheduler.load_state_dict(loaded["lr_scheduler"])
@@ -175,6 +220,15 @@ class MegatronModuleOptimizer:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict)
         _unshare_steps(self.optimizer)
+
+
+def _param_leaves(tree: Any) -> list[Any]:
+    """The model's ShardedTensors and ShardedTensorFactories (what describes each parameter)."""
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _param_leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in _param_leaves(v)]
+    return [tree] if megatron_interop.kind(tree) in ("ShardedTensor", "ShardedTensorFactory") else []
 
 
 def _unshare_steps(optimizer: Any) -> None:

@@ -328,3 +328,44 @@ def test_distributed_optimizer_flat_state_of_a_swiglu_weight_reshards_without_a_
         {"language": {"s": mimo_ckpt.TensorShard.whole("optimizer.state.exp_avg.mlp.linear_fc1.weight", whole)}},
         tmp_path, layouts={"language": ModuleLayout()}, comm=comm))
     assert torch.equal(whole, state)
+
+
+def test_flat_boxes_state_of_a_distributed_optimizer_shape_loads_as_model_space_tensors(tmp_path):
+    """`MegatronModuleOptimizer._flat_state` over DistributedOptimizer's own structures (buckets
+    mapping each model param to its range, the rank's main param and Adam moments as flat
+    slices), stood in for here on CPU: 2 DP ranks, a plain weight and megatron's SwiGLU factory;
+    saved and loaded whole, each state equals the slices put together."""
+    from types import SimpleNamespace
+
+    from optim.megatron import MegatronModuleOptimizer
+
+    weight = torch.arange(4 * 6, dtype=torch.float32).reshape(4, 6)
+    factory, fc1 = _fc1_factory(1, 0)
+    params = {"proj.weight": weight, "fc1": fc1}
+    model = {"proj": ShardedTensor.from_rank_offsets("proj.weight", weight, replica_id=(0, 0, 0)), "fc1": factory}
+    full = {(name, p): torch.randn(t.numel(), generator=torch.Generator().manual_seed(len(name) * 7 + len(p)))
+            for name in ("param", "exp_avg", "exp_avg_sq") for p, t in params.items()}
+
+    def fake(dp_rank):
+        ranges, owned = {}, {}
+        for p, t in params.items():
+            half = t.numel() // 2 + 1  # uneven halves
+            lo, hi = (0, half) if dp_rank == 0 else (half, t.numel())
+            ranges[id(t)] = SimpleNamespace(start=lo, end=hi)
+            owned[id(t)] = {name: full[(name, p)][lo:hi].clone() for name in ("param", "exp_avg", "exp_avg_sq")}
+        bucket = {"param_map": {t: {"param": ranges[id(t)]} for t in params.values()}}
+        inner = SimpleNamespace(gbuf_ranges=[{torch.float32: [bucket]}], distributed_optimizer_instance_id=0,
+                                _get_main_param_and_optimizer_states=lambda t: dict(owned[id(t)]))
+        return SimpleNamespace(optimizer=inner, name="language", model_sharded_state_dict=lambda: model)
+
+    layout = {"language": ModuleLayout(dp=2)}
+    _run(2, lambda comm, rank: mimo_ckpt.save({"language": MegatronModuleOptimizer._flat_state(fake(rank))},
+                                              tmp_path, layouts=layout, comm=comm))
+    for name, key in (("param", "fp32_param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+        got = {"proj.weight": torch.zeros(4, 6), "mlp.linear_fc1.weight": torch.zeros(2 * F, H)}
+        _run(1, lambda comm, rank: mimo_ckpt.load(
+            {"language": {k: mimo_ckpt.TensorShard.whole(f"optimizer.state.{key}.{k}", t) for k, t in got.items()}},
+            tmp_path, layouts={"language": ModuleLayout()}, comm=comm, strict="requested"))
+        assert torch.equal(got["proj.weight"].reshape(-1), full[(name, "proj.weight")]), name
+        # fc1's local tensor on TP1 is [W; V], and the factory stores it as [W; V]
+        assert torch.equal(got["mlp.linear_fc1.weight"].reshape(-1), full[(name, "fc1")]), name

@@ -1,7 +1,8 @@
 """megatron-core optimizers under MimoOptimizer on one GPU (NCCL, world size 1).
 
 For each of FP32Optimizer, Float16OptimizerWithFloat16Params (bf16) and DistributedOptimizer
-(fully_reshardable), a tiny GPTModel (local layer spec, DDP-wrapped) trains:
+(fully_reshardable, and FLAT_BOXES: each rank's own slices as boxes, also with SwiGLU MLPs), a
+tiny GPTModel (local layer spec, DDP-wrapped) trains:
 - once driven by megatron's own `optimizer.step()` (the reference),
 - once as the single module of an optim.MimoOptimizer through MegatronModuleOptimizer;
 losses must agree. The MIMO run then saves model + optimizer state with mimo_ckpt, a fresh model
@@ -25,6 +26,8 @@ VARIANTS = {
     "fp32": dict(bf16=False, distributed=False),
     "bf16_float16_optimizer": dict(bf16=True, distributed=False),
     "distributed_fully_reshardable": dict(bf16=True, distributed=True),
+    "distributed_flat_boxes": dict(bf16=True, distributed=True, flat=True),
+    "distributed_flat_boxes_swiglu": dict(bf16=True, distributed=True, flat=True, glu=True),
 }
 
 
@@ -53,7 +56,7 @@ def build(variant: dict, seed: int):
     bf16, distributed = variant["bf16"], variant["distributed"]
     dtype = torch.bfloat16 if bf16 else torch.float32
     cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, bf16=bf16, params_dtype=dtype,
-                            hidden_dropout=0.0, attention_dropout=0.0)
+                            hidden_dropout=0.0, attention_dropout=0.0, gated_linear_unit=variant.get("glu", False))
     model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
                      pg_collection=pgc).cuda()
     if bf16:
@@ -94,11 +97,12 @@ def model_state(ddp):
 def mimo_for(ddp, opt, world, variant):
     from mimo_ckpt import ModuleLayout
     from optim import MimoOptimizer, build_module_groups
-    from optim.megatron import FULLY_RESHARDABLE, MegatronModuleOptimizer
+    from optim.megatron import FLAT_BOXES, FULLY_RESHARDABLE, MegatronModuleOptimizer
 
     layouts = {"language": ModuleLayout()}
     groups = build_module_groups(layouts)
-    metadata = dict(FULLY_RESHARDABLE, dp_cp_group=world) if variant["distributed"] else {}
+    metadata = dict(FLAT_BOXES if variant.get("flat") else FULLY_RESHARDABLE, dp_cp_group=world) \
+        if variant["distributed"] else {}
     module = MegatronModuleOptimizer(opt, groups["language"], lambda: model_state(ddp),
                                      zero_grad_buffer=ddp.zero_grad_buffer, metadata=metadata)
     return MimoOptimizer({"language": module}, layouts, max_grad_norm=0.05), layouts
