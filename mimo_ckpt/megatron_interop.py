@@ -129,7 +129,7 @@ def to_sharded_tensor(shard: Any, replica_id: Any = 0) -> Any:
     return ShardedTensor(
         key=shard.key, data=shard.data, dtype=shard.data.dtype, local_shape=tuple(shard.data.shape),
         global_shape=shard.global_shape, global_offset=shard.global_offset,
-        axis_fragmentations=None, replica_id=replica_id,
+        axis_fragmentations=None, replica_id=replica_id, allow_shape_mismatch=shard.allow_shape_mismatch,
     )
 
 

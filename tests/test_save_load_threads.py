@@ -251,5 +251,8 @@ def test_our_shards_convert_to_megatron_and_back():
     assert st.global_offset == (2, 0) and st.local_shape == (2, 3) and st.data is shard.data
     (back,) = to_shards(st, module="m")
     assert back.box == shard.box and back.global_shape == (4, 3) and not back.is_main_replica
+    assert not back.allow_shape_mismatch
+    padded = TensorShard("emb", torch.zeros(2, 3), (4, 3), (0, 0), allow_shape_mismatch=True)
+    assert to_shards(to_sharded_tensor(padded), module="m")[0].allow_shape_mismatch
     obj = ObjectShard("rng", {"a": 1}, (2,), (1,))
     assert to_shards(to_sharded_object(obj), module="m") == [obj]
