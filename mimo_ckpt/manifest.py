@@ -19,7 +19,7 @@ from .box import Box, first_overlap
 from .dtypes import ITEMSIZE
 from .errors import CheckpointNotFoundError, LayoutError, ManifestError, StorageError
 from .layout import PARALLEL_DIMS, ModuleLayout
-from .object_codec import check, decode, encode
+from .object_codec import check, decode, encode, path_text
 from .storage import Storage, check_relpath, read_small_file
 
 __all__ = [
@@ -87,7 +87,7 @@ def check_json_value(value: Any, where: str, *, max_depth: int | None = MAX_JSON
             _check_text(item, where, path)
         elif isinstance(item, (dict, list, tuple)):
             if max_depth is not None and depth >= max_depth:
-                raise ManifestError(f"{where}: {_path_text(path)} nests deeper than {max_depth} levels")
+                raise ManifestError(f"{where}: {path_text(path)} nests deeper than {max_depth} levels")
             if isinstance(item, dict):
                 for k, v in item.items():
                     _check_text(k, where, path, key=True)
@@ -103,17 +103,7 @@ def _check_text(text: Any, where: str, path: Any, key: bool = False) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         what = f"key {text[:80]!r} at" if key else f"string {text[:80]!r} at"
-        raise ManifestError(f"{where}: {what} {_path_text(path)} is not valid unicode (lone surrogate)") from None
-
-
-def _path_text(path: Any) -> str:
-    keys: list[Any] = []
-    while path is not None:
-        path, key = path
-        keys.append(key)
-    keys.reverse()
-    shown = "".join(f"[{k[:80]!r}]" if isinstance(k, str) else f"[{k}]" for k in keys[:8])
-    return "value" + shown + ("..." if len(keys) > 8 else "")
+        raise ManifestError(f"{where}: {what} {path_text(path)} is not valid unicode (lone surrogate)") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from .errors import ManifestError, ShardError
 
-__all__ = ["TAG", "encode", "decode", "check"]
+__all__ = ["TAG", "encode", "decode", "check", "path_text"]
 
 TAG = "__mimo__"
 SUPPORTED = ("JSON values (dicts with str keys, lists, str, int, finite float, bool, None), tuple, set, "
@@ -36,7 +36,7 @@ def encode(value: Any, where: str = "value") -> Any:
     try:
         return _encode(value, None)
     except _Refused as exc:
-        raise ShardError(f"{where}: {exc.what} at {_path_text(exc.path)} cannot be stored; objects "
+        raise ShardError(f"{where}: {exc.what} at {path_text(exc.path)} cannot be stored; objects "
                          f"hold {SUPPORTED}; store tensors as shards") from None
     except RecursionError:
         raise ShardError(f"{where}: nests too deeply (or contains itself)") from None
@@ -102,12 +102,15 @@ def _tagged(tag: str, payload: Any) -> dict[str, Any]:
     return {TAG: [tag, payload]}
 
 
-def _path_text(path: Any) -> str:
+def path_text(path: Any) -> str:
+    """A linked (parent, key) path, root first, as `value['a'][0]...` (8 keys at most)."""
     keys: list[Any] = []
     while path is not None:
         path, key = path
         keys.append(key)
-    return "value" + "".join(f"[{k!r}]" for k in reversed(keys[-8:])) + ("..." if len(keys) > 8 else "")
+    keys.reverse()
+    shown = "".join(f"[{k[:80]!r}]" if isinstance(k, str) else f"[{k}]" for k in keys[:8])
+    return "value" + shown + ("..." if len(keys) > 8 else "")
 
 
 _DTYPE = object()
