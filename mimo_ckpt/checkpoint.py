@@ -230,7 +230,8 @@ def start_save(
         shards = local.get(name, ModuleShards([], [], []))
         metas = {
             "tensors": [t.meta().to_wire() for t in shards.tensors],
-            "objects": [o.meta(with_value=o.is_main_replica).to_wire() for o in shards.objects],
+            "objects": [o.meta(shards.encoded[id(o)] if o.is_main_replica else None).to_wire()
+                        for o in shards.objects],
         }
         gathered = run.unpack(mc.all_gather_bytes(run.payload(metas)))
         if gathered is None:

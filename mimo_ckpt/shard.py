@@ -90,11 +90,10 @@ class ObjectShard:
                 f"object {self.key!r}: offset {self.global_offset} outside grid {self.global_shape}"
             )
 
-    def meta(self, with_value: bool) -> "ObjectMeta":
-        return ObjectMeta(
-            self.key, self.global_shape, self.global_offset, self.is_main_replica,
-            encode_object(f"object {self.key!r}", self.data) if with_value else None,
-        )
+    def meta(self, encoded: Any = None) -> "ObjectMeta":
+        """What peers learn of this object; `encoded`: its value as `encode_object` gave it, sent
+        by the rank that saves it (None from the others)."""
+        return ObjectMeta(self.key, self.global_shape, self.global_offset, self.is_main_replica, encoded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +157,8 @@ class ModuleShards:
     objects: list[ObjectShard]
     leaves: Leaves
     """To rebuild the nested structure after load."""
+    encoded: dict[int, Any] = field(default_factory=dict)
+    """id() of each shard in `objects` -> its value as the manifest stores it (encoded once, here)."""
     twins: list[tuple[TensorShard, TensorShard]] = field(default_factory=list)
     """(copy, shard in `tensors`): a box this rank holds twice, as a main replica and a copy (a
     tied output layer beside its embedding). Only the shard in `tensors` is saved; a load fills
@@ -272,8 +273,8 @@ def _flatten(module: str, state: Any, out: ModuleShards, seen: dict[tuple[str, s
                 from_torch(shard.data.dtype, key=shard.key)
                 out.tensors.append(shard)
             else:
-                # Checked here, where an error can name the module; `meta` encodes it for the wire.
-                encode_object(f"module {module!r}, object {shard.key!r}", shard.data)
+                # Encoded here, where an error can name the module; the save sends this form.
+                out.encoded[id(shard)] = encode_object(f"module {module!r}, object {shard.key!r}", shard.data)
                 out.objects.append(shard)
         leaves.append((path, shards))
     return leaves
