@@ -277,19 +277,13 @@ class TensorStoreStorage:
                 TensorStoreStorage._default_context = ts.Context()
             context = TensorStoreStorage._default_context
         self.url = url if url.endswith("/") else url + "/"
-        try:
-            self._kv = ts.KvStore.open(self.url, context=context).result()
-        except Exception as exc:  # tensorstore raises ValueError/RuntimeError variants
-            raise StorageError(f"opening tensorstore kvstore {url!r}: {exc}") from exc
+        self._kv = _call(f"opening tensorstore kvstore {url!r}", ts.KvStore.open, self.url, context=context)
 
     def exists(self, path: str) -> bool:
         return self.size(path) is not None
 
     def size(self, path: str) -> int | None:
-        try:
-            result = self._kv.read(check_relpath(path)).result()
-        except Exception as exc:  # tensorstore raises ValueError/RuntimeError variants
-            raise StorageError(f"reading {self.url}{path}: {exc}") from exc
+        result = _call(f"reading {self.url}{path}", self._kv.read, check_relpath(path))
         return None if result.state == "missing" else len(result.value)
 
     def write_file(self, path: str, chunks: Iterable[Any]) -> None:
@@ -300,19 +294,14 @@ class TensorStoreStorage:
     def _create(self, path: str, data: bytes) -> bool:
         """Write `data` under a key that must not exist yet (a conditional write where the driver
         has them); False when it exists."""
-        try:
-            stamp = self._kv.write(check_relpath(path), data, if_equal=_NO_VALUE).result()
-        except Exception as exc:
-            raise StorageError(f"writing {self.url}{path}: {exc}") from exc
+        stamp = _call(f"writing {self.url}{path}", self._kv.write, check_relpath(path), data, if_equal=_NO_VALUE)
         return stamp.generation != b""
 
     def read_into(self, path: str, offset: int, *out: memoryview) -> None:
         views = [b.cast("B") for b in out]
         size = sum(len(v) for v in views)
-        try:
-            result = self._kv.read(check_relpath(path), byte_range=slice(offset, offset + size)).result()
-        except Exception as exc:
-            raise StorageError(f"reading {self.url}{path}: {exc}") from exc
+        result = _call(f"reading {self.url}{path}", self._kv.read, check_relpath(path),
+                       byte_range=slice(offset, offset + size))
         if result.state == "missing":
             raise StorageError(f"{self.url}{path}: file is missing")
         if len(result.value) != size:
@@ -333,23 +322,23 @@ class TensorStoreStorage:
             if not self._create(path, data):
                 raise CheckpointExistsError(f"{self.url}{path} already exists: another save committed first")
             return
-        try:
-            self._kv.write(check_relpath(path), data).result()
-        except Exception as exc:
-            raise StorageError(f"writing {self.url}{path}: {exc}") from exc
+        _call(f"writing {self.url}{path}", self._kv.write, check_relpath(path), data)
 
     def list_files(self) -> list[str]:
-        try:
-            keys = self._kv.list().result()
-        except Exception as exc:
-            raise StorageError(f"listing {self.url}: {exc}") from exc
+        keys = _call(f"listing {self.url}", self._kv.list)
         return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
 
     def remove(self, path: str) -> None:
-        try:
-            self._kv.delete_range(_key_range(check_relpath(path))).result()
-        except Exception as exc:
-            raise StorageError(f"removing {self.url}{path}: {exc}") from exc
+        _call(f"removing {self.url}{path}", self._kv.delete_range, _key_range(check_relpath(path)))
+
+
+def _call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs).result()`: a tensorstore call and its wait, with the ValueError and
+    RuntimeError variants tensorstore raises turned into StorageError naming `what`."""
+    try:
+        return fn(*args, **kwargs).result()
+    except Exception as exc:  # noqa: BLE001 - tensorstore's error types are not one family
+        raise StorageError(f"{what}: {exc}") from exc
 
 
 _NO_VALUE = b"\x02"
