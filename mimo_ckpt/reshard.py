@@ -14,7 +14,7 @@ import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from . import commit
 from .checksums import ShardSums
@@ -274,6 +274,25 @@ def run_reshard(
     return result
 
 
+def _written_files(
+    src_url: str, dst_url: str, src: Storage, dst: Storage, module: str, files: tuple[FilePlan, ...],
+    entry: ModuleEntry, budget: Budget, workers: int, bar: Progress | None,
+) -> Iterator[tuple[FilePlan, list[ShardSums]]]:
+    """Each file of a module written, with its items' checksums, in plan order: in this process,
+    or by `workers` forked ones."""
+    if workers <= 1:
+        for f in files:
+            yield f, _write_file(src, dst, module, f, entry, budget, bar)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_die_with_parent) as pool:
+        futures = [(f, pool.submit(_write_file_in_worker, src_url, dst_url, module, f, entry, budget)) for f in files]
+        for f, fut in futures:
+            sums = fut.result()
+            if bar:
+                bar.advance(sum(i.end - i.begin for i in f.items))
+            yield f, sums
+
+
 def _write_modules(
     src_url: str, dst_url: str, src: Storage, dst: Storage, manifest: Manifest, plans: Mapping[str, ModuleReshard],
     budget: Budget, workers: int, progress: bool,
@@ -285,25 +304,11 @@ def _write_modules(
     for name, rp in plans.items():
         entry = manifest.modules[name]
         crcs: dict[str, list[ShardSums]] = {}  # file -> its items' checksums (streaming.write_streamed_file)
-        if workers > 1:
-            with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_die_with_parent) as pool:
-                futures = [
-                    (f, pool.submit(_write_file_in_worker, src_url, dst_url, name, f, entry, budget))
-                    for f in rp.plan.files
-                ]
-                for f, fut in futures:
-                    crcs[f.path] = fut.result()
-                    written += 1
-                    if written == 1:
-                        fault_point("offline.write", 0)
-                    if bar:
-                        bar.advance(sum(i.end - i.begin for i in f.items))
-        else:
-            for f in rp.plan.files:
-                crcs[f.path] = _write_file(src, dst, name, f, entry, budget, bar)
-                written += 1
-                if written == 1:
-                    fault_point("offline.write", 0)
+        for f, sums in _written_files(src_url, dst_url, src, dst, name, rp.plan.files, entry, budget, workers, bar):
+            crcs[f.path] = sums
+            written += 1
+            if written == 1:
+                fault_point("offline.write", 0)
         out[name] = rp.plan.module_entry(rp.new, crcs)
     if bar:
         bar.close()
