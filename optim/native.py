@@ -50,6 +50,8 @@ class _MainSlice:
         return self.sp.param.dtype != torch.float32
 
     def model_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows of `t` (the parameter, its grad or data) this slice updates: a view."""
+        t = self.sp.part(t)
         if self.rows is None:
             return t
         return t.reshape(1) if t.dim() == 0 else t[self.rows[0] : self.rows[1]]
@@ -129,16 +131,17 @@ class NativeModuleOptimizer:
         self.main_rank = groups.layout.rank_of()  # all coordinates 0: saves module-wide objects
 
     def _make_slice(self, sp: ShardedParam) -> _MainSlice | None:
-        p = sp.param
+        p = sp.part(sp.param)
         if not self.shard_state:
-            main = p if p.dtype == torch.float32 else p.detach().float().clone()
+            whole = p is sp.param and p.dtype == torch.float32
+            main = p if whole else p.detach().float().clone()
             return _MainSlice(sp, None, main, sp.box)
         rows = 1 if p.dim() == 0 else p.shape[0]
         begin, end = zero1_rows(rows, self._shard_index, len(self._shard_members))
         if begin == end:
             return None
         s = _MainSlice(sp, (begin, end), torch.empty(0), sp.box)
-        s.main = s.model_rows(p.detach()).float().clone()
+        s.main = s.model_rows(sp.param.detach()).float().clone()
         if p.dim() > 0:
             k = sp.prepend_axes
             offset = (*sp.global_offset[:k], sp.global_offset[k] + begin, *sp.global_offset[k + 1 :])
@@ -198,7 +201,7 @@ class NativeModuleOptimizer:
         if n == 1:
             return
         for sp in self.params:
-            flat = sp.param.data.reshape(1, *sp.param.shape) if sp.param.dim() == 0 else sp.param.data
+            flat = sp.param.data.reshape(1) if sp.param.dim() == 0 else sp.part(sp.param.data)
             rows = flat.shape[0]
             width = math.ceil(rows / n)
             begin, end = zero1_rows(rows, self._shard_index, n)
@@ -262,12 +265,13 @@ class NativeModuleOptimizer:
         (the same structure either way: missing state is created first)."""
         self._ensure_state()
         out: dict[str, Any] = {
-            "state": {s.sp.name: self._entries(s) for s in self._slices},
             "param_groups": ObjectShard(
                 f"{STATE_PREFIX}param_groups", _hyperparameters(self.optimizer),
                 is_main_replica=self.groups.rank == self.main_rank,
             ),
         }
+        if self._slices:  # a ZeRO-1 rank may own no rows: an empty dict would be saved as a value
+            out["state"] = {s.sp.name: self._entries(s) for s in self._slices}
         if self.scheduler is not None:
             out["lr_scheduler"] = ObjectShard(
                 f"{STATE_PREFIX}lr_scheduler", _scheduler_state(self.name, self.scheduler),

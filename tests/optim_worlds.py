@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 import mimo_ckpt
-from mimo_ckpt import ModuleLayout
+from mimo_ckpt import ModuleLayout, TensorShard
 from optim import MimoOptimizer
 from tools.toy_training import ToyRun
 
@@ -159,6 +159,48 @@ def mixed_precision(args: dict) -> dict:
     return {"main": loaded_main, "weights": param.float().tolist()}
 
 
+def parts(args: dict) -> dict:
+    """A parameter given as two parts whose boxes sit in swapped order in the stored tensor (as a
+    GLU fc1's gate and up rows do), ZeRO-1 over DP6: trained, saved, then loaded under DP2 as one
+    whole parameter of the stored order."""
+    from optim import NativeModuleOptimizer, ShardedParam, build_module_groups
+
+    w0 = torch.linspace(-1, 1, 12).reshape(4, 3)
+    swap = [2, 3, 0, 1]
+
+    def build(dp: int, whole: bool):
+        lay = {"m": ModuleLayout(dp=dp)}
+        groups = build_module_groups(lay)
+        if "m" not in groups:
+            return lay, None, MimoOptimizer({}, lay)
+        param = torch.nn.Parameter(w0[swap].clone() if whole else w0.clone())
+        sps = ([ShardedParam.whole("w", param)] if whole else
+               [ShardedParam("w", param, (4, 3), (2, 0), rows=(0, 2)), ShardedParam("w", param, (4, 3), (0, 0), rows=(2, 4))])
+        module = NativeModuleOptimizer(sps, groups["m"], lambda gs: torch.optim.AdamW(gs, lr=0.1), shard_state=True)
+        return lay, param, MimoOptimizer({"m": module}, lay)
+
+    lay, param, opt = build(6, whole=False)
+    for step in range(args["steps"]):
+        param.grad = torch.cos(w0 * (step + 1))
+        opt.step()
+    model = [TensorShard("w", param.data[:2], (4, 3), (2, 0)), TensorShard("w", param.data[2:], (4, 3), (0, 0))]
+    mimo_ckpt.save({"m": {"model": model, "optimizer": opt.sharded_state_dict()["m"]}}, args["path"], layouts=lay)
+    out: dict[str, Any] = {"trained": param.detach().tolist()}
+
+    lay, param, opt = build(2, whole=True)
+    if param is None:
+        mimo_ckpt.load({}, args["path"], layouts=lay)
+        opt.load_sharded_state_dict({})
+        return out
+    state = {"m": {"model": TensorShard.whole("w", param.data), "optimizer": opt.sharded_state_dict(is_loading=True)["m"]}}
+    result = mimo_ckpt.load(state, args["path"], layouts=lay)
+    opt.load_sharded_state_dict({"m": result.state["m"]["optimizer"]})
+    (s,) = opt.modules["m"]._slices
+    out["loaded"] = {"rows": list(s.rows), "weights": param.detach().tolist(),
+                     "exp_avg": opt.modules["m"].optimizer.state[s.main]["exp_avg"].tolist()}
+    return out
+
+
 def megatron_loop(args: dict) -> dict:
     """MimoOptimizer driven as megatron's training loop drives a MegatronOptimizer: the loss scaled
     by `scale_loss` (megatron's `config.grad_scale_func`), the scale read as a tensor, state asked
@@ -205,6 +247,7 @@ def suite(args: dict) -> dict:
     """Every scenario in one world, so ranks start once."""
     out = {"training": training(args["training"]), "overflow": overflow(args["overflow"]),
            "plain_state": plain_state({}), "megatron_loop": megatron_loop({}),
+           "parts": parts({"steps": 3, "path": os.path.join(args["root"], "parts")}),
            "mixed_precision": mixed_precision(dict(args["mixed_precision"], path=os.path.join(args["root"], "bf16")))}
     for i, case in enumerate(args["resume"]):
         out[f"resume{i}"] = resume(dict(case, path=os.path.join(args["root"], f"ckpt{i}")))

@@ -118,6 +118,28 @@ def test_plain_state_dict_rewinds_exactly_and_bad_state_fails_on_every_rank(resu
         assert kind == "LayoutError" and f"rank {rank} is in module {module!r}" in message
 
 
+def test_a_parameter_in_two_parts_trains_saves_and_reshards_like_a_whole_one(results):
+    """Parts in swapped order in the stored tensor, ZeRO-1 rows inside each part: the trained
+    weights equal plain AdamW's, and a DP2 load of the stored tensor as one parameter gets the
+    swapped rows of both weights and Adam state."""
+    w0 = torch.linspace(-1, 1, 12).reshape(4, 3)
+    ref = torch.nn.Parameter(w0.clone())
+    adam = torch.optim.AdamW([ref], lr=0.1)
+    for step in range(3):
+        ref.grad = torch.cos(w0 * (step + 1))
+        adam.step()
+    swap = [2, 3, 0, 1]
+    stored, exp_avg = ref.detach()[swap], adam.state[ref]["exp_avg"][swap]
+    for rank, r in enumerate(results):
+        assert torch.equal(torch.tensor(r["parts"]["trained"]), ref.detach()), rank
+    for rank in (0, 1):
+        loaded = results[rank]["parts"]["loaded"]
+        begin, end = loaded["rows"]
+        assert (begin, end) == (2 * rank, 2 * rank + 2)
+        assert torch.equal(torch.tensor(loaded["weights"]), stored)
+        assert torch.equal(torch.tensor(loaded["exp_avg"]), exp_avg[begin:end])
+
+
 def test_bf16_weights_keep_fp32_main_params_across_a_zero1_dp_change(results):
     """Reference: torch AdamW on an fp32 copy, bf16 weights cast from it after each step."""
     w0 = torch.linspace(-1, 1, 24).reshape(6, 4)

@@ -90,3 +90,13 @@ def test_stacked_layers_share_a_key_and_differ_in_their_box():
     assert layer1.box == Box((1, 0, 0), (1, 3, 2)) and layer1.name == "decoder.layers.w[1]"
     with pytest.raises(ShardError, match="does not fit"):
         ShardedParam("decoder.layers.w", torch.nn.Parameter(torch.zeros(3, 2)), (4, 3, 2), (4, 0, 0), prepend_axes=1)
+
+
+def test_a_part_places_a_run_of_rows_and_is_named_by_them():
+    param = torch.nn.Parameter(torch.zeros(4, 2))
+    gate = ShardedParam("fc1.w", param, (8, 2), (2, 0), rows=(0, 2))
+    up = ShardedParam("fc1.w", param, (8, 2), (6, 0), rows=(2, 4))
+    assert gate.box == Box((2, 0), (2, 2)) and up.box == Box((6, 0), (2, 2))
+    assert gate.name != up.name and up.part(param).data_ptr() == param[2:].data_ptr()
+    with pytest.raises(ShardError, match="rows \\[2, 5\\]"):
+        ShardedParam("fc1.w", param, (8, 2), (6, 0), rows=(2, 5))
