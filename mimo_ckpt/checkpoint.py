@@ -471,6 +471,7 @@ def _without_unusable_optional(
     return replace(shards, objects=kept), bound, extra
 
 
+@torch.no_grad()  # the targets may be parameters (megatron's shards hold them, not their .data)
 def _load_module(
     name: str, entry: ModuleEntry, shards: ModuleShards, bad: set[str], storage: Storage,
     verify: bool, io_threads: int, loaded_objects: dict[tuple[str, int], Any],

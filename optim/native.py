@@ -258,7 +258,7 @@ class NativeModuleOptimizer:
 
     def _tensor_shard(self, name: str, s: _MainSlice, tensor: torch.Tensor) -> TensorShard:
         return TensorShard(f"{STATE_PREFIX}state.{name}.{s.sp.key}", tensor.reshape(s.box.shape),
-                           s.sp.global_shape, s.box.offset)
+                           s.sp.global_shape, s.box.offset, allow_shape_mismatch=s.sp.allow_shape_mismatch)
 
     def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
         """This rank's optimizer state as shards of model-space keys, for mimo_ckpt.save / load

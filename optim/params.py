@@ -34,6 +34,10 @@ class ShardedParam:
     whose local tensor holds several boxes is given as one ShardedParam per part. megatron's
     gated-linear-unit `linear_fc1` is one: its upper rows are a box of the gate half W of the
     stored tensor, its lower rows a box of the up half V."""
+    allow_shape_mismatch: bool = False
+    """The stored tensor may be larger or smaller along a dimension (megatron's padded vocabulary,
+    whose padding changes with TP): the optimizer state loads as the weights do
+    (mimo_ckpt `TensorShard.allow_shape_mismatch`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_shape", tuple(int(s) for s in self.global_shape))

@@ -2,9 +2,10 @@
 optim.MimoOptimizer and checkpointed with mimo_ckpt: the example to copy.
 
 The model: a vision encoder ("images": patch embedding, a TransformerBlock, an MLP projector, TP
-over its own grid) and a GPTModel language model ("language": local, non-Transformer-Engine layer
-spec, TP/PP/DP over its own grid), on disjoint ranks (megatron's non-colocated mode) or on the
-same ranks (colocated, PP 1).
+over its own grid) and a Llama-class GPTModel language model ("language": SwiGLU MLP, RMSNorm, no
+biases, a vocabulary padded as Megatron-LM pads it, local non-Transformer-Engine layer spec,
+TP/PP/DP over its own grid), on disjoint ranks (megatron's non-colocated mode) or on the same ranks
+(colocated, PP 1).
 
     torchrun --nproc-per-node 4 -m tools.megatron_mimo --images tp2 --language pp2 --steps 3 --save /ckpt/a
     mimo-ckpt reshard /ckpt/a /ckpt/b --module images=dp2
@@ -15,6 +16,11 @@ its code paths assume CUDA. What this file does in their place, so the same code
 gloo and on GPUs with NCCL (docs/megatron.md):
 - weights are built with `use_cpu_initialization` and then set from a seeded function of each
   tensor's global key and shape, so every layout starts from the same global weights;
+- the vocabulary is padded to a multiple of `vocab_multiple` x TP (Megatron-LM's
+  `--make-vocab-size-divisible-by`), so the embedding and output layer change size with TP; the
+  padding rows start at zero and the loss is taken over the real vocabulary only, so they get no
+  gradient and stay zero, and a checkpoint loads under another TP (megatron's
+  `allow_shape_mismatch`: rows cut or zero-filled) onto the same trajectory;
 - encoder outputs travel to the language model's first stage, hidden states between its pipeline
   stages, and gradients back, as point-to-point messages between the ranks that need them;
 - gradients are summed over each module's data-parallel group (megatron's DDP needs CUDA);
@@ -61,7 +67,8 @@ from mimo_ckpt import LayoutError, ModuleLayout
 class Size:
     """Model and batch dimensions; the default is the tiny model the tests train on CPU."""
 
-    vocab: int = 64
+    vocab: int = 70  # real tokens; the last is the image token
+    vocab_multiple: int = 8  # padded to a multiple of this x TP: 72 at TP1, 80 at TP2, 96 at TP4
     seq: int = 16
     hidden: int = 32
     heads: int = 4
@@ -75,6 +82,10 @@ class Size:
     @property
     def image_token_id(self) -> int:
         return self.vocab - 1
+
+    def padded_vocab(self, tp: int) -> int:
+        multiple = self.vocab_multiple * tp
+        return -(-self.vocab // multiple) * multiple
 
 
 TINY = Size()
@@ -157,14 +168,18 @@ def _pg_collection(grid: Any) -> Any:
     )
 
 
-def _config(layout: ModuleLayout, num_layers: int, hidden: int, heads: int, dtype: torch.dtype) -> Any:
+def _config(layout: ModuleLayout, num_layers: int, hidden: int, heads: int, dtype: torch.dtype,
+            llama: bool = False) -> Any:
+    """The encoder's config, or with `llama` the language model's: SwiGLU, RMSNorm, no biases."""
+    style = dict(gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
+                 normalization="RMSNorm") if llama else dict(add_bias_linear=True, normalization="LayerNorm")
     return TransformerConfig(
         num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=2 * hidden,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
-        hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=True, gradient_accumulation_fusion=False,
+        hidden_dropout=0.0, attention_dropout=0.0, gradient_accumulation_fusion=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, apply_rope_fusion=False, normalization="LayerNorm",
+        persist_layer_norm=False, apply_rope_fusion=False, **style,
     )
 
 
@@ -183,6 +198,24 @@ class PatchEncoder(MegatronModule):
         return h.transpose(0, 1).reshape(-1, h.shape[-1])
 
 
+class _GatherColumns(torch.autograd.Function):
+    """All-gather a TP-split last dimension; backward keeps this rank's columns, since every TP
+    rank computes the same loss from the gathered values (megatron's gather from the tensor-parallel
+    region, whose output buffer is made on CUDA)."""
+
+    @staticmethod
+    def forward(ctx: Any, part: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, part.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        columns = grad.chunk(dist.get_world_size(ctx.group), dim=-1)
+        return columns[dist.get_rank(ctx.group)].contiguous(), None
+
+
 def causal_mask(n: int, device: Any) -> torch.Tensor:
     """megatron's mask convention: True where attention is masked out."""
     return torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1).view(1, 1, n, n)
@@ -199,8 +232,9 @@ def build_model(layouts: dict[str, ModuleLayout], grids: dict[str, Any], dtype: 
     enc_pg = _pg_collection(grids[IMAGES]) if enc.contains(rank) else None
     pp_rank = lm.coords(rank)["pp"] if lm.contains(rank) else 0
     language = ModuleSpec(module=GPTModel, params=dict(
-        config=_config(lm, size.layers, size.hidden, size.heads, dtype), transformer_layer_spec=get_gpt_layer_local_spec(),
-        vocab_size=size.vocab, max_sequence_length=size.seq, pre_process=pp_rank == 0, post_process=pp_rank == lm.pp - 1,
+        config=_config(lm, size.layers, size.hidden, size.heads, dtype, llama=True),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=size.padded_vocab(lm.tp), max_sequence_length=size.seq, pre_process=pp_rank == 0, post_process=pp_rank == lm.pp - 1,
         share_embeddings_and_output_weights=False, position_embedding_type="learned_absolute",
         pg_collection=lm_pg,
     ))
@@ -226,10 +260,19 @@ def build_model(layouts: dict[str, ModuleLayout], grids: dict[str, Any], dtype: 
 # -- weights and parameters ---------------------------------------------------------------------
 
 
-def _global_init(module: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor's initial global value: a function of its module, key and shape only."""
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+"""The language model's tensors with a row per (padded) vocabulary entry."""
+
+
+def _global_init(module: str, key: str, shape: tuple[int, ...], size: Size) -> torch.Tensor:
+    """A tensor's initial global value: a function of its module, key and shape only; padded
+    vocabulary rows are zero, and the real rows do not depend on the padding."""
     seed = int.from_bytes(hashlib.sha256(f"{module}/{key}".encode()).digest()[:8], "little") >> 1
     g = torch.Generator().manual_seed(seed)
+    if module == LANGUAGE and key in VOCAB_KEYS:
+        full = torch.zeros(shape)
+        full[: size.vocab] = torch.randn((size.vocab, *shape[1:]), generator=g) / max(1.0, shape[-1] ** 0.5)
+        return full
     t = torch.randn(shape, generator=g, dtype=torch.float32)
     if key.endswith(("layer_norm_weight", "layernorm.weight", "norm.weight")):
         return 1.0 + 0.1 * t
@@ -237,38 +280,50 @@ def _global_init(module: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def module_tensors(model: Any) -> dict[str, list[Any]]:
-    """This rank's model ShardedTensors per module, with canonical keys (mimo_ckpt.megatron_keys)."""
+    """This rank's model tensors per module as mimo_ckpt TensorShards with canonical keys
+    (mimo_ckpt.megatron_keys), factories built: SwiGLU's fc1 gives two boxes, each a view of the
+    rows of the local weight it covers."""
     from mimo_ckpt.megatron_keys import from_megatron
+    from mimo_ckpt.shard import flatten_module_state
 
     state = from_megatron(model.sharded_state_dict()) if model is not None else {}
-    return {m: [s for s in shards.values() if hasattr(s, "box")] for m, shards in state.items()}
+    return {m: flatten_module_state(m, shards).tensors for m, shards in state.items()}
 
 
 @torch.no_grad()
-def init_weights(model: Any) -> None:
+def init_weights(model: Any, size: Size = TINY) -> None:
     """Set every weight box from its layout-independent global value."""
     for module, shards in module_tensors(model).items():
         for s in shards:
-            full = _global_init(module, s.key, s.global_shape)
+            full = _global_init(module, s.key, s.global_shape, size)
             box = tuple(slice(o, o + n) for o, n in zip(s.box.offset, s.box.shape))
             s.data.copy_(full[box].to(s.data.dtype))
 
 
 def sharded_params(model: Any) -> dict[str, list[Any]]:
-    """Per module, the trainable parameters as optim.ShardedParams (the model's own boxes)."""
+    """Per module, the trainable parameters as optim.ShardedParams (the model's own boxes; a box
+    that covers only some rows of its parameter, as each half of SwiGLU's fc1 does, is a part)."""
     from optim import ShardedParam
 
-    params = {p.data_ptr(): p for p in model.parameters()} if model is not None else {}
+    params = {p.untyped_storage().data_ptr(): p for p in model.parameters()} if model is not None else {}
     out: dict[str, list[Any]] = {}
-    seen: set[int] = set()
+    seen: set[tuple[int, Any]] = set()
     for module, shards in module_tensors(model).items():
         for s in shards:
-            p = params.get(s.data.data_ptr())
-            if p is None or id(p) in seen:  # a buffer, or a tied copy
+            p = params.get(s.data.untyped_storage().data_ptr())
+            if p is None:  # a buffer
                 continue
-            seen.add(id(p))
             prepend = s.data.dim() - p.dim()
-            out.setdefault(module, []).append(ShardedParam(s.key, p, s.global_shape, s.global_offset, prepend))
+            rows = None
+            if s.data.numel() != p.numel():
+                first = (s.data.data_ptr() - p.data_ptr()) // (p.stride(0) * p.element_size())
+                rows = (first, first + s.data.shape[prepend])
+            if (id(p), rows) in seen:  # a tied copy
+                continue
+            seen.add((id(p), rows))
+            out.setdefault(module, []).append(ShardedParam(
+                s.key, p, s.global_shape, s.global_offset, prepend, rows=rows,
+                allow_shape_mismatch=s.allow_shape_mismatch))
     return out
 
 
@@ -374,7 +429,7 @@ class MegatronMimoRun:
         self.model = build_model(layouts, self.grids, dtype, size)
         if self.model is not None:
             self.model.to(device=device, dtype=dtype)  # as megatron's Float16Module does
-            init_weights(self.model)
+            init_weights(self.model, size)
         self.groups = build_module_groups(layouts)
         modules = {
             m: NativeModuleOptimizer(
@@ -429,12 +484,12 @@ class MegatronMimoRun:
             self.model.set_input_tensor({LANGUAGE: inp.requires_grad_()})
         positions = torch.arange(seq, device=self.device).expand(hi - lo, seq)
         out, _ = self.model(input_ids=batch["tokens"][lo:hi], position_ids=positions,
-                            attention_mask=causal_mask(seq, self.device), loss_mask=batch["loss_mask"][lo:hi],
-                            labels=batch["labels"][lo:hi])
+                            attention_mask=causal_mask(seq, self.device), loss_mask=batch["loss_mask"][lo:hi])
         value = 0.0
         if last:
             # Each replica's share of the global mean, so gradients are summed over replicas.
-            objective = (out.float() * batch["loss_mask"][lo:hi]).sum() / batch["loss_mask"].sum()
+            losses = self._token_losses(out, batch["labels"][lo:hi])
+            objective = (losses * batch["loss_mask"][lo:hi]).sum() / batch["loss_mask"].sum()
             objective.backward()
             value = objective.item() if c["tp"] == 0 else 0.0
         else:
@@ -454,15 +509,22 @@ class MegatronMimoRun:
         """Both modules on this rank (megatron's colocated mode): one forward through MimoModel."""
         lm, seq = self.layouts[LANGUAGE], self.size.seq
         lo, hi = samples(lm, self.rank, self.size.batch)
-        loss, _ = self.model(
+        logits, _ = self.model(
             input_ids=batch["tokens"][lo:hi], position_ids=torch.arange(seq, device=self.device).expand(hi - lo, seq),
             attention_mask=causal_mask(seq, self.device), loss_mask=batch["loss_mask"][lo:hi],
-            labels=batch["labels"][lo:hi],
             modality_inputs={IMAGES: {"patches": {"patches": batch["patches"][lo:hi].to(self.dtype)}}},
         )
-        objective = (loss.float() * batch["loss_mask"][lo:hi]).sum() / batch["loss_mask"].sum()
+        losses = self._token_losses(logits, batch["labels"][lo:hi])
+        objective = (losses * batch["loss_mask"][lo:hi]).sum() / batch["loss_mask"].sum()
         objective.backward()
         return objective.item() if lm.coords(self.rank)["tp"] == 0 else 0.0
+
+    def _token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross entropy per token over the real vocabulary: the TP-split logits are gathered and
+        the padding columns cut off, so padding rows of the output layer get no gradient."""
+        full = _GatherColumns.apply(logits, self.grids[LANGUAGE].get_pg("tp"))
+        real = full[..., : self.size.vocab].float()
+        return torch.nn.functional.cross_entropy(real.flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
 
     @torch.no_grad()
     def _reduce_grads(self) -> None:
@@ -518,11 +580,16 @@ def megatron_state(run: MegatronMimoRun) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from mimo_ckpt import TensorShard
-    from mimo_ckpt.megatron_interop import to_sharded_tensor
-    from mimo_ckpt.megatron_keys import megatron_key
+    from mimo_ckpt.megatron_interop import kind, to_sharded_tensor
+    from mimo_ckpt.megatron_keys import iter_leaves, megatron_key
 
     sd = dict(run.model.sharded_state_dict()) if run.model is not None else {}
-    replica = {(t.key, tuple(t.global_offset)): t.replica_id for t in sd.values() if hasattr(t, "global_offset")}
+    replica = {}  # the model's replica ids, which its optimizer state shares (factories built)
+    for entry in sd.values():
+        built = entry.build() if kind(entry) == "ShardedTensorFactory" else entry
+        for _, t in iter_leaves(built):
+            if hasattr(t, "global_offset"):
+                replica[(t.key, tuple(t.global_offset))] = t.replica_id
     for module, state in run.opt.sharded_state_dict().items():
         for entries in state["state"].values():
             for shard in entries.values():
