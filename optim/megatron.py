@@ -1,7 +1,8 @@
 """A megatron-core optimizer (from `get_megatron_optimizer`) as one module of a MimoOptimizer.
 
-megatron-core's optimizers, DDP and grad scalers allocate on CUDA unconditionally (0.19.2), so
-this adapter runs on GPUs only; on CPU use `NativeModuleOptimizer`. What it changes:
+It runs where the megatron optimizer runs: on GPUs, and on CPU with gloo once megatron-core's CUDA
+literals are patched from outside (tools/megatron_cpu.py, docs/megatron.md); its own tensors
+live on the device of the optimizer's parameters. What it changes:
 - the loss scale: a megatron grad scaler updates from its own module's overflow flag; here it is
   replaced by a view of the MimoOptimizer's one scaler, which updates from the global decision;
 - overflow detection: bf16 and fp32 optimizers without a scaler never look for non-finite grads,
@@ -95,7 +96,7 @@ class MegatronModuleOptimizer:
         if self.flat_boxes and not all(hasattr(inner, "gbuf_ranges") for inner in _inner(optimizer)):
             raise ShardError(f"module {groups.name!r}: FLAT_BOXES state needs a DistributedOptimizer")
         self.main_rank = groups.layout.rank_of()
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = _device(optimizer)
         self._shared = _SharedScale(self.device)
         self._scaled = []
         for inner in _inner(optimizer):
@@ -220,6 +221,15 @@ class MegatronModuleOptimizer:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict)
         _unshare_steps(self.optimizer)
+
+
+def _device(optimizer: Any) -> torch.device:
+    """Where the optimizer's parameters live (the current CUDA device if it holds none)."""
+    for inner in _inner(optimizer):
+        for group in inner.optimizer.param_groups:
+            for param in group["params"]:
+                return param.device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _param_leaves(tree: Any) -> list[Any]:
