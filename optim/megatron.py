@@ -19,9 +19,9 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from mimo_ckpt import megatron_interop
+from mimo_ckpt.interop import megatron_leaves as megatron_interop
 from mimo_ckpt.errors import ShardError
-from mimo_ckpt.shard import ObjectShard
+from mimo_ckpt.model.shard import ObjectShard
 
 from .groups import ModuleGroups
 from .state_init import materialise_state

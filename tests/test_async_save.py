@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import mimo_ckpt
-from mimo_ckpt import AsyncSaver, MimoCkptError, ModuleLayout, ThreadWorld, save_plan
-from mimo_ckpt.storage import LocalStorage
+from mimo_ckpt import AsyncSaver, MimoCkptError, ModuleLayout, ThreadWorld
+from mimo_ckpt.plan import save as save_plan
+from mimo_ckpt.io.storage import LocalStorage
 from tests.conftest import run_threads
-from tools.synthetic_state import check_rank_state, rank_state
+from examples.synthetic_state import check_rank_state, rank_state
 
 WORLD = 4
 LAYOUTS = {"images": ModuleLayout(tp=2), "language": ModuleLayout(tp=2, rank_offset=2)}
@@ -114,8 +115,8 @@ def test_a_background_failure_reaches_every_rank_through_wait(tmp_path):
 
 
 def test_cuda_free_staging_copies_every_dtype_bit_exactly():
-    from mimo_ckpt.background_save import HostStager
-    from mimo_ckpt.save_plan import plan_module_save
+    from mimo_ckpt.run.async_save import HostStager
+    from mimo_ckpt.plan.save import plan_module_save
 
     state = rank_state("images", ModuleLayout(), 0)
     tensors = [v for v in state.values() if isinstance(v, mimo_ckpt.TensorShard)]
@@ -127,7 +128,7 @@ def test_cuda_free_staging_copies_every_dtype_bit_exactly():
 
 
 def test_training_continues_while_checkpoints_are_written(tmp_path):
-    from mimo_ckpt.local_world import run_local_world
+    from tests.harness.local_world import run_local_world
 
     results = run_local_world(6, "tests.async_worlds:train_while_saving",
                               {"root": str(tmp_path), "steps": 6, "every": 2}, timeout=300)

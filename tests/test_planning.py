@@ -2,14 +2,14 @@
 
 import pytest
 
-from mimo_ckpt.box import Box, first_overlap
-from mimo_ckpt.checksums import ShardSums
+from mimo_ckpt.model.box import Box, first_overlap
+from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.errors import ManifestError, PlanError
-from mimo_ckpt.load_plan import plan_module_load
-from mimo_ckpt.layout import ModuleLayout
-from mimo_ckpt import save_plan
-from mimo_ckpt.save_plan import plan_module_save
-from mimo_ckpt.shard import ObjectMeta, TensorMeta
+from mimo_ckpt.plan.load import plan_module_load
+from mimo_ckpt.model.layout import ModuleLayout
+from mimo_ckpt.plan import save as save_plan
+from mimo_ckpt.plan.save import plan_module_save
+from mimo_ckpt.model.shard import ObjectMeta, TensorMeta
 
 
 def meta(key, offset, shape, gshape, main=True, dtype="F32"):
@@ -103,7 +103,7 @@ def test_first_overlap(grid_limit):
 
 
 def _stored_entry(boxes, gshape):
-    from mimo_ckpt.manifest import ModuleEntry, StoredShard, StoredTensor
+    from mimo_ckpt.format.manifest import ModuleEntry, StoredShard, StoredTensor
 
     shards, pos = [], 0
     for b in boxes:
@@ -148,7 +148,7 @@ def test_collector_pause_nests_across_threads_and_restores_the_callers_setting()
     import gc
     import threading
 
-    from mimo_ckpt.gc_pause import collector_paused
+    from mimo_ckpt.run.gc_pause import collector_paused
 
     assert gc.isenabled()
     inside, release = threading.Event(), threading.Event()

@@ -7,16 +7,16 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from mimo_ckpt.box import Box, span_in, split_for_span
-from mimo_ckpt.load_plan import plan_module_load
-from mimo_ckpt.manifest import ModuleEntry, StoredShard, StoredTensor
-from mimo_ckpt.layout import ModuleLayout
-from mimo_ckpt import reads
-from mimo_ckpt.reads import execute_reads
-from mimo_ckpt.shard import TensorMeta
-from mimo_ckpt.checksums import shard_sums
+from mimo_ckpt.model.box import Box, span_in, split_for_span
+from mimo_ckpt.plan.load import plan_module_load
+from mimo_ckpt.format.manifest import ModuleEntry, StoredShard, StoredTensor
+from mimo_ckpt.model.layout import ModuleLayout
+from mimo_ckpt.io import read as reads
+from mimo_ckpt.io.read import execute_reads
+from mimo_ckpt.model.shard import TensorMeta
+from mimo_ckpt.format.checksums import shard_sums
 from mimo_ckpt.errors import CorruptShardError
-from mimo_ckpt.storage import LocalStorage
+from mimo_ckpt.io.storage import LocalStorage
 
 import crc32c
 
@@ -214,7 +214,7 @@ def test_run_reads_verify_whole_shards(tmp_path, monkeypatch, flip):
 
 
 def test_parallel_piece_writes_keep_order_and_allow_buffer_reuse(tmp_path, monkeypatch):
-    from mimo_ckpt import storage
+    from mimo_ckpt.io import storage
 
     monkeypatch.setattr(storage, "WRITE_PIECE_BYTES", 7)  # many pieces in flight per chunk
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mimo_ckpt
-from mimo_ckpt import save_plan
+from mimo_ckpt.plan import save as save_plan
 from mimo_ckpt import (
     CheckpointExistsError,
     CorruptShardError,
@@ -21,12 +21,12 @@ from mimo_ckpt import (
     StorageError,
     ThreadWorld,
 )
-from mimo_ckpt.manager import LATEST_PATH, CheckpointManager
-from mimo_ckpt.manifest import MANIFEST_PATH, Manifest, encode_manifest, read_manifest
-from mimo_ckpt.storage import LocalStorage
-from mimo_ckpt.verify import verify_checkpoint
+from mimo_ckpt.run.manager import LATEST_PATH, CheckpointManager
+from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, encode_manifest, read_manifest
+from mimo_ckpt.io.storage import LocalStorage
+from mimo_ckpt.offline.verify import verify_checkpoint
 from tests.conftest import run_threads
-from tools.synthetic_state import check_rank_state, rank_state
+from examples.synthetic_state import check_rank_state, rank_state
 
 WORLD = 4
 LAYOUTS = {"images": ModuleLayout(tp=2), "language": ModuleLayout(tp=2, rank_offset=2)}
@@ -343,7 +343,7 @@ def test_partial_reads_are_checked_block_by_block(tmp_path):
 def test_whole_shard_crc_combined_from_blocks_equals_one_pass(size):
     import crc32c
 
-    from mimo_ckpt.checksums import crc32c_combine, shard_sums
+    from mimo_ckpt.format.checksums import crc32c_combine, shard_sums
 
     data = os.urandom(size)
     sums = shard_sums(memoryview(data), 4096)
