@@ -52,7 +52,7 @@ def main() -> int:
     opts = parser.parse_args()
     from mimo_ckpt import ModuleLayout
     from tests.harness.local_world import run_local_world
-    from mimo_ckpt.format.manifest import read_manifest
+    from mimo_ckpt.io.commit import read_manifest
     from mimo_ckpt.io.storage import LocalStorage
 
     ckpt = opts.dir or os.path.join(tempfile.mkdtemp(prefix="mimo-demo-"), "ckpt")

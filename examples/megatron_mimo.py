@@ -284,7 +284,7 @@ def module_tensors(model: Any) -> dict[str, list[Any]]:
     (mimo_ckpt.interop.megatron_keys), factories built: SwiGLU's fc1 gives two boxes, each a view of the
     rows of the local weight it covers."""
     from mimo_ckpt.interop.megatron_keys import from_megatron
-    from mimo_ckpt.model.shard import flatten_module_state
+    from mimo_ckpt.model.tree import flatten_module_state
 
     state = from_megatron(model.sharded_state_dict()) if model is not None else {}
     return {m: flatten_module_state(m, shards).tensors for m, shards in state.items()}
@@ -580,7 +580,7 @@ def megatron_state(run: MegatronMimoRun) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from mimo_ckpt import TensorShard
-    from mimo_ckpt.interop.megatron_leaves import kind, to_sharded_tensor
+    from mimo_ckpt.model.megatron_leaves import kind, to_sharded_tensor
     from mimo_ckpt.interop.megatron_keys import iter_leaves, megatron_key
 
     sd = dict(run.model.sharded_state_dict()) if run.model is not None else {}

@@ -14,14 +14,14 @@ from mimo_ckpt.model.layout import PARALLEL_DIMS, ModuleLayout
 __version__ = "0.1.0"
 
 _LAZY = {
-    "save": "run.checkpoint",
-    "load": "run.checkpoint",
-    "LoadResult": "run.checkpoint",
+    "save": "run.save",
+    "load": "run.load",
+    "LoadResult": "run.load",
     "TensorShard": "model.shard",
     "ObjectShard": "model.shard",
     "KeyReport": "plan.load",
     "Manifest": "format.manifest",
-    "read_manifest": "format.manifest",
+    "read_manifest": "io.commit",
     "Storage": "io.storage",
     "LocalStorage": "io.storage",
     "TensorStoreStorage": "io.storage",

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from mimo_ckpt.interop import megatron_leaves as megatron_interop
+from mimo_ckpt.model import megatron_leaves
 from mimo_ckpt.errors import ShardError
 from mimo_ckpt.model.shard import ObjectShard
 
@@ -202,7 +202,7 @@ class MegatronModuleOptimizer:
                                 if name == "step":  # restored from the param groups, as megatron does
                                     continue
                                 key = f"optimizer.state.{name}.{leaf.key}"
-                                for shard in megatron_interop.flat_state_shards(
+                                for shard in megatron_leaves.flat_state_shards(
                                         leaf, key, flat.view(-1), ranges["param"].start, replica_id=replica,
                                         module=self.name):
                                     out[f"{key}@{shard.global_offset}"] = shard
@@ -228,7 +228,7 @@ def _param_leaves(tree: Any) -> list[Any]:
         return [x for v in tree.values() for x in _param_leaves(v)]
     if isinstance(tree, (list, tuple)):
         return [x for v in tree for x in _param_leaves(v)]
-    return [tree] if megatron_interop.kind(tree) in ("ShardedTensor", "ShardedTensorFactory") else []
+    return [tree] if megatron_leaves.kind(tree) in ("ShardedTensor", "ShardedTensorFactory") else []
 
 
 def _unshare_steps(optimizer: Any) -> None:
@@ -253,7 +253,7 @@ def _skip_step_in_fully_reshardable_load(inner: Any) -> None:
 
 def _objects_for_plain_leaves(value: Any, key: str, is_main: bool) -> Any:
     """Copy of megatron's state with every plain (JSON) leaf made an object saved by one rank."""
-    if megatron_interop.kind(value) is not None or torch.is_tensor(value):
+    if megatron_leaves.kind(value) is not None or torch.is_tensor(value):
         return value
     if isinstance(value, dict):
         return {k: _objects_for_plain_leaves(v, f"{key}.{k}", is_main) for k, v in value.items()}

@@ -11,7 +11,8 @@ import mimo_ckpt
 from mimo_ckpt import ThreadWorld
 from tests.harness.local_world import run_local_world
 from mimo_ckpt.run.manager import CheckpointManager
-from mimo_ckpt.format.manifest import MANIFEST_PATH, read_manifest
+from mimo_ckpt.format.manifest import MANIFEST_PATH
+from mimo_ckpt.io.commit import read_manifest
 from mimo_ckpt.io.storage import LocalStorage
 from tests.conftest import run_threads
 from tests.fault_worlds import LAYOUTS, WORLD, state_of

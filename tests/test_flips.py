@@ -16,7 +16,7 @@ import torch
 
 import mimo_ckpt
 from mimo_ckpt import MimoCkptError, ModuleLayout, ThreadWorld
-from mimo_ckpt.format.manifest import read_manifest
+from mimo_ckpt.io.commit import read_manifest
 from mimo_ckpt.io.storage import LocalStorage
 from mimo_ckpt.offline.verify import verify_checkpoint
 from tests.commit_cases import save_world, states

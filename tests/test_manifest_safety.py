@@ -11,7 +11,8 @@ import torch
 
 import mimo_ckpt
 from mimo_ckpt import ManifestError, ModuleLayout, ShardError, ThreadWorld
-from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, encode_manifest, read_manifest
+from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, encode_manifest
+from mimo_ckpt.io.commit import read_manifest
 from mimo_ckpt.io.storage import LocalStorage
 from mimo_ckpt.offline.verify import verify_checkpoint
 

@@ -22,7 +22,8 @@ from mimo_ckpt import (
     ThreadWorld,
 )
 from mimo_ckpt.run.manager import LATEST_PATH, CheckpointManager
-from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, encode_manifest, read_manifest
+from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, encode_manifest
+from mimo_ckpt.io.commit import read_manifest
 from mimo_ckpt.io.storage import LocalStorage
 from mimo_ckpt.offline.verify import verify_checkpoint
 from tests.conftest import run_threads

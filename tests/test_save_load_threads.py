@@ -244,7 +244,7 @@ def test_megatron_sharded_tensors_round_trip(threads, tmp_path):
 
 
 def test_our_shards_convert_to_megatron_and_back():
-    from mimo_ckpt.interop.megatron_leaves import to_shards, to_sharded_object, to_sharded_tensor
+    from mimo_ckpt.model.megatron_leaves import to_shards, to_sharded_object, to_sharded_tensor
 
     shard = TensorShard("w", torch.arange(6.0).reshape(2, 3), (4, 3), (2, 0), is_main_replica=False)
     st = to_sharded_tensor(shard, replica_id=(0, 0, 1))

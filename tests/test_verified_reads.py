@@ -20,7 +20,7 @@ from mimo_ckpt.model.box import Box
 from mimo_ckpt.format.checksums import BLOCK_BYTES, shard_sums
 from mimo_ckpt.cli import main
 from mimo_ckpt.plan.load import plan_module_load
-from mimo_ckpt.format.manifest import read_manifest
+from mimo_ckpt.io.commit import read_manifest
 from mimo_ckpt.model.shard import TensorMeta
 from mimo_ckpt.io.storage import LocalStorage, open_storage
 from tests.conftest import run_threads

@@ -17,8 +17,9 @@ from typing import Any, NoReturn
 
 from mimo_ckpt.io.commit import new_save_id
 from mimo_ckpt.errors import LayoutError, MimoCkptError
-from mimo_ckpt.format.manifest import Manifest, read_manifest
-from mimo_ckpt.offline.progress import human_bytes
+from mimo_ckpt.format.manifest import Manifest
+from mimo_ckpt.io.commit import read_manifest
+from mimo_ckpt.io.progress import human_bytes
 from mimo_ckpt.io.storage import open_storage
 
 __all__ = ["main"]

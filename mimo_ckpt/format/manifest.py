@@ -17,10 +17,10 @@ import crc32c
 
 from mimo_ckpt.model.box import Box, first_overlap
 from mimo_ckpt.model.dtypes import ITEMSIZE
-from mimo_ckpt.errors import CheckpointNotFoundError, LayoutError, ManifestError, StorageError
+from mimo_ckpt.errors import LayoutError, ManifestError, StorageError
 from mimo_ckpt.model.layout import PARALLEL_DIMS, ModuleLayout
-from mimo_ckpt.format.object_codec import check, decode, encode, path_text
-from mimo_ckpt.io.storage import Storage, check_relpath, read_small_file
+from mimo_ckpt.format.object_codec import MAX_JSON_DEPTH, check, check_json_value, decode, encode, path_text
+from mimo_ckpt.format.paths import check_relpath
 
 __all__ = [
     "FORMAT_NAME",
@@ -37,7 +37,6 @@ __all__ = [
     "loads_strict",
     "module_to_json",
     "read_manifest_bytes",
-    "read_manifest",
 ]
 
 FORMAT_NAME = "mimo-ckpt"
@@ -49,8 +48,6 @@ MANIFEST_PATH = "manifest.json"
 CRC_KEY = "manifest_crc32c"
 _TRAILER = re.compile(rb',"manifest_crc32c":"([0-9a-f]{8})"\}')
 _TRAILER_LEN = len(b',"manifest_crc32c":"00000000"}')
-MAX_JSON_DEPTH = 64
-"""Deepest nesting of a metadata or object value (a guard against stack exhaustion in readers)."""
 MAX_BYTES = MAX_ELEMENTS = 2**48
 """No shard file, byte offset or tensor is that large; larger numbers are corruption or hostile."""
 READING_MARKER_PREFIX = ".reading-"
@@ -72,38 +69,6 @@ def check_module_name(name: str) -> str:
             f"checkpoint or run directory"
         )
     return name
-
-
-def check_json_value(value: Any, where: str, *, max_depth: int | None = MAX_JSON_DEPTH) -> None:
-    """Raises ManifestError naming `where` and the place at fault if `value`, made of JSON types,
-    nests deeper than `max_depth` or holds a string or key that is not valid unicode (a lone
-    surrogate: JSON escapes let one through, UTF-8 cannot hold it). Iterative, so a hostile depth
-    cannot exhaust the stack."""
-    # Paths are linked (parent, key) pairs, built in O(1) and spelled out only for an error.
-    stack: list[tuple[Any, int, Any]] = [(value, 0, None)]
-    while stack:
-        item, depth, path = stack.pop()
-        if isinstance(item, str):
-            _check_text(item, where, path)
-        elif isinstance(item, (dict, list, tuple)):
-            if max_depth is not None and depth >= max_depth:
-                raise ManifestError(f"{where}: {path_text(path)} nests deeper than {max_depth} levels")
-            if isinstance(item, dict):
-                for k, v in item.items():
-                    _check_text(k, where, path, key=True)
-                    stack.append((v, depth + 1, (path, k)))
-            else:  # tuples too: writers store them as lists
-                stack.extend((v, depth + 1, (path, i)) for i, v in enumerate(item))
-
-
-def _check_text(text: Any, where: str, path: Any, key: bool = False) -> None:
-    if not isinstance(text, str):
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        what = f"key {text[:80]!r} at" if key else f"string {text[:80]!r} at"
-        raise ManifestError(f"{where}: {what} {path_text(path)} is not valid unicode (lone surrogate)") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,18 +231,6 @@ def module_to_json(m: ModuleEntry, version: int = FORMAT_VERSION) -> dict[str, A
                        for off, v in sorted(o.values.items())],
         }
     return {"layout": m.layout.to_json(), "tensors": tensors, "objects": objects}
-
-
-def read_manifest_bytes(storage: Storage, source: str = "checkpoint") -> bytes:
-    data = read_small_file(storage, MANIFEST_PATH)
-    if data is None:
-        raise CheckpointNotFoundError(f"{source}: no {MANIFEST_PATH}; not a committed checkpoint")
-    return data
-
-
-def read_manifest(storage: Storage, source: str = "checkpoint") -> Manifest:
-    """The manifest of the checkpoint at `source` (a path, named in errors)."""
-    return Manifest.from_bytes(read_manifest_bytes(storage, source), source=f"{source}/{MANIFEST_PATH}")
 
 
 # --- parsing -------------------------------------------------------------------------------------

@@ -23,7 +23,10 @@ from typing import Any, Callable
 
 from mimo_ckpt.errors import ManifestError, ShardError
 
-__all__ = ["TAG", "encode", "decode", "check", "path_text"]
+__all__ = ["TAG", "MAX_JSON_DEPTH", "encode", "decode", "check", "path_text", "check_json_value", "check_plain_json", "encode_checked"]
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of a metadata or object value (a guard against stack exhaustion in readers)."""
 
 TAG = "__mimo__"
 SUPPORTED = ("JSON values (dicts with str keys, lists, str, int, finite float, bool, None), tuple, set, "
@@ -160,3 +163,60 @@ def _torch_dtype(name: str) -> Any:
     dtype = getattr(torch, name, None)
     _need(isinstance(dtype, torch.dtype), f"{name!r} is not a torch dtype")
     return dtype
+
+
+def check_json_value(value: Any, where: str, *, max_depth: int | None = MAX_JSON_DEPTH) -> None:
+    """Raises ManifestError naming `where` and the place at fault if `value`, made of JSON types,
+    nests deeper than `max_depth` or holds a string or key that is not valid unicode (a lone
+    surrogate: JSON escapes let one through, UTF-8 cannot hold it). Iterative, so a hostile depth
+    cannot exhaust the stack."""
+    # Paths are linked (parent, key) pairs, built in O(1) and spelled out only for an error.
+    stack: list[tuple[Any, int, Any]] = [(value, 0, None)]
+    while stack:
+        item, depth, path = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, where, path)
+        elif isinstance(item, (dict, list, tuple)):
+            if max_depth is not None and depth >= max_depth:
+                raise ManifestError(f"{where}: {path_text(path)} nests deeper than {max_depth} levels")
+            if isinstance(item, dict):
+                for k, v in item.items():
+                    _check_text(k, where, path, key=True)
+                    stack.append((v, depth + 1, (path, k)))
+            else:  # tuples too: writers store them as lists
+                stack.extend((v, depth + 1, (path, i)) for i, v in enumerate(item))
+
+
+def _check_text(text: Any, where: str, path: Any, key: bool = False) -> None:
+    if not isinstance(text, str):
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        what = f"key {text[:80]!r} at" if key else f"string {text[:80]!r} at"
+        raise ManifestError(f"{where}: {what} {path_text(path)} is not valid unicode (lone surrogate)") from None
+
+
+def check_plain_json(what: str, value: Any) -> None:
+    """Raises ShardError naming `what` unless `value` is plain JSON that every reader takes: no NaN
+    or infinity, no lone surrogate in a string or key, at most MAX_JSON_DEPTH levels deep (the
+    checks `Manifest.from_bytes` makes on load)."""
+    try:
+        check_json_value(value, what)
+    except ManifestError as exc:
+        raise ShardError(str(exc)) from None
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ShardError(
+            f"{what}: value of type {type(value).__name__} is not JSON-serialisable ({exc}); store "
+            f"tensors as shards, and NaN or infinity in a tensor or as a string"
+        ) from exc
+
+
+def encode_checked(what: str, value: Any) -> Any:
+    """`value` as the manifest stores it (`encode`), with the checks `check_plain_json`
+    makes, on the encoded form: the limits a reader holds the manifest to apply to it."""
+    doc = encode(value, what)
+    check_plain_json(what, doc)
+    return doc

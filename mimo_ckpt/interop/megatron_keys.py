@@ -15,7 +15,7 @@ embeddings need no rule of ours:
 megatron keys the last stage's copy as the input embedding, a non-main replica, so it is never
 saved twice and loads from the embedding's boxes.
 
-Pure: megatron-core objects are recognised by class name (see megatron_interop).
+Pure: megatron-core objects are recognised by class name (see model.megatron_leaves).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import dataclasses
 from typing import Any, Iterator, Mapping
 
 from mimo_ckpt.errors import ShardError
-from mimo_ckpt.interop.megatron_leaves import kind, to_shards
+from mimo_ckpt.model.megatron_leaves import kind, to_shards
 
 __all__ = [
     "LANGUAGE_MODULE", "COMMON_METADATA", "split_key", "megatron_key", "from_megatron", "to_megatron", "split_common",

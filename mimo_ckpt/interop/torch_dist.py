@@ -35,9 +35,10 @@ from mimo_ckpt.io.faults import fault_point
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.interop.megatron_keys import megatron_key, split_key
 from mimo_ckpt.format.object_codec import decode
-from mimo_ckpt.offline.progress import Progress
+from mimo_ckpt.io.progress import Progress
 from mimo_ckpt.model.rank_state import is_layout_bound
-from mimo_ckpt.io.storage import LocalStorage, check_relpath, read_small_file
+from mimo_ckpt.io.storage import LocalStorage, read_small_file
+from mimo_ckpt.format.paths import check_relpath
 
 __all__ = ["DcpIndex", "read_index", "import_torch_dist", "export_torch_dist", "ImportReport"]
 
@@ -200,9 +201,10 @@ def import_torch_dist(src: str, dst: str, *, allow_pickle: bool = False, progres
     """
     import torch
 
-    from mimo_ckpt.run.checkpoint import save
+    from mimo_ckpt.run.save import save
     from mimo_ckpt.run.comm import ThreadWorld
-    from mimo_ckpt.model.shard import ObjectShard, TensorShard, encode_object
+    from mimo_ckpt.format.object_codec import encode_checked
+    from mimo_ckpt.model.shard import ObjectShard, TensorShard
 
     index = read_index(src)
     source = LocalStorage(src)  # reads only regular files inside `src`, never through a link out
@@ -241,7 +243,7 @@ def import_torch_dist(src: str, dst: str, *, allow_pickle: bool = False, progres
                 report.dropped.append(f"{fqn}: {type(value).__name__} is not JSON-able")
             continue
         try:
-            encode_object(fqn, value)  # as save will: better dropped here than failing the save
+            encode_checked(fqn, value)  # as save will: better dropped here than failing the save
         except ShardError as exc:
             report.dropped.append(str(exc))
             continue
@@ -281,7 +283,7 @@ def export_torch_dist(src: str, dst: str, *, modules: list[str] | None = None,
 
     from mimo_ckpt.model.dtypes import to_torch
     from mimo_ckpt.plan.load import plan_module_load
-    from mimo_ckpt.format.manifest import read_manifest
+    from mimo_ckpt.io.commit import read_manifest
     from mimo_ckpt.model.shard import TensorMeta
     from mimo_ckpt.io.storage import open_storage
     from mimo_ckpt.io.tensors import fill_tensors

@@ -24,10 +24,12 @@ import posixpath
 import uuid
 from typing import Iterable
 
-from mimo_ckpt.errors import CheckpointExistsError, MimoCkptError, StorageError
-from mimo_ckpt.io.storage import Storage, check_relpath, read_small_file
+from mimo_ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, MimoCkptError, StorageError
+from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest
+from mimo_ckpt.format.paths import check_relpath
+from mimo_ckpt.io.storage import Storage, read_small_file
 
-__all__ = ["SAVING_MARKER_PREFIX", "new_save_id", "begin", "announce", "publish", "finish", "created_by"]
+__all__ = ["read_manifest", "read_manifest_bytes", "SAVING_MARKER_PREFIX", "new_save_id", "begin", "announce", "publish", "finish", "created_by"]
 
 SAVING_MARKER_PREFIX = ".saving-"
 """A write in progress: `.saving-<save id>`, holding the files it creates that do not carry the id."""
@@ -129,3 +131,15 @@ def _announced(storage: Storage, save_id: str) -> list[str]:
         pass
     log.warning("marker of write %s is unreadable; removing only the files named after it", save_id)
     return []
+
+
+def read_manifest_bytes(storage: Storage, source: str = "checkpoint") -> bytes:
+    data = read_small_file(storage, MANIFEST_PATH)
+    if data is None:
+        raise CheckpointNotFoundError(f"{source}: no {MANIFEST_PATH}; not a committed checkpoint")
+    return data
+
+
+def read_manifest(storage: Storage, source: str = "checkpoint") -> Manifest:
+    """The manifest of the checkpoint at `source` (a path, named in errors)."""
+    return Manifest.from_bytes(read_manifest_bytes(storage, source), source=f"{source}/{MANIFEST_PATH}")

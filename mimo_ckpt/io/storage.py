@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from mimo_ckpt.errors import CheckpointExistsError, StorageError
+from mimo_ckpt.format.paths import check_relpath
 
 IO_THREADS = 4
 """Reads or writes a rank keeps in flight: files read at once, pieces of a file written at once.
@@ -29,7 +30,7 @@ WRITE_PIECE_BYTES = 16 << 20
 ReadInto = Callable[..., None]
 """`read(offset, *out)`: fill the buffers `out`, in order, with one file's bytes from `offset` on."""
 
-__all__ = ["IO_THREADS", "ReadInto", "Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "check_relpath", "read_small_file", "open_regular"]
+__all__ = ["IO_THREADS", "ReadInto", "Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "read_small_file", "open_regular"]
 
 
 class Storage(Protocol):
@@ -72,16 +73,6 @@ def read_small_file(storage: Storage, path: str) -> bytes | None:
     buf = bytearray(size)
     storage.read_into(path, 0, memoryview(buf))
     return bytes(buf)
-
-
-def check_relpath(path: str) -> str:
-    norm = posixpath.normpath(path)
-    if (
-        not path or path.startswith("/") or norm != path or norm == ".."
-        or norm.startswith("../") or "\\" in path or "\x00" in path
-    ):
-        raise StorageError(f"path {path!r} is not a plain relative path inside the checkpoint")
-    return path
 
 
 class LocalStorage:

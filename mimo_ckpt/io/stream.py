@@ -20,7 +20,7 @@ from mimo_ckpt.model.dtypes import ITEMSIZE
 from mimo_ckpt.errors import CorruptShardError
 from mimo_ckpt.plan.load import plan_tensor_reads
 from mimo_ckpt.format.manifest import StoredShard, StoredTensor
-from mimo_ckpt.offline.progress import Progress
+from mimo_ckpt.io.progress import Progress
 from mimo_ckpt.io.read import execute_reads, raw_dtype
 from mimo_ckpt.io.storage import Storage
 

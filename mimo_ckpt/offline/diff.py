@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mimo_ckpt.format.manifest import Manifest, StoredTensor
-from mimo_ckpt.offline.progress import Progress
+from mimo_ckpt.io.progress import Progress
 from mimo_ckpt.io.storage import Storage
 from mimo_ckpt.io.stream import Budget, iter_box
 from mimo_ckpt.format.values import as_float64

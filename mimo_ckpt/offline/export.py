@@ -11,7 +11,7 @@ from mimo_ckpt.model.box import Box
 from mimo_ckpt.errors import ManifestError
 from mimo_ckpt.io.faults import fault_point
 from mimo_ckpt.format.manifest import ModuleEntry
-from mimo_ckpt.offline.progress import Progress
+from mimo_ckpt.io.progress import Progress
 from mimo_ckpt.io.storage import Storage
 from mimo_ckpt.io.stream import Budget, StreamItem, write_streamed_file
 from mimo_ckpt.format.safetensors import FileEntry, layout_file

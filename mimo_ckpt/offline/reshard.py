@@ -23,12 +23,13 @@ from mimo_ckpt.io.faults import fault_point
 from mimo_ckpt.model.layout import PARALLEL_DIMS, ModuleLayout
 from mimo_ckpt.plan.load import plan_tensor_reads
 from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, ModuleEntry, StoredTensor
-from mimo_ckpt.offline.progress import Progress
+from mimo_ckpt.io.progress import Progress
 from mimo_ckpt.model.rank_state import is_layout_bound, same_grid
 from mimo_ckpt.plan.save import FilePlan, ModuleSavePlan, plan_module_save
 from mimo_ckpt.model.shard import ObjectMeta, TensorMeta
 from mimo_ckpt.model.split import SplitSpec, box_for_rank, uneven_levels
-from mimo_ckpt.io.storage import LocalStorage, Storage, check_relpath, open_storage
+from mimo_ckpt.io.storage import LocalStorage, Storage, open_storage
+from mimo_ckpt.format.paths import check_relpath
 from mimo_ckpt.io.stream import Budget, StreamItem, write_streamed_file
 
 __all__ = ["ModuleReshard", "plan_reshard", "run_reshard", "parse_layout_arg"]

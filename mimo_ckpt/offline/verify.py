@@ -11,7 +11,7 @@ import numpy as np
 from mimo_ckpt.format.checksums import BLOCK_BYTES, BlockHasher
 from mimo_ckpt.errors import ManifestError, StorageError
 from mimo_ckpt.format.manifest import Manifest, ModuleEntry, StoredShard, loads_strict
-from mimo_ckpt.offline.progress import Progress
+from mimo_ckpt.io.progress import Progress
 from mimo_ckpt.plan.save import tensor_name
 from mimo_ckpt.io.storage import Storage
 

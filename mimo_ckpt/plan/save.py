@@ -19,10 +19,10 @@ from mimo_ckpt.model.box import Box, first_overlap
 from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.model.dtypes import ITEMSIZE
 from mimo_ckpt.errors import PlanError
-from mimo_ckpt.run.gc_pause import collector_paused
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.format.manifest import ModuleEntry, StoredObject, StoredShard, StoredTensor
-from mimo_ckpt.model.shard import ObjectMeta, TensorMeta
+from mimo_ckpt.format.object_codec import encode_checked
+from mimo_ckpt.model.shard import ModuleShards, ObjectMeta, TensorMeta
 from mimo_ckpt.model.split import SplitSpec, infer_split
 from mimo_ckpt.format.safetensors import layout_files
 
@@ -65,7 +65,6 @@ class ModuleSavePlan:
     def files_of(self, rank: int) -> list[FilePlan]:
         return [f for f in self.files if f.writer == rank]
 
-    @collector_paused()
     def module_entry(
         self, layout: ModuleLayout, sums_by_file: Mapping[str, Sequence[ShardSums | list[Any]]],
     ) -> ModuleEntry:
@@ -128,7 +127,6 @@ def _offset_texts(offsets: list[tuple[int, ...]]) -> list[str]:
     return list(itertools.starmap(",".join(["{}"] * ndim).format, offsets))
 
 
-@collector_paused()
 def plan_module_save(
     module: str,
     layout: ModuleLayout,
@@ -504,3 +502,9 @@ def _plan_objects(
                 f"none is the main replica"
             )
     return out
+
+
+def encode_objects(module: str, shards: ModuleShards) -> dict[int, Any]:
+    """id() of each object in `shards` -> its value as the manifest stores it: encoded once, where
+    an error can name the module; the save sends and stores this form."""
+    return {id(o): encode_checked(f"module {module!r}, object {o.key!r}", o.data) for o in shards.objects}

@@ -20,7 +20,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from mimo_ckpt.run.checkpoint import SaveJob, finish_save, start_save
+from mimo_ckpt.run.save import SaveJob, finish_save, start_save
 from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.run.comm import Comm, TorchComm
 from mimo_ckpt.errors import MimoCkptError

@@ -19,12 +19,14 @@ import time
 import uuid
 from typing import Any, Literal, Mapping
 
-from mimo_ckpt.run.checkpoint import LoadResult, load, save
+from mimo_ckpt.run.load import LoadResult, load
+from mimo_ckpt.run.save import save
 from mimo_ckpt.io.commit import SAVING_MARKER_PREFIX
 from mimo_ckpt.run.comm import Comm, TorchComm
 from mimo_ckpt.errors import ManifestError, MimoCkptError, StorageError
 from mimo_ckpt.model.layout import ModuleLayout
-from mimo_ckpt.format.manifest import MANIFEST_PATH, READING_MARKER_PREFIX, read_manifest
+from mimo_ckpt.format.manifest import MANIFEST_PATH, READING_MARKER_PREFIX
+from mimo_ckpt.io.commit import read_manifest
 from mimo_ckpt.io.storage import LocalStorage, Storage, open_storage, read_small_file
 
 __all__ = ["CheckpointManager", "LATEST_PATH"]

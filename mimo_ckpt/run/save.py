@@ -1,0 +1,217 @@
+"""`save`: collective over all ranks of a comm, each module planned on its own ranks.
+
+rank 0 takes the path (save id, `.saving` marker) -> flatten state, encode objects -> per module,
+all-gather shard metadata over the module's ranks -> plan (pure, identical on every module rank)
+[that much is `start_save`] -> each rank writes its own files, all at once -> module leaders send
+their manifest section to rank 0 -> rank 0 commits the manifest and cleans up -> everyone learns
+the outcome [`finish_save`]. Async saves run the two halves in different threads (`run.async_save`).
+
+A failure on one rank never leaves the others waiting: every rank walks the same collectives,
+carrying an error instead of data, and all raise at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Literal, Mapping
+
+from mimo_ckpt.errors import MimoCkptError, StorageError
+from mimo_ckpt.format.checksums import ShardSums
+from mimo_ckpt.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_PATH, Manifest, encode_manifest, module_to_json
+from mimo_ckpt.format.object_codec import check_plain_json
+from mimo_ckpt.io import commit
+from mimo_ckpt.io.faults import fault_point
+from mimo_ckpt.io.storage import Storage, open_storage
+from mimo_ckpt.io.tensors import all_at_once, write_shard_file
+from mimo_ckpt.model.layout import ModuleLayout
+from mimo_ckpt.model.shard import ModuleShards, ObjectMeta, TensorMeta
+from mimo_ckpt.plan.save import FilePlan, ModuleSavePlan, encode_objects, plan_module_save
+from mimo_ckpt.run.collective import Collective, check_layouts, flatten_state, root_decides, wire
+from mimo_ckpt.run.comm import Comm, TorchComm
+from mimo_ckpt.run.gc_pause import collector_paused
+
+__all__ = ["save", "SaveJob", "start_save", "finish_save"]
+
+
+def save(
+    state: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    layouts: Mapping[str, ModuleLayout],
+    comm: Comm | None = None,
+    storage: Storage | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    replicas: Literal["main", "spread"] = "main",
+) -> None:
+    """Save module-keyed state as one checkpoint; every rank of `comm` calls it.
+
+    `state[module]` holds this rank's shards of that module (see `mimo_ckpt.model.shard`); `layouts`
+    gives every module's layout and is the same on all ranks. Returns once the manifest is
+    committed; raises on every rank if any rank failed, and then commits nothing. A box several
+    ranks hold is written by its main replica (`replicas="main"`, as megatron's save does), or by
+    any of them, balancing the bytes each rank writes (`"spread"`, as megatron's fully parallel
+    save does: only for replicas known to be equal).
+
+    Nothing is a checkpoint until its manifest exists: data files are durable first, the manifest
+    is published atomically and never over an existing one (`mimo_ckpt.io.commit`). Each save names
+    its files and a `.saving-<id>` marker with its own id; a save that starts on the same path
+    first removes what saves that died there created, and takes their markers over, so an earlier
+    save still running there fails at commit. After a failure, this save's own files are removed.
+    """
+    job = start_save(state, path, layouts=layouts, comm=comm, storage=storage, metadata=metadata, replicas=replicas)
+    crcs: dict[str, dict[str, list[ShardSums]]] = {}
+    if job.run.failure is None:
+        data = job.tensors_by_module()
+        try:
+            crcs = job.write_files(lambda name, plan: write_shard_file(job.storage, plan, data[name], job.comm.rank))
+        except (MimoCkptError, OSError) as exc:
+            job.run.fail(exc)
+    finish_save(job, crcs)
+
+
+@dataclass
+class SaveJob:
+    """A save between planning (collective, in the caller's thread) and writing + commit."""
+
+    comm: Comm
+    storage: Storage
+    path: str
+    layouts: Mapping[str, ModuleLayout]
+    metadata: Mapping[str, Any]
+    save_id: str
+    run: Collective
+    local: dict[str, ModuleShards]
+    plans: dict[str, ModuleSavePlan]
+    module_comms: dict[str, Comm]
+
+    def my_files(self) -> list[tuple[str, FilePlan]]:
+        """(module, file plan) of each file this rank writes."""
+        return [(name, f) for name, plan in self.plans.items() for f in plan.files_of(self.comm.rank)]
+
+    def tensors_by_module(self) -> dict[str, dict[tuple[str, Any], Any]]:
+        """module -> (key, box) -> this rank's tensor."""
+        return {name: {(t.key, t.box): t.data for t in shards.tensors} for name, shards in self.local.items()}
+
+    def write_files(self, write: Callable[[str, FilePlan], list[ShardSums]]) -> dict[str, dict[str, list[ShardSums]]]:
+        """`write(module, plan)` for every file of this rank, all at once (each file's fsync runs
+        in parallel); returns module -> file path -> the checksums it returned."""
+        files = self.my_files()
+        out: dict[str, dict[str, list[ShardSums]]] = {}
+        for (name, plan), crcs in zip(files, all_at_once([partial(write, name, plan) for name, plan in files])):
+            out.setdefault(name, {})[plan.path] = crcs
+        return out
+
+
+def start_save(
+    state: Mapping[str, Any], path: str | os.PathLike[str], *, layouts: Mapping[str, ModuleLayout],
+    comm: Comm | None = None, storage: Storage | None = None, metadata: Mapping[str, Any] | None = None,
+    replicas: Literal["main", "spread"] = "main",
+) -> SaveJob:
+    """The collective first half of a save: agree on a save id, flatten, plan every module."""
+    comm = comm or TorchComm()
+    storage = storage or open_storage(path)
+    check_layouts(layouts, comm.size)
+    where = os.fspath(path)
+    save_id = root_decides(comm, lambda: commit.begin(storage, MANIFEST_PATH, where).encode(),
+                           otherwise=StorageError).decode()
+    fault_point("save.start", comm.rank)
+
+    run = Collective(comm)
+    local: dict[str, ModuleShards] = {}
+    try:
+        check_plain_json("save metadata", dict(metadata or {}))
+        local = flatten_state(state, layouts, comm.rank)
+        for name, shards in local.items():
+            shards.encoded = encode_objects(name, shards)
+    except MimoCkptError as exc:
+        run.fail(exc)
+
+    plans: dict[str, ModuleSavePlan] = {}
+    module_comms: dict[str, Comm] = {}
+    for name in sorted(layouts):
+        mc = comm.subgroup(list(layouts[name].ranks))
+        if mc is None:
+            continue
+        module_comms[name] = mc
+        shards = local.get(name, ModuleShards([], [], []))
+        metas = {
+            "tensors": [t.meta().to_wire() for t in shards.tensors],
+            "objects": [o.meta(shards.encoded[id(o)] if o.is_main_replica else None).to_wire()
+                        for o in shards.objects],
+        }
+        gathered = run.unpack(mc.all_gather_bytes(run.payload(metas)))
+        if gathered is None:
+            continue
+        ranks = layouts[name].ranks
+        try:
+            with collector_paused():  # the plan allocates many small objects
+                plans[name] = plan_module_save(
+                    name, layouts[name],
+                    {ranks[i]: [TensorMeta.from_wire(w) for w in g["tensors"]] for i, g in enumerate(gathered)},
+                    {ranks[i]: [ObjectMeta.from_wire(w) for w in g["objects"]] for i, g in enumerate(gathered)},
+                    file_tag=save_id, replicas=replicas,
+                )
+        except MimoCkptError as exc:
+            run.fail(exc)
+    return SaveJob(comm, storage, os.fspath(path), layouts, dict(metadata or {}), save_id, run, local, plans, module_comms)
+
+
+def finish_save(job: SaveJob, crcs: Mapping[str, Mapping[str, list[ShardSums]]]) -> None:
+    """The collective second half, after each rank wrote its files (`crcs`: module -> file -> checksums):
+    gather checksums, commit the manifest on rank 0, and raise everywhere if anything failed."""
+    comm, run = job.comm, job.run
+    fault_point("save.written", comm.rank)
+    sections: dict[str, Any] = {}
+    for name, mc in job.module_comms.items():
+        wire = {path: [s.to_wire() for s in sums] for path, sums in crcs.get(name, {}).items()}
+        got = mc.gather_bytes(run.payload(wire), root=0)
+        if got is None:
+            continue
+        per_rank = run.unpack(got)
+        if per_rank is not None:
+            try:
+                entry = job.plans[name].module_entry(job.layouts[name], {p: c for by_file in per_rank for p, c in by_file.items()})
+                sections[name] = module_to_json(entry)
+            except MimoCkptError as exc:
+                run.fail(exc)
+
+    got = comm.gather_bytes(run.payload(sections), root=0)
+    errors: list[str] = []
+    if got is not None:
+        docs = [json.loads(b) for b in got]
+        errors = [d["error"] for d in docs if "error" in d]
+        doc = None
+        if not errors:
+            modules = {k: v for d in docs for k, v in d["ok"].items()}
+            doc = {
+                "format": FORMAT_NAME, "version": FORMAT_VERSION, "world_size": comm.size,
+                "metadata": dict(job.metadata), "modules": dict(sorted(modules.items())),
+            }
+        errors += _commit(job.storage, doc, job.save_id, job.path)
+    outcome = json.loads(comm.broadcast_bytes(wire(errors), 0))
+    run.finish(outcome)
+
+
+
+
+def _commit(storage: Storage, doc: dict[str, Any] | None, save_id: str, path: str) -> list[str]:
+    """Rank 0: publish the manifest (`doc`; None when a rank failed), unless another save took
+    this path over meanwhile; then remove the save's marker and, when nothing was committed, its
+    files. Returns the errors."""
+    errors: list[str] = []
+    committed = False
+    if doc is not None:
+        try:
+            blob = encode_manifest(doc)
+            Manifest.from_bytes(blob, source="manifest being written")
+            fault_point("save.commit", 0)
+            commit.publish(storage, save_id, MANIFEST_PATH, blob, path)
+            committed = True
+        except Exception as exc:  # noqa: BLE001 - reported to every rank
+            errors.append(f"rank 0 committing the manifest: {exc}")
+        fault_point("save.committed", 0)
+    commit.finish(storage, save_id, committed)
+    return errors
