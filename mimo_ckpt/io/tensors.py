@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence, TypeVar
+from functools import partial
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -16,7 +17,7 @@ from mimo_ckpt.io.read import execute_reads
 from mimo_ckpt.plan.save import FilePlan
 from mimo_ckpt.io.storage import IO_THREADS, Storage
 
-__all__ = ["host_bytes", "write_shard_file", "write_file_image", "all_at_once", "fill_tensors"]
+__all__ = ["host_bytes", "write_shard_files", "write_file_images", "write_shard_file", "write_file_image", "fill_tensors"]
 
 T = TypeVar("T")
 
@@ -53,7 +54,20 @@ def write_file_image(storage: Storage, plan: FilePlan, image: torch.Tensor, rank
     return _write_checksummed(storage, plan.path, [view[:middle], view[middle:]], buffers, rank)
 
 
-def all_at_once(calls: Sequence[Callable[[], T]]) -> list[T]:
+def write_shard_files(
+    storage: Storage, files: Sequence[tuple[FilePlan, Mapping[tuple[str, Box], torch.Tensor]]], rank: int = -1,
+) -> list[list[ShardSums]]:
+    """Write each planned file from its tensors, all files at once (each file's fsync runs in
+    parallel); each file's item checksums, in order."""
+    return _all_at_once([partial(write_shard_file, storage, plan, data, rank) for plan, data in files])
+
+
+def write_file_images(storage: Storage, files: Sequence[tuple[FilePlan, torch.Tensor]], rank: int = -1) -> list[list[ShardSums]]:
+    """`write_shard_files` for staged file images (`write_file_image`)."""
+    return _all_at_once([partial(write_file_image, storage, plan, image, rank) for plan, image in files])
+
+
+def _all_at_once(calls: Sequence[Callable[[], T]]) -> list[T]:
     """Run each call on a thread of its own (file writes: each file's fsync runs in parallel);
     their results in order. Returns once all have finished; then raises the first failure."""
     if len(calls) <= 1:

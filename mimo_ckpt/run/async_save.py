@@ -27,7 +27,7 @@ from mimo_ckpt.errors import MimoCkptError
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.plan.save import FilePlan
 from mimo_ckpt.io.storage import Storage
-from mimo_ckpt.io.tensors import write_file_image
+from mimo_ckpt.io.tensors import write_file_images
 
 __all__ = ["AsyncSaver", "AsyncSave", "HostStager", "async_save"]
 
@@ -100,7 +100,8 @@ class AsyncSave:
             crcs: dict[str, dict[str, list[ShardSums]]] = {}  # module -> file -> its items' checksums
             if job.run.failure is None:
                 try:
-                    crcs = job.write_files(lambda _, plan: write_file_image(job.storage, plan, images[plan.path], job.comm.rank))
+                    files = [(plan, images[plan.path]) for _, plan in job.my_files()]
+                    crcs = job.checksums_by_module(write_file_images(job.storage, files, job.comm.rank))
                 except (MimoCkptError, OSError) as exc:
                     job.run.fail(exc)
             finish_save(job, crcs)

@@ -15,10 +15,10 @@ from mimo_ckpt.model.shard import ModuleShards
 from mimo_ckpt.model.tree import flatten_module_state
 from mimo_ckpt.run.comm import Comm
 
-__all__ = ["Collective", "root_decides", "wire", "check_layouts", "flatten_state"]
+__all__ = ["Collective", "root_decides", "json_bytes", "check_layouts", "flatten_state"]
 
 
-def wire(obj: Any) -> bytes:
+def json_bytes(obj: Any) -> bytes:
     """JSON as ranks exchange it."""
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -36,8 +36,8 @@ class Collective:
 
     def payload(self, ok: Any) -> bytes:
         if self.failure is not None:
-            return wire({"error": f"rank {self.comm.rank}: {self.failure}"})
-        return wire({"ok": ok})
+            return json_bytes({"error": f"rank {self.comm.rank}: {self.failure}"})
+        return json_bytes({"ok": ok})
 
     def unpack(self, blobs: list[bytes]) -> list[Any] | None:
         """Payloads of all ranks, or None (recording a failure) when any carried an error."""
@@ -70,7 +70,7 @@ def root_decides(comm: Comm, decide: Callable[[], bytes], *, otherwise: type[Mim
             known = isinstance(exc, MimoCkptError) and getattr(errors, type(exc).__name__, None) is type(exc)
             name = type(exc).__name__ if known else otherwise.__name__
             text = str(exc) if known else f"{type(exc).__name__}: {exc}"
-            reply = b"-" + wire({"type": name, "message": text})
+            reply = b"-" + json_bytes({"type": name, "message": text})
     reply = comm.broadcast_bytes(reply, 0)
     if reply[:1] == b"+":
         return reply[1:]

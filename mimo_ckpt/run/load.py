@@ -27,7 +27,7 @@ from mimo_ckpt.model.dtypes import to_torch
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.model.megatron_leaves import kind as megatron_kind
 from mimo_ckpt.model.rank_state import LayoutChangedWarning, is_layout_bound, same_grid
-from mimo_ckpt.model.shard import FactoryLeaf, Leaves, ModuleShards, TensorMeta
+from mimo_ckpt.model.shard import FactoryLeaf, Leaves, ModuleShards, TensorMeta, TensorShard
 from mimo_ckpt.model.tree import rebuild
 from mimo_ckpt.plan.load import KeyReport, check_keys, padded_region, plan_module_load
 from mimo_ckpt.run.collective import Collective, check_layouts, flatten_state, root_decides

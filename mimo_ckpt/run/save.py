@@ -15,8 +15,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 from mimo_ckpt.errors import MimoCkptError, StorageError
 from mimo_ckpt.format.checksums import ShardSums
@@ -25,11 +24,11 @@ from mimo_ckpt.format.object_codec import check_plain_json
 from mimo_ckpt.io import commit
 from mimo_ckpt.io.faults import fault_point
 from mimo_ckpt.io.storage import Storage, open_storage
-from mimo_ckpt.io.tensors import all_at_once, write_shard_file
+from mimo_ckpt.io.tensors import write_shard_files
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.model.shard import ModuleShards, ObjectMeta, TensorMeta
 from mimo_ckpt.plan.save import FilePlan, ModuleSavePlan, encode_objects, plan_module_save
-from mimo_ckpt.run.collective import Collective, check_layouts, flatten_state, root_decides, wire
+from mimo_ckpt.run.collective import Collective, check_layouts, flatten_state, root_decides, json_bytes
 from mimo_ckpt.run.comm import Comm, TorchComm
 from mimo_ckpt.run.gc_pause import collector_paused
 
@@ -64,9 +63,10 @@ def save(
     job = start_save(state, path, layouts=layouts, comm=comm, storage=storage, metadata=metadata, replicas=replicas)
     crcs: dict[str, dict[str, list[ShardSums]]] = {}
     if job.run.failure is None:
-        data = job.tensors_by_module()
+        data, files = job.tensors_by_module(), job.my_files()
         try:
-            crcs = job.write_files(lambda name, plan: write_shard_file(job.storage, plan, data[name], job.comm.rank))
+            sums = write_shard_files(job.storage, [(plan, data[name]) for name, plan in files], job.comm.rank)
+            crcs = job.checksums_by_module(sums)
         except (MimoCkptError, OSError) as exc:
             job.run.fail(exc)
     finish_save(job, crcs)
@@ -95,12 +95,10 @@ class SaveJob:
         """module -> (key, box) -> this rank's tensor."""
         return {name: {(t.key, t.box): t.data for t in shards.tensors} for name, shards in self.local.items()}
 
-    def write_files(self, write: Callable[[str, FilePlan], list[ShardSums]]) -> dict[str, dict[str, list[ShardSums]]]:
-        """`write(module, plan)` for every file of this rank, all at once (each file's fsync runs
-        in parallel); returns module -> file path -> the checksums it returned."""
-        files = self.my_files()
+    def checksums_by_module(self, sums: list[list[ShardSums]]) -> dict[str, dict[str, list[ShardSums]]]:
+        """module -> file path -> its items' checksums, from the checksums of `my_files()` in order."""
         out: dict[str, dict[str, list[ShardSums]]] = {}
-        for (name, plan), crcs in zip(files, all_at_once([partial(write, name, plan) for name, plan in files])):
+        for (name, plan), crcs in zip(self.my_files(), sums, strict=True):
             out.setdefault(name, {})[plan.path] = crcs
         return out
 
@@ -191,7 +189,7 @@ def finish_save(job: SaveJob, crcs: Mapping[str, Mapping[str, list[ShardSums]]])
                 "metadata": dict(job.metadata), "modules": dict(sorted(modules.items())),
             }
         errors += _commit(job.storage, doc, job.save_id, job.path)
-    outcome = json.loads(comm.broadcast_bytes(wire(errors), 0))
+    outcome = json.loads(comm.broadcast_bytes(json_bytes(errors), 0))
     run.finish(outcome)
 
 
