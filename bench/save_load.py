@@ -563,9 +563,11 @@ def machine_info(path: str) -> dict[str, Any]:
     mounts = [line.split()[:3] for line in open("/proc/mounts")]
     dev, _, fs = max((m for m in mounts if real == m[1] or real.startswith(m[1].rstrip("/") + "/")),
                      key=lambda m: len(m[1]))
-    sources = sorted(os.path.join(REPO, "mimo_ckpt", f) for f in os.listdir(os.path.join(REPO, "mimo_ckpt"))
-                     if f.endswith(".py"))
-    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in sources)).hexdigest()[:16]
+    root = os.path.join(REPO, "mimo_ckpt")
+    sources = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".py"))
+    # each file's path inside the package and its bytes: a move changes the digest too
+    digest = hashlib.sha256(b"".join(os.path.relpath(f, root).encode() + b"\0" + open(f, "rb").read()
+                                     for f in sources)).hexdigest()[:16]
     git = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "mimo_ckpt"], capture_output=True,
                            text=True).stdout.strip()

@@ -121,9 +121,10 @@ def start_save(
     local: dict[str, ModuleShards] = {}
     try:
         check_plain_json("save metadata", dict(metadata or {}))
-        local = flatten_state(state, layouts, comm.rank)
-        for name, shards in local.items():
+        flat = flatten_state(state, layouts, comm.rank)
+        for name, shards in flat.items():
             shards.encoded = encode_objects(name, shards)
+        local = flat  # only once every object is encoded: a failed rank sends empty metadata
     except MimoCkptError as exc:
         run.fail(exc)
 
