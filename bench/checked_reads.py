@@ -1,4 +1,4 @@
-"""Verified loads by the piece size of checked direct reads (`mimo_ckpt.io.read.CHECKED_READ_BYTES`).
+"""Verified loads by the piece size of checked direct reads (`ReadOptions.checked_read_bytes`).
 
 A/B in one process world per rank count: the state of bench/save_load.py is saved once,
 then every round loads it under the same and the resharded layouts, cold and warm, with each
@@ -23,11 +23,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rank_main(args: dict[str, Any]) -> dict[str, list[float]]:
-    from mimo_ckpt.io import read as reads
+    from mimo_ckpt import ReadOptions
     from bench import save_load as bench
 
     w = bench.World(args)
-    save, load = bench._ours_ops(w)
+    save, _ = bench._ours_ops(w)
+    loads = {p: bench._ours_ops(w, read_options=ReadOptions(checked_read_bytes=p))[1] for p in args["pieces"]}
     path = os.path.join(args["dir"], f"checked-reads-w{w.size}")
     w.quiesce()
     save(path)
@@ -35,7 +36,7 @@ def rank_main(args: dict[str, Any]) -> dict[str, list[float]]:
     cases = [(p, sc, cold) for p in args["pieces"] for sc in ("same", "reshard") for cold in (True, False)]
     for rnd in range(args["rounds"]):
         for piece, scenario, cold in random.Random(rnd).sample(cases, len(cases)):
-            reads.CHECKED_READ_BYTES = piece
+            load = loads[piece]
             if cold:
                 w.drop_cache(path)
             else:

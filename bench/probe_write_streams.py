@@ -1,6 +1,6 @@
 """Write + fsync bandwidth of one process writing the same bytes as 1, 2 or 4 files at once.
 
-Why a save splits a rank's share into several files (mimo_ckpt.plan.save.PART_BYTES): on the
+Why a save splits a rank's share into several files (`SaveOptions.part_bytes`): on the
 disks measured (docs/performance.md), one file written and fsynced reached about half the rate
 of 4 files at once.
 Also times one file written by 4 threads (pwrite of 16 MiB pieces), and 4 files with a crc32c of

@@ -7,7 +7,7 @@ One invocation measures, for each world size in `--ranks` (gloo CPU processes on
 * mimo_ckpt: `mimo_ckpt.save` / `mimo_ckpt.load` (load with verify=True, the default, with
              verify=False, and with io_threads=1: one file read at a time per rank instead of several);
 * mimo_ckpt_1file (only when named in --systems): the same, but each rank writes one file per
-             module instead of up to `save_plan.MAX_PARTS` (what the split into parts buys);
+             module instead of up to `SaveOptions.max_parts` (what the split into parts buys);
 * dcp:       torch.distributed.checkpoint save/load, FileSystemWriter/Reader (defaults: fsync on,
              one writer thread), shards expressed as DTensors on per-module-stage device meshes;
 * megatron:  megatron.core.dist_checkpointing save/load (torch_dist, defaults), shards as
@@ -347,10 +347,10 @@ class _BytesRead(logging.Handler):
 _READ = _BytesRead()
 
 
-def _ours_ops(w: World, verify: bool = True, io_threads: int | None = None, one_file: bool = False) -> Ops:
+def _ours_ops(w: World, verify: bool = True, io_threads: int | None = None, one_file: bool = False,
+              read_options: Any = None) -> Ops:
     import mimo_ckpt
-    from mimo_ckpt import TensorShard
-    from mimo_ckpt.plan import save as save_plan
+    from mimo_ckpt import ReadOptions, SaveOptions, TensorShard
 
     logger = logging.getLogger("mimo_ckpt")
     if _READ not in logger.handlers:
@@ -365,24 +365,21 @@ def _ours_ops(w: World, verify: bool = True, io_threads: int | None = None, one_
             out.setdefault(b.module, {})[name] = TensorShard(b.spec.key, t, b.spec.shape, b.offset, b.main)
         return out
 
-    def save(path: str) -> None:
-        # DP replicas are equal here: their writes are spread, as megatron's fully parallel save does
-        mimo_ckpt.save(shards(w.boxes["save"], w.state), path, layouts=w.layouts["save"], comm=comm,
-                       replicas="spread")
+    # DP replicas are equal here: their writes are spread, as megatron's fully parallel save does;
+    # one_file: part_bytes out of reach, so one file per writer and module
+    options = SaveOptions(part_bytes=1 << 62) if one_file else SaveOptions()
 
-    def save_one_file(path: str) -> None:  # PART_BYTES out of reach: one file per writer
-        parts, save_plan.PART_BYTES = save_plan.PART_BYTES, 1 << 62
-        try:
-            save(path)
-        finally:
-            save_plan.PART_BYTES = parts
+    def save(path: str) -> None:
+        mimo_ckpt.save(shards(w.boxes["save"], w.state), path, layouts=w.layouts["save"], comm=comm,
+                       replicas="spread", options=options)
 
     def load(path: str, scenario: str) -> None:
         threads = {} if io_threads is None else {"io_threads": io_threads}
         mimo_ckpt.load(shards(w.boxes[scenario], w.targets[scenario]), path,
-                       layouts=w.layouts[scenario], comm=comm, verify=verify, **threads)
+                       layouts=w.layouts[scenario], comm=comm, verify=verify,
+                       read_options=read_options or ReadOptions(), **threads)
 
-    return save_one_file if one_file else save, load
+    return save, load
 
 
 def _dcp_ops(w: World) -> Ops:

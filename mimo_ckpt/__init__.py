@@ -20,6 +20,8 @@ _LAZY = {
     "TensorShard": "model.shard",
     "ObjectShard": "model.shard",
     "KeyReport": "plan.load",
+    "SaveOptions": "plan.options",
+    "ReadOptions": "plan.options",
     "Manifest": "format.manifest",
     "read_manifest": "io.commit",
     "Storage": "io.storage",

@@ -7,7 +7,7 @@ from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.errors import ManifestError, PlanError
 from mimo_ckpt.plan.load import plan_module_load
 from mimo_ckpt.model.layout import ModuleLayout
-from mimo_ckpt.plan import save as save_plan
+from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.plan.save import plan_module_save
 from mimo_ckpt.model.shard import ObjectMeta, TensorMeta
 
@@ -47,14 +47,14 @@ def test_byte_ranges_are_disjoint_and_follow_the_header():
     assert sum(len(f.items) for f in plan.files) == 3
 
 
-def test_a_writers_large_share_is_cut_into_files_of_about_equal_bytes(monkeypatch):
+def test_a_writers_large_share_is_cut_into_files_of_about_equal_bytes():
     sizes = [10, 300, 20, 50, 200, 5, 120, 90, 7]
     metas = {0: [meta(f"w{i}", (0,), (n,), (n,)) for i, n in enumerate(sizes)], 1: []}
     whole = plan_module_save("m", ModuleLayout(dp=2), metas, {}, file_tag="t").files_of(0)
     assert [f.path for f in whole] == ["m/r00000-t.safetensors"]
 
-    monkeypatch.setattr(save_plan, "PART_BYTES", 700)  # 3208 bytes: 4 parts (the most)
-    plan = plan_module_save("m", ModuleLayout(dp=2), metas, {}, file_tag="t")
+    plan = plan_module_save("m", ModuleLayout(dp=2), metas, {}, file_tag="t",
+                            options=SaveOptions(part_bytes=700))  # 3208 bytes: 4 parts (the most)
     files = plan.files_of(0)
     assert [f.path for f in files] == ["m/r00000-t.safetensors"] + [f"m/r00000.{p}-t.safetensors" for p in (1, 2, 3)]
     assert [(i.key, i.box) for f in files for i in f.items] == [(i.key, i.box) for i in whole[0].items]
@@ -63,8 +63,8 @@ def test_a_writers_large_share_is_cut_into_files_of_about_equal_bytes(monkeypatc
     for f in files:
         assert f.items[0].begin == len(f.prefix)
 
-    monkeypatch.setattr(save_plan, "PART_BYTES", 1200)  # 2 parts
-    assert len(plan_module_save("m", ModuleLayout(dp=2), metas, {}).files_of(0)) == 2
+    two = plan_module_save("m", ModuleLayout(dp=2), metas, {}, options=SaveOptions(part_bytes=1200))
+    assert len(two.files_of(0)) == 2 and two.options.part_bytes == 1200
 
     crcs = {f.path: [ShardSums(n) for n in range(len(f.items))] for f in files}
     entry = plan.module_entry(ModuleLayout(dp=2), crcs)

@@ -27,6 +27,7 @@ Each item checks its own bytes as they arrive, so one file's hashing overlaps th
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -40,22 +41,11 @@ from mimo_ckpt.errors import CorruptShardError, StorageError
 from mimo_ckpt.plan.load import ReadItem
 from mimo_ckpt.format.manifest import StoredShard
 from mimo_ckpt.io.storage import ReadInto, Storage
+from mimo_ckpt.plan.options import ReadOptions
 
-__all__ = ["RAW_DTYPES", "raw_dtype", "execute_reads"]
+__all__ = ["RAW_DTYPES", "raw_dtype", "execute_reads", "ReadOptions"]
 
 RAW_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-MIN_RUN_BYTES = 16 << 10
-"""Runs at least this long are read straight into the target instead of through a span."""
-MAX_GAP_BYTES = 128 << 10
-"""Runs at most this far apart in the file are read together, the gap into scratch: on a cold
-read, about what one more request to the disk costs."""
-MAX_GAPS_BYTES = 32 << 20
-"""Scratch for the gaps of one read (and for the bytes a verified read reads only to hash them)."""
-MAX_IOV = 1024
-CHECKED_READ_BYTES = 1 << 20
-"""Verified direct reads go in pieces of about this size (whole checksum blocks), each hashed
-right after its read while its bytes are still in the CPU's cache; 0: one read, then one pass
-(over the whole-shard crc when the read is the whole shard)."""
 
 
 def raw_dtype(code: str) -> type:
@@ -70,7 +60,7 @@ def _region(dst: np.ndarray, dst_box: Box, overlap: Box) -> np.ndarray:
     return dst[tuple(slice(o, o + n) for o, n in zip(start, overlap.shape))]
 
 
-def _runs(item: ReadItem, dst: np.ndarray, dst_box: Box) -> tuple[np.ndarray, np.ndarray, int] | None:
+def _runs(item: ReadItem, dst: np.ndarray, dst_box: Box, min_run_bytes: int) -> tuple[np.ndarray, np.ndarray, int] | None:
     """Source and target byte offsets of runs contiguous on both sides, and the run length;
     None when the runs are too short to be worth one read each."""
     overlap, shard = item.overlap, item.shard.box
@@ -84,7 +74,7 @@ def _runs(item: ReadItem, dst: np.ndarray, dst_box: Box) -> tuple[np.ndarray, np
             break
     else:
         lead = 0
-    if run * itemsize < MIN_RUN_BYTES or not dst.flags.c_contiguous:
+    if run * itemsize < min_run_bytes or not dst.flags.c_contiguous:
         return None
     counts = overlap.shape[:lead]
     index = np.indices(counts, dtype=np.int64).reshape(lead, -1).T if lead else np.zeros((1, 0), np.int64)
@@ -99,7 +89,7 @@ def _runs(item: ReadItem, dst: np.ndarray, dst_box: Box) -> tuple[np.ndarray, np
 
 def execute_reads(
     storage: Storage, items: Sequence[ReadItem], targets: Sequence[tuple[np.ndarray, Box]],
-    *, verify: bool, temp_bytes: int | None = None, threads: int = 1,
+    *, verify: bool, temp_bytes: int | None = None, threads: int = 1, options: ReadOptions = ReadOptions(),
 ) -> int:
     """Fill `targets[item.request]` (array, its box) from storage; returns bytes read.
 
@@ -107,7 +97,7 @@ def execute_reads(
     regions are disjoint). With `verify`, reads widen to the whole checksum blocks they touch (or
     the whole shard, when it has none) and every byte read is checked. Scratch per thread: the
     stored span being read (at most `temp_bytes` when given: the span is then read in pieces) and
-    up to MAX_GAPS_BYTES of gaps read between runs.
+    up to `options.max_gaps_bytes` of gaps read between runs.
     """
     by_file: dict[str, list[ReadItem]] = {}
     for item in items:
@@ -117,13 +107,13 @@ def execute_reads(
     per_thread = threading.local()
 
     def read_stream(stream: list[ReadItem]) -> int:
-        if not hasattr(per_thread, "scratch"):  # reused across this thread's items
-            per_thread.scratch = [np.empty(0, dtype=np.uint8) for _ in range(_SCRATCH_SLOTS)]
+        if not hasattr(per_thread, "work"):  # reused across this thread's items
+            per_thread.work = _Work(options, [np.empty(0, dtype=np.uint8) for _ in range(_SCRATCH_SLOTS)])
         total, item = 0, stream[0]
         try:
             with storage.reader(item.shard.file) as read:
                 for item in stream:
-                    total += _read_item(read, item, targets, verify, temp_bytes, per_thread.scratch)
+                    total += _read_item(read, item, targets, verify, temp_bytes, per_thread.work)
         except StorageError as exc:
             raise StorageError(f"{item.what}, box {item.overlap}: {exc}") from exc
         return total
@@ -147,27 +137,27 @@ def _stream_bytes(stream: list[ReadItem]) -> int:
 
 def _read_item(
     read: ReadInto, item: ReadItem, targets: Sequence[tuple[np.ndarray, Box]], verify: bool,
-    temp_bytes: int | None, scratch: list[np.ndarray],
+    temp_bytes: int | None, work: _Work,
 ) -> int:
     dst, dst_box = targets[item.request]
     region = _region(dst, dst_box, item.overlap)
     if item.contiguous and region.flags.c_contiguous:
         raw = region.reshape(-1).view(np.uint8)
         if verify:
-            return _read_checked(read, item, raw, scratch)
+            return _read_checked(read, item, raw, work)
         read(item.begin, memoryview(raw))
         return raw.nbytes
-    runs = _runs(item, dst, dst_box)
+    runs = _runs(item, dst, dst_box, work.opts.min_run_bytes)
     if runs is not None:
-        return _read_runs(read, item, dst, *runs, verify, scratch)
-    return _read_spans(read, item, dst, dst_box, verify, temp_bytes, scratch)
+        return _read_runs(read, item, dst, *runs, verify, work)
+    return _read_spans(read, item, dst, dst_box, verify, temp_bytes, work)
 
 
 def _read_spans(
     read: ReadInto, item: ReadItem, dst: np.ndarray, dst_box: Box, verify: bool, temp_bytes: int | None,
-    scratch: list[np.ndarray],
+    work: _Work,
 ) -> int:
-    """Each piece's stored span into scratch, then out through a strided view. Verified, the
+    """Each piece's stored span into work, then out through a strided view. Verified, the
     pieces are read as one widened stretch (a new one past a long run of untouched blocks)."""
     shard, itemsize = item.shard, dst.itemsize
     pieces = [item.overlap]
@@ -178,43 +168,44 @@ def _read_spans(
     for piece in pieces:
         lo, hi = span_in(piece, shard.box)
         begin, end = shard.begin + lo * itemsize, shard.begin + hi * itemsize
-        tmp = _scratch(scratch, _SPAN, end - begin)
+        tmp = _scratch(work, _SPAN, end - begin)
         if not verify:
             read(begin, memoryview(tmp))
             total += end - begin
         else:
             wide_begin, wide_end = _widened(shard, begin, end)
-            if verifier is None or wide_begin - stretch_end > MAX_GAP_BYTES:
+            if verifier is None or wide_begin - stretch_end > work.opts.max_gap_bytes:
                 if verifier is not None:
-                    total += _read_stretch(read, verifier, [stretch_end - verifier.pos], scratch)
+                    total += _read_stretch(read, verifier, [stretch_end - verifier.pos], work)
                 verifier = _Verifier(item, wide_begin)
-            total += _read_stretch(read, verifier, [begin - verifier.pos, tmp], scratch)
+            total += _read_stretch(read, verifier, [begin - verifier.pos, tmp], work)
             stretch_end = wide_end
         src = as_strided(tmp.view(dst.dtype), shape=piece.shape, strides=strides)
         _region(dst, dst_box, piece)[...] = src
     if verifier is not None:
-        total += _read_stretch(read, verifier, [stretch_end - verifier.pos], scratch)
+        total += _read_stretch(read, verifier, [stretch_end - verifier.pos], work)
     return total
 
 
 def _read_runs(
     read: ReadInto, item: ReadItem, dst: np.ndarray, src: np.ndarray, dst_offsets: np.ndarray,
-    run_bytes: int, verify: bool, scratch: list[np.ndarray],
+    run_bytes: int, verify: bool, work: _Work,
 ) -> int:
     flat = dst.reshape(-1).view(np.uint8)
     views = [flat[o : o + run_bytes] for o in dst_offsets.tolist()]
     starts = src.tolist()
     if verify:
-        return _read_runs_checked(read, item, views, starts, run_bytes, scratch)
+        return _read_runs_checked(read, item, views, starts, run_bytes, work)
     gaps = [b - a - run_bytes for a, b in zip(starts, starts[1:])]  # gaps[k]: between runs k and k+1
+    opts = work.opts
     total, i = 0, 0
     while i < len(views):
         j, gap_bytes = i + 1, 0  # runs [i, j) go in one read
-        while (j < len(views) and 2 * (j - i) < MAX_IOV and 0 <= gaps[j - 1] <= MAX_GAP_BYTES
-               and gap_bytes + gaps[j - 1] <= MAX_GAPS_BYTES):
+        while (j < len(views) and 2 * (j - i) < opts.max_iov and 0 <= gaps[j - 1] <= opts.max_gap_bytes
+               and gap_bytes + gaps[j - 1] <= opts.max_gaps_bytes):
             gap_bytes += gaps[j - 1]
             j += 1
-        gap_buffer = _scratch(scratch, _GAPS, gap_bytes)
+        gap_buffer = _scratch(work, _GAPS, gap_bytes)
         buffers, pos = [views[i]], 0
         for k in range(i + 1, j):
             if gaps[k - 1]:
@@ -229,49 +220,50 @@ def _read_runs(
 
 def _read_runs_checked(
     read: ReadInto, item: ReadItem, views: list[np.ndarray], starts: list[int], run_bytes: int,
-    scratch: list[np.ndarray],
+    work: _Work,
 ) -> int:
     """Verified runs: each stretch of them is read from the start of its first run's first block
     to the end of its last run's last block, everything between the runs into scratch."""
     total = 0
-    for first, last, begin, end in _stretches(item.shard, starts, run_bytes):
+    for first, last, begin, end in _stretches(item.shard, starts, run_bytes, work.opts.max_gap_bytes):
         segments: list[int | np.ndarray] = []
         pos = begin
         for k in range(first, last):
             segments += (starts[k] - pos, views[k])
             pos = starts[k] + run_bytes
         segments.append(end - pos)
-        total += _read_stretch(read, _Verifier(item, begin), segments, scratch)
+        total += _read_stretch(read, _Verifier(item, begin), segments, work)
     return total
 
 
-def _stretches(shard: StoredShard, starts: list[int], run_bytes: int) -> Iterator[tuple[int, int, int, int]]:
+def _stretches(shard: StoredShard, starts: list[int], run_bytes: int, max_gap_bytes: int) -> Iterator[tuple[int, int, int, int]]:
     """(first run, last run + 1, begin, end) of the stretches that verified runs are read in.
     Runs whose widened ranges touch or overlap share one, so no block is read twice; runs at
-    most MAX_GAP_BYTES apart too, as unverified runs are, since one read is cheaper than two."""
+    most `max_gap_bytes` apart too, as unverified runs are, since one read is cheaper than two."""
     first = 0
     begin, end = _widened(shard, starts[0], starts[0] + run_bytes)
     for k in range(1, len(starts)):
         lo, hi = _widened(shard, starts[k], starts[k] + run_bytes)
-        if lo - end > MAX_GAP_BYTES:
+        if lo - end > max_gap_bytes:
             yield first, k, begin, end
             first, begin = k, lo
         end = hi
     yield first, len(starts), begin, end
 
 
-def _read_checked(read: ReadInto, item: ReadItem, raw: np.ndarray, scratch: list[np.ndarray]) -> int:
+def _read_checked(read: ReadInto, item: ReadItem, raw: np.ndarray, work: _Work) -> int:
     """Read `raw` (bytes [item.begin, item.end)) widened to whole checksum blocks, in pieces of
     whole blocks each checked right after its read: the check costs a pass over cache instead of
     a second pass over memory. A shard without blocks is read whole, in one read."""
     shard = item.shard
     begin, end = _widened(shard, item.begin, item.end)
     piece_bytes = 0
-    if shard.block_crcs and CHECKED_READ_BYTES:
-        piece_bytes = max(1, CHECKED_READ_BYTES // shard.block_bytes) * shard.block_bytes
+    checked = work.opts.checked_read_bytes
+    if shard.block_crcs and checked:
+        piece_bytes = max(1, checked // shard.block_bytes) * shard.block_bytes
     whole = not piece_bytes and (begin, end) == (shard.begin, shard.end)
     verifier = _Verifier(item, begin, whole=whole)
-    return _read_stretch(read, verifier, [item.begin - begin, raw, end - item.end], scratch, piece_bytes)
+    return _read_stretch(read, verifier, [item.begin - begin, raw, end - item.end], work, piece_bytes)
 
 
 def _widened(shard: StoredShard, begin: int, end: int) -> tuple[int, int]:
@@ -286,16 +278,16 @@ def _widened(shard: StoredShard, begin: int, end: int) -> tuple[int, int]:
 
 
 def _read_stretch(
-    read: ReadInto, verifier: "_Verifier", segments: Sequence[int | np.ndarray], scratch: list[np.ndarray],
+    read: ReadInto, verifier: "_Verifier", segments: Sequence[int | np.ndarray], work: _Work,
     piece_bytes: int = 0,
 ) -> int:
     """Read on from `verifier.pos` into `segments` in file order, and check every byte: arrays are
-    filled (targets, or a span's scratch), counts are bytes read only to be hashed (into scratch).
-    Each read's buffers go to `verifier` right after it. A read holds at most MAX_IOV buffers and
-    MAX_GAPS_BYTES of hashed-only bytes, and with `piece_bytes` at most that many bytes. Returns
+    filled (targets, or a span's work), counts are bytes read only to be hashed (into work).
+    Each read's buffers go to `verifier` right after it. A read holds at most `max_iov` buffers and
+    `max_gaps_bytes` of hashed-only bytes, and with `piece_bytes` at most that many bytes. Returns
     the bytes read."""
     skipped = sum(s for s in segments if isinstance(s, int))
-    gaps = memoryview(_scratch(scratch, _GAPS, min(skipped, max(1, MAX_GAPS_BYTES))))
+    gaps = memoryview(_scratch(work, _GAPS, min(skipped, max(1, work.opts.max_gaps_bytes))))
     start = verifier.pos
     batch: list[memoryview] = []
     size = used = 0
@@ -309,7 +301,7 @@ def _read_stretch(
                 room = min(room, piece_bytes - size)
             if view is None:
                 room = min(room, len(gaps) - used)
-            if room <= 0 or len(batch) == MAX_IOV:
+            if room <= 0 or len(batch) == work.opts.max_iov:
                 verifier.read_and_check(read, batch)
                 size = used = 0
                 continue
@@ -371,8 +363,16 @@ _SCRATCH_SLOTS = 2
 scratch and its stretch's gaps are in use at once)."""
 
 
-def _scratch(scratch: list[np.ndarray], slot: int, nbytes: int) -> np.ndarray:
+@dataclass(slots=True)
+class _Work:
+    """A reading thread's options and reused scratch buffers."""
+
+    opts: ReadOptions
+    buffers: list[np.ndarray]
+
+
+def _scratch(work: _Work, slot: int, nbytes: int) -> np.ndarray:
     """The first `nbytes` of this thread's reused buffer `slot`, grown when too small."""
-    if scratch[slot].nbytes < nbytes:
-        scratch[slot] = np.empty(nbytes, dtype=np.uint8)
-    return scratch[slot][:nbytes]
+    if work.buffers[slot].nbytes < nbytes:
+        work.buffers[slot] = np.empty(nbytes, dtype=np.uint8)
+    return work.buffers[slot][:nbytes]

@@ -20,12 +20,11 @@ from mimo_ckpt.errors import CheckpointExistsError, StorageError
 from mimo_ckpt.format.paths import check_relpath
 
 IO_THREADS = 4
-"""Reads or writes a rank keeps in flight: files read at once, pieces of a file written at once.
-One sequential stream sometimes drops to a fraction of the disk's rate where several hold it
-(docs/performance.md)."""
+"""Default reads or writes a rank keeps in flight: files read at once, pieces of a file written at
+once; one sequential stream may not reach the disk's rate (docs/performance.md, "Machines")."""
 
 WRITE_PIECE_BYTES = 16 << 20
-"""Unit of parallel writing within a file."""
+"""Default unit of parallel writing within a file."""
 
 ReadInto = Callable[..., None]
 """`read(offset, *out)`: fill the buffers `out`, in order, with one file's bytes from `offset` on."""
@@ -78,9 +77,11 @@ def read_small_file(storage: Storage, path: str) -> bytes | None:
 class LocalStorage:
     """A directory on a local or shared POSIX filesystem, written with plain write(2) and fsync."""
 
-    def __init__(self, root: str | os.PathLike[str], io_threads: int = IO_THREADS) -> None:
+    def __init__(self, root: str | os.PathLike[str], io_threads: int = IO_THREADS, *,
+                 write_piece_bytes: int = WRITE_PIECE_BYTES) -> None:
         self.root = os.fspath(root)
         self.io_threads = io_threads
+        self.write_piece_bytes = write_piece_bytes
         self._inside: set[str] = set()  # paths already checked (a load reads one file many times)
 
     def _abs(self, path: str) -> str:
@@ -123,9 +124,9 @@ class LocalStorage:
                     offset = 0
                     for chunk in chunks:  # a chunk's buffer may be reused once the next is asked for
                         view = memoryview(chunk).cast("B")
-                        pieces = range(0, len(view), WRITE_PIECE_BYTES)
-                        for done in [pool.submit(_pwrite_exact, fd, view[p : p + WRITE_PIECE_BYTES], offset + p)
-                                     for p in pieces]:
+                        step = self.write_piece_bytes
+                        for done in [pool.submit(_pwrite_exact, fd, view[p : p + step], offset + p)
+                                     for p in range(0, len(view), step)]:
                             done.result()
                         offset += len(view)
                 os.fsync(fd)

@@ -9,11 +9,11 @@ from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 import torch
 
 from mimo_ckpt.model.box import Box
-from mimo_ckpt.format.checksums import ShardSums, shard_sums
+from mimo_ckpt.format.checksums import BLOCK_BYTES, ShardSums, shard_sums
 from mimo_ckpt.errors import CorruptShardError
 from mimo_ckpt.io.faults import fault_point
 from mimo_ckpt.plan.load import ReadItem
-from mimo_ckpt.io.read import execute_reads
+from mimo_ckpt.io.read import ReadOptions, execute_reads
 from mimo_ckpt.plan.save import FilePlan
 from mimo_ckpt.io.storage import IO_THREADS, Storage
 
@@ -32,9 +32,10 @@ def host_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def write_shard_file(
-    storage: Storage, plan: FilePlan, data: dict[tuple[str, Box], torch.Tensor], rank: int = -1,
+    storage: Storage, plan: FilePlan, data: Mapping[tuple[str, Box], torch.Tensor], rank: int = -1, *,
+    block_bytes: int = BLOCK_BYTES,
 ) -> list[ShardSums]:
-    """Write one planned file; returns each item's checksums, in plan order."""
+    """Write one planned file; returns each item's checksums (blocks of `block_bytes`), in plan order."""
     buffers = [host_bytes(data[(item.key, item.box)]) for item in plan.items]
     for item, buf in zip(plan.items, buffers):
         if len(buf) != item.end - item.begin:
@@ -42,29 +43,36 @@ def write_shard_file(
                 f"{plan.path}: tensor {item.key!r} box {item.box} has {len(buf)} bytes, plan says "
                 f"{item.end - item.begin}"
             )
-    return _write_checksummed(storage, plan.path, [plan.prefix, *buffers], buffers, rank)
+    return _write_checksummed(storage, plan.path, [plan.prefix, *buffers], buffers, rank, block_bytes)
 
 
-def write_file_image(storage: Storage, plan: FilePlan, image: torch.Tensor, rank: int = -1) -> list[ShardSums]:
+def write_file_image(
+    storage: Storage, plan: FilePlan, image: torch.Tensor, rank: int = -1, *, block_bytes: int = BLOCK_BYTES,
+) -> list[ShardSums]:
     """Write a staged file image (host uint8 tensor: header, then the items at their offsets);
     returns checksums like `write_shard_file`."""
     view = memoryview(image.numpy())
     buffers = [view[item.begin : item.end] for item in plan.items]
     middle = plan.items[len(plan.items) // 2].begin if plan.items else len(view)
-    return _write_checksummed(storage, plan.path, [view[:middle], view[middle:]], buffers, rank)
+    return _write_checksummed(storage, plan.path, [view[:middle], view[middle:]], buffers, rank, block_bytes)
 
 
 def write_shard_files(
-    storage: Storage, files: Sequence[tuple[FilePlan, Mapping[tuple[str, Box], torch.Tensor]]], rank: int = -1,
+    storage: Storage, files: Sequence[tuple[FilePlan, Mapping[tuple[str, Box], torch.Tensor]]], rank: int = -1, *,
+    block_bytes: int = BLOCK_BYTES,
 ) -> list[list[ShardSums]]:
     """Write each planned file from its tensors, all files at once (each file's fsync runs in
     parallel); each file's item checksums, in order."""
-    return _all_at_once([partial(write_shard_file, storage, plan, data, rank) for plan, data in files])
+    return _all_at_once([partial(write_shard_file, storage, plan, data, rank, block_bytes=block_bytes)
+                         for plan, data in files])
 
 
-def write_file_images(storage: Storage, files: Sequence[tuple[FilePlan, torch.Tensor]], rank: int = -1) -> list[list[ShardSums]]:
+def write_file_images(
+    storage: Storage, files: Sequence[tuple[FilePlan, torch.Tensor]], rank: int = -1, *, block_bytes: int = BLOCK_BYTES,
+) -> list[list[ShardSums]]:
     """`write_shard_files` for staged file images (`write_file_image`)."""
-    return _all_at_once([partial(write_file_image, storage, plan, image, rank) for plan, image in files])
+    return _all_at_once([partial(write_file_image, storage, plan, image, rank, block_bytes=block_bytes)
+                         for plan, image in files])
 
 
 def _all_at_once(calls: Sequence[Callable[[], T]]) -> list[T]:
@@ -78,12 +86,12 @@ def _all_at_once(calls: Sequence[Callable[[], T]]) -> list[T]:
 
 
 def _write_checksummed(
-    storage: Storage, path: str, chunks: list[memoryview | bytes], items: list[memoryview], rank: int,
+    storage: Storage, path: str, chunks: list[memoryview | bytes], items: list[memoryview], rank: int, block_bytes: int,
 ) -> list[ShardSums]:
     """Write `chunks` as the file while a worker thread checksums each item's bytes (crc32c
     releases the GIL); each item's checksums."""
     with ThreadPoolExecutor(1) as hasher:
-        sums = hasher.map(shard_sums, items)
+        sums = hasher.map(partial(shard_sums, block_bytes=block_bytes), items)
         storage.write_file(path, _with_fault_point(chunks, rank))
         return list(sums)
 
@@ -106,7 +114,7 @@ _RAW_TORCH = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
 
 def fill_tensors(
     storage: Storage, items: Sequence[ReadItem], targets: Sequence[tuple[torch.Tensor, Box]],
-    *, verify: bool, threads: int = IO_THREADS,
+    *, verify: bool, threads: int = IO_THREADS, options: ReadOptions = ReadOptions(),
 ) -> int:
     """Fill torch tensors in place from a read plan, `threads` reads at a time; returns bytes
     read. Device tensors are staged through host memory."""
@@ -118,7 +126,7 @@ def fill_tensors(
             staged.append((t, host))
             t = host
         hosts.append((_raw(t).numpy(), box))
-    nbytes = execute_reads(storage, items, hosts, verify=verify, threads=threads)
+    nbytes = execute_reads(storage, items, hosts, verify=verify, threads=threads, options=options)
     for device_tensor, host in staged:
         device_tensor.copy_(host)
     return nbytes

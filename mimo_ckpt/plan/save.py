@@ -24,15 +24,10 @@ from mimo_ckpt.format.manifest import ModuleEntry, StoredObject, StoredShard, St
 from mimo_ckpt.format.object_codec import encode_checked
 from mimo_ckpt.model.shard import ModuleShards, ObjectMeta, TensorMeta
 from mimo_ckpt.model.split import SplitSpec, infer_split
+from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.format.safetensors import layout_files
 
-__all__ = ["WriteItem", "FilePlan", "ModuleSavePlan", "plan_module_save", "shard_file_path", "PART_BYTES", "MAX_PARTS"]
-
-PART_BYTES = 128 << 20
-MAX_PARTS = 4
-"""A writer's boxes of a module go into up to MAX_PARTS files of at least PART_BYTES each,
-written at once: on the disks measured, one file written and fsynced reached about half the rate
-of 4 files at once (bench/probe_write_streams.py, docs/performance.md)."""
+__all__ = ["WriteItem", "FilePlan", "ModuleSavePlan", "plan_module_save", "shard_file_path", "encode_objects"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +56,8 @@ class ModuleSavePlan:
     files: tuple[FilePlan, ...]
     objects: Mapping[str, tuple[tuple[int, ...], Mapping[tuple[int, ...], Any]]]
     """key -> (grid shape, value per offset)."""
+    options: SaveOptions
+    """The options the files were cut by; writers checksum with its `block_bytes`."""
 
     def files_of(self, rank: int) -> list[FilePlan]:
         return [f for f in self.files if f.writer == rank]
@@ -134,6 +131,7 @@ def plan_module_save(
     objects_by_rank: Mapping[int, Sequence[ObjectMeta]],
     file_tag: str = "",
     replicas: Literal["main", "spread"] = "main",
+    options: SaveOptions = SaveOptions(),
 ) -> ModuleSavePlan:
     """Dedupe boxes, check they tile each tensor, and spread writes by bytes over the ranks that
     may write each box (`replicas`: see `_TensorGroup.writers`)."""
@@ -155,7 +153,7 @@ def plan_module_save(
     parts = [
         (writer, part, indexes)
         for writer, all_indexes in sorted(_assign_writers(items).items())
-        for part, indexes in enumerate(_split_parts(all_indexes, items.nbytes))
+        for part, indexes in enumerate(_split_parts(all_indexes, items.nbytes, options))
     ]
     layouts = layout_files(
         (items.header_entries(indexes) for _, _, indexes in parts), {"format": "mimo-ckpt", "module": module}
@@ -169,6 +167,7 @@ def plan_module_save(
         tensors={k: (g.dtype, g.global_shape, splits[k]) for k, g in groups.items()},
         files=files,
         objects=_plan_objects(module, objects_by_rank),
+        options=options,
     )
 
 
@@ -452,11 +451,11 @@ def _assign_writers(items: _Items) -> dict[int, list[int]]:
     return by_writer
 
 
-def _split_parts(indexes: list[int], nbytes: list[int]) -> list[list[int]]:
+def _split_parts(indexes: list[int], nbytes: list[int], options: SaveOptions) -> list[list[int]]:
     """A writer's items (in file order) cut into consecutive runs of about equal bytes, as many as
-    PART_BYTES and MAX_PARTS allow; one part below 2 * PART_BYTES."""
+    `part_bytes` and `max_parts` allow; one part below 2 * `part_bytes`."""
     total = sum(map(nbytes.__getitem__, indexes))
-    count = max(1, min(MAX_PARTS, total // PART_BYTES))
+    count = max(1, min(options.max_parts, total // options.part_bytes))
     if count == 1:
         return [indexes]
     parts: list[list[int]] = [[]]

@@ -13,8 +13,10 @@ timeout), separate from the one training uses.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 import time
 from typing import Any, Literal, Mapping
 
@@ -25,6 +27,7 @@ from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.run.comm import Comm, TorchComm
 from mimo_ckpt.errors import MimoCkptError
 from mimo_ckpt.model.layout import ModuleLayout
+from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.plan.save import FilePlan
 from mimo_ckpt.io.storage import Storage
 from mimo_ckpt.io.tensors import write_file_images
@@ -101,7 +104,8 @@ class AsyncSave:
             if job.run.failure is None:
                 try:
                     files = [(plan, images[plan.path]) for _, plan in job.my_files()]
-                    crcs = job.checksums_by_module(write_file_images(job.storage, files, job.comm.rank))
+                    sums = write_file_images(job.storage, files, job.comm.rank, block_bytes=job.options.block_bytes)
+                    crcs = job.checksums_by_module(sums)
                 except (MimoCkptError, OSError) as exc:
                     job.run.fail(exc)
             finish_save(job, crcs)
@@ -120,17 +124,19 @@ class AsyncSaver:
         self.comm = comm or TorchComm.with_timeout(timeout_s)
         self.stager = HostStager(pin)
         self.pending: AsyncSave | None = None
+        atexit.register(_warn_if_pending, weakref.ref(self))
 
     def save(
         self, state: Mapping[str, Any], path: str, *, layouts: Mapping[str, ModuleLayout],
         storage: Storage | None = None, metadata: Mapping[str, Any] | None = None,
         if_pending: Literal["wait", "raise"] = "wait", replicas: Literal["main", "spread"] = "main",
+        options: SaveOptions = SaveOptions(),
     ) -> AsyncSave:
         """Collective like `mimo_ckpt.save`; returns once this rank's state sits in host buffers."""
         start = time.perf_counter()
         self._settle_pending(if_pending)
         job = start_save(state, path, layouts=layouts, comm=self.comm, storage=storage, metadata=metadata,
-                         replicas=replicas)
+                         replicas=replicas, options=options)
         images: dict[str, torch.Tensor] = {}  # file path -> its staged image
         if job.run.failure is None:
             try:
@@ -160,8 +166,18 @@ class AsyncSaver:
         try:
             pending.wait()
         except MimoCkptError as exc:  # reported here too, in case nobody waited on it
-            log.warning("the previous async save to %s failed: %s", pending.path, exc)
+            log.warning("rank %d: the previous async save to %s failed: %s", self.comm.rank, pending.path, exc)
         self.pending = None
+
+
+def _warn_if_pending(saver_ref: "weakref.ref[AsyncSaver]") -> None:
+    """At interpreter exit: a save still writing dies with the process (its thread is a daemon), so
+    say so; what it wrote is cleaned up by the next save to that path."""
+    saver = saver_ref()
+    pending = saver.pending if saver is not None else None
+    if pending is not None and not pending.done():
+        log.warning("rank %d: the async save to %s was still running at exit and is not committed; "
+                    "call wait() on its handle before exiting", saver.comm.rank, pending.path)
 
 
 _default_saver: AsyncSaver | None = None

@@ -33,6 +33,10 @@ class Comm(Protocol):
         """A comm over `ranks` (ranks of this comm), or None on ranks outside it."""
 
 
+_DEFAULT_COMMS: dict[int, tuple[Any, "TorchComm"]] = {}
+"""id(default process group) -> (it, its comm): see `TorchComm.default`."""
+
+
 class TorchComm:
     """A torch.distributed process group (gloo on CPU, NCCL on GPU)."""
 
@@ -52,6 +56,19 @@ class TorchComm:
         import torch
 
         self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    @classmethod
+    def default(cls) -> "TorchComm":
+        """The comm over the default process group that save and load use when given none: one
+        per process group, so module subgroups (collective to create, kept by torch for the
+        process's life) are made once, not on every call."""
+        import torch.distributed as dist
+
+        world = dist.group.WORLD
+        held = _DEFAULT_COMMS.get(id(world))
+        if held is None or held[0] is not world:  # a new process group after destroy + init
+            held = _DEFAULT_COMMS[id(world)] = (world, cls())
+        return held[1]
 
     @classmethod
     def with_timeout(cls, seconds: float) -> "TorchComm":

@@ -29,6 +29,7 @@ from mimo_ckpt.model.megatron_leaves import kind as megatron_kind
 from mimo_ckpt.model.rank_state import LayoutChangedWarning, is_layout_bound, same_grid
 from mimo_ckpt.model.shard import FactoryLeaf, Leaves, ModuleShards, TensorMeta, TensorShard
 from mimo_ckpt.model.tree import rebuild
+from mimo_ckpt.plan.options import ReadOptions
 from mimo_ckpt.plan.load import KeyReport, check_keys, padded_region, plan_module_load
 from mimo_ckpt.run.collective import Collective, check_layouts, flatten_state, root_decides
 from mimo_ckpt.run.comm import Comm, TorchComm
@@ -60,6 +61,7 @@ class _Reading:
     storage: Storage
     verify: bool
     io_threads: int
+    read_options: ReadOptions
     strict: bool | Literal["requested"]
     report: KeyReport = field(default_factory=KeyReport)
     not_loaded: dict[str, list[str]] = field(default_factory=dict)
@@ -77,6 +79,7 @@ def load(
     strict: bool | Literal["requested"] = True,
     verify: bool = True,
     io_threads: int = IO_THREADS,
+    read_options: ReadOptions = ReadOptions(),
 ) -> LoadResult:
     """Fill this rank's shards from a checkpoint saved under any layouts; every rank calls it.
 
@@ -87,10 +90,11 @@ def load(
     The differences come back in `LoadResult.report`. With `verify`, every byte read is checked
     against its crc32c: a partial read widens to the whole blocks it touches, or to the whole
     shard when the shard has no blocks. Each rank reads up to `io_threads` files at once, each in
-    file order. Floating-point tensors are cast from the stored dtype; see docs/megatron.md for
+    file order, issuing reads as `read_options` say. Floating-point tensors are cast from the
+    stored dtype; see docs/megatron.md for
     factories, flat slices and padded vocabularies.
     """
-    comm = comm or TorchComm()
+    comm = comm or TorchComm.default()
     storage = storage or open_storage(path)
     check_layouts(layouts, comm.size)
     source = f"{os.fspath(path)}/{MANIFEST_PATH}"
@@ -103,7 +107,7 @@ def load(
         local = flatten_state(state, layouts, comm.rank)
     except MimoCkptError as exc:
         run.fail(exc)
-    reading = _Reading(storage, verify, io_threads, strict)
+    reading = _Reading(storage, verify, io_threads, read_options, strict)
     for name in sorted(layouts):
         mc = comm.subgroup(list(layouts[name].ranks))
         if mc is not None:
@@ -229,7 +233,7 @@ def _read_module(name: str, entry: ModuleEntry, shards: ModuleShards, bad: set[s
         metas.append(meta)
         targets.append((target, box))
     items = plan_module_load(name, entry, metas)
-    nbytes = fill_tensors(storage, items, targets, verify=verify, threads=io_threads)
+    nbytes = fill_tensors(storage, items, targets, verify=verify, threads=io_threads, options=reading.read_options)
     for scratch, view in casts:
         view.copy_(scratch)
     for twin, loaded in shards.twins:

@@ -20,6 +20,7 @@ import uuid
 from typing import Any, Literal, Mapping
 
 from mimo_ckpt.run.load import LoadResult, load
+from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.run.save import save
 from mimo_ckpt.io.commit import SAVING_MARKER_PREFIX
 from mimo_ckpt.run.comm import Comm, TorchComm
@@ -52,7 +53,7 @@ class CheckpointManager:
     @property
     def comm(self) -> Comm:
         if self._comm is None:
-            self._comm = TorchComm()
+            self._comm = TorchComm.default()
         return self._comm
 
     def path_for(self, step: int) -> str:
@@ -80,7 +81,7 @@ class CheckpointManager:
         try:
             return self._storage(path).size(MANIFEST_PATH) is not None
         except StorageError as exc:  # a manifest that is a directory or a FIFO commits nothing
-            log.warning("%s: %s", path, exc)
+            log.warning("%s: %s", path, exc)  # a query: no rank (it needs no process group)
             return False
 
     def latest_step(self) -> int | None:
@@ -94,12 +95,13 @@ class CheckpointManager:
     def save(
         self, state: Mapping[str, Any], step: int, *, layouts: Mapping[str, ModuleLayout],
         metadata: Mapping[str, Any] | None = None, replicas: Literal["main", "spread"] = "main",
+        options: SaveOptions = SaveOptions(),
     ) -> str:
         """Save `step` (see `mimo_ckpt.save`), then (rank 0) point `latest` at it and apply
         retention. Returns the path."""
         path = self.path_for(step)
         save(state, path, layouts=layouts, comm=self.comm, metadata={**(metadata or {}), "step": step},
-             replicas=replicas)
+             replicas=replicas, options=options)
         error = ""
         if self.comm.rank == 0:
             try:
@@ -146,7 +148,7 @@ class CheckpointManager:
             self._storage(path).commit_file(marker, str(time.time()).encode())
         except OSError as exc:
             if exc.__cause__ is not None and getattr(exc.__cause__, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM):
-                log.info("%s is read-only; loading it without a reading marker", path)
+                log.info("rank %d: %s is read-only; loading it without a reading marker", self.comm.rank, path)
                 return False
             raise
         return True
@@ -158,19 +160,19 @@ class CheckpointManager:
         for step in steps[: max(0, len(steps) - (self.keep_last - 1))]:
             path = self.path_for(step)
             if "://" not in path and os.path.islink(path):
-                log.info("retention: keeping %s, a link to a checkpoint elsewhere", path)
+                log.info("rank %d: retention: keeping %s, a link to a checkpoint elsewhere", self.comm.rank, path)
                 continue
             storage = self._storage(path)
             if self._being_read(storage):
-                log.info("retention: keeping %s, a load holds it", path)
+                log.info("rank %d: retention: keeping %s, a load holds it", self.comm.rank, path)
                 continue
             try:
                 self._delete_checkpoint(storage)
             except ManifestError as exc:
-                log.warning("retention: keeping %s, its manifest is unreadable: %s", path, exc)
+                log.warning("rank %d: retention: keeping %s, its manifest is unreadable: %s", self.comm.rank, path, exc)
                 continue
             except StorageError as exc:
-                log.warning("retention: %s kept in part: %s", path, exc)
+                log.warning("rank %d: retention: %s kept in part: %s", self.comm.rank, path, exc)
             if isinstance(storage, LocalStorage):
                 _remove_empty_dirs(path)
 

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
-from mimo_ckpt.errors import MimoCkptError, StorageError
+from mimo_ckpt.errors import MimoCkptError, PlanError, StorageError
 from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_PATH, Manifest, encode_manifest, module_to_json
 from mimo_ckpt.format.object_codec import check_plain_json
@@ -27,6 +27,7 @@ from mimo_ckpt.io.storage import Storage, open_storage
 from mimo_ckpt.io.tensors import write_shard_files
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.model.shard import ModuleShards, ObjectMeta, TensorMeta
+from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.plan.save import FilePlan, ModuleSavePlan, encode_objects, plan_module_save
 from mimo_ckpt.run.collective import Collective, check_layouts, flatten_state, root_decides, json_bytes
 from mimo_ckpt.run.comm import Comm, TorchComm
@@ -44,6 +45,7 @@ def save(
     storage: Storage | None = None,
     metadata: Mapping[str, Any] | None = None,
     replicas: Literal["main", "spread"] = "main",
+    options: SaveOptions = SaveOptions(),
 ) -> None:
     """Save module-keyed state as one checkpoint; every rank of `comm` calls it.
 
@@ -52,7 +54,8 @@ def save(
     committed; raises on every rank if any rank failed, and then commits nothing. A box several
     ranks hold is written by its main replica (`replicas="main"`, as megatron's save does), or by
     any of them, balancing the bytes each rank writes (`"spread"`, as megatron's fully parallel
-    save does: only for replicas known to be equal).
+    save does: only for replicas known to be equal). `options` sets file and checksum-block sizes;
+    every rank must pass the same.
 
     Nothing is a checkpoint until its manifest exists: data files are durable first, the manifest
     is published atomically and never over an existing one (`mimo_ckpt.io.commit`). Each save names
@@ -60,12 +63,14 @@ def save(
     first removes what saves that died there created, and takes their markers over, so an earlier
     save still running there fails at commit. After a failure, this save's own files are removed.
     """
-    job = start_save(state, path, layouts=layouts, comm=comm, storage=storage, metadata=metadata, replicas=replicas)
+    job = start_save(state, path, layouts=layouts, comm=comm, storage=storage, metadata=metadata, replicas=replicas,
+                     options=options)
     crcs: dict[str, dict[str, list[ShardSums]]] = {}
     if job.run.failure is None:
         data, files = job.tensors_by_module(), job.my_files()
         try:
-            sums = write_shard_files(job.storage, [(plan, data[name]) for name, plan in files], job.comm.rank)
+            sums = write_shard_files(job.storage, [(plan, data[name]) for name, plan in files], job.comm.rank,
+                                     block_bytes=job.options.block_bytes)
             crcs = job.checksums_by_module(sums)
         except (MimoCkptError, OSError) as exc:
             job.run.fail(exc)
@@ -86,6 +91,7 @@ class SaveJob:
     local: dict[str, ModuleShards]
     plans: dict[str, ModuleSavePlan]
     module_comms: dict[str, Comm]
+    options: SaveOptions
 
     def my_files(self) -> list[tuple[str, FilePlan]]:
         """(module, file plan) of each file this rank writes."""
@@ -106,10 +112,10 @@ class SaveJob:
 def start_save(
     state: Mapping[str, Any], path: str | os.PathLike[str], *, layouts: Mapping[str, ModuleLayout],
     comm: Comm | None = None, storage: Storage | None = None, metadata: Mapping[str, Any] | None = None,
-    replicas: Literal["main", "spread"] = "main",
+    replicas: Literal["main", "spread"] = "main", options: SaveOptions = SaveOptions(),
 ) -> SaveJob:
     """The collective first half of a save: agree on a save id, flatten, plan every module."""
-    comm = comm or TorchComm()
+    comm = comm or TorchComm.default()
     storage = storage or open_storage(path)
     check_layouts(layouts, comm.size)
     where = os.fspath(path)
@@ -140,22 +146,39 @@ def start_save(
             "tensors": [t.meta().to_wire() for t in shards.tensors],
             "objects": [o.meta(shards.encoded[id(o)] if o.is_main_replica else None).to_wire()
                         for o in shards.objects],
+            "options": options.shaping(),
         }
         gathered = run.unpack(mc.all_gather_bytes(run.payload(metas)))
         if gathered is None:
             continue
         ranks = layouts[name].ranks
         try:
+            _check_same_options(name, {ranks[i]: g["options"] for i, g in enumerate(gathered)})
             with collector_paused():  # the plan allocates many small objects
                 plans[name] = plan_module_save(
                     name, layouts[name],
                     {ranks[i]: [TensorMeta.from_wire(w) for w in g["tensors"]] for i, g in enumerate(gathered)},
                     {ranks[i]: [ObjectMeta.from_wire(w) for w in g["objects"]] for i, g in enumerate(gathered)},
-                    file_tag=save_id, replicas=replicas,
+                    file_tag=save_id, replicas=replicas, options=options,
                 )
         except MimoCkptError as exc:
             run.fail(exc)
-    return SaveJob(comm, storage, os.fspath(path), layouts, dict(metadata or {}), save_id, run, local, plans, module_comms)
+    return SaveJob(comm, storage, os.fspath(path), layouts, dict(metadata or {}), save_id, run, local, plans, module_comms,
+                   options)
+
+
+def _check_same_options(module: str, by_rank: Mapping[int, Mapping[str, int]]) -> None:
+    """The options that shape the files must agree on every rank of the module, or each rank
+    would plan other files."""
+    first = min(by_rank)
+    for rank, values in sorted(by_rank.items()):
+        differ = sorted(k for k in values if values[k] != by_rank[first].get(k))
+        if differ:
+            raise PlanError(
+                f"module {module!r}: ranks {first} and {rank} pass different save options "
+                + ", ".join(f"{k}={by_rank[first].get(k)} vs {values[k]}" for k in differ)
+                + "; every rank must pass the same SaveOptions"
+            )
 
 
 def finish_save(job: SaveJob, crcs: Mapping[str, Mapping[str, list[ShardSums]]]) -> None:
