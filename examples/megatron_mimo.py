@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     import mimo_ckpt
-    from mimo_ckpt.offline.reshard import parse_layout_arg
+    from mimo_ckpt.cli.args import parse_layout_arg
 
     p = argparse.ArgumentParser(prog="python -m examples.megatron_mimo", description=main.__doc__)
     p.add_argument("--images", default="tp1", help="encoder layout, e.g. tp2 or dp2 (ranks from 0)")

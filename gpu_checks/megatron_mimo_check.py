@@ -53,7 +53,7 @@ DEFAULT_LAYOUTS = {
 
 
 def _parse(text: str) -> dict:
-    from mimo_ckpt.offline.reshard import parse_layout_arg
+    from mimo_ckpt.cli.args import parse_layout_arg
 
     return dict(parse_layout_arg(part, None) for part in text.split(";"))
 

@@ -21,16 +21,9 @@ from mimo_ckpt.format.manifest import Manifest
 from mimo_ckpt.io.commit import read_manifest
 from mimo_ckpt.io.progress import human_bytes
 from mimo_ckpt.io.storage import open_storage
+from mimo_ckpt.cli.args import parse_layout_arg, parse_size
 
 __all__ = ["main"]
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 512M, 2G, 1048576)")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
 
 
 def positive_int(text: str) -> int:
@@ -214,7 +207,7 @@ def _budget(args: argparse.Namespace, workers: int = 1) -> Any:
 
 
 def _reshard(args: argparse.Namespace) -> int:
-    from mimo_ckpt.offline.reshard import parse_layout_arg, plan_reshard, run_reshard
+    from mimo_ckpt.offline.reshard import plan_reshard, run_reshard
 
     _, manifest = _open(args.src)
     layouts = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mimo_ckpt.model.dtypes import NUMPY_NAMES
+
 __all__ = ["as_float64", "Summary"]
 
 
@@ -34,10 +36,7 @@ def _as_float64(raw: np.ndarray, dtype: str) -> np.ndarray:
         return (raw.astype(np.uint16) << 8).view(np.float16).astype(np.float64)
     if dtype == "F8_E4M3":
         return _E4M3[raw]
-    view = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
-            "U16": np.uint16, "U8": np.uint8, "BOOL": np.uint8}[dtype]
-    return raw.view(view).astype(np.float64)
+    return raw.view(np.dtype(NUMPY_NAMES[dtype])).astype(np.float64)
 
 
 class Summary:

@@ -36,7 +36,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from mimo_ckpt.model.box import Box, span_in, split_for_span, strides_of
 from mimo_ckpt.format.checksums import BlockHasher
-from mimo_ckpt.model.dtypes import ITEMSIZE
+from mimo_ckpt.model.dtypes import ITEMSIZE, RAW_BY_ITEMSIZE
 from mimo_ckpt.errors import CorruptShardError, StorageError
 from mimo_ckpt.plan.load import ReadItem
 from mimo_ckpt.format.manifest import StoredShard
@@ -45,7 +45,7 @@ from mimo_ckpt.plan.options import ReadOptions
 
 __all__ = ["RAW_DTYPES", "raw_dtype", "execute_reads", "ReadOptions"]
 
-RAW_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+RAW_DTYPES = {size: np.dtype(name).type for size, name in RAW_BY_ITEMSIZE.items()}
 
 
 def raw_dtype(code: str) -> type:

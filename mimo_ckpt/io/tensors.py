@@ -9,6 +9,7 @@ from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 import torch
 
 from mimo_ckpt.model.box import Box
+from mimo_ckpt.model.dtypes import RAW_BY_ITEMSIZE
 from mimo_ckpt.format.checksums import BLOCK_BYTES, ShardSums, shard_sums
 from mimo_ckpt.errors import CorruptShardError
 from mimo_ckpt.io.faults import fault_point
@@ -109,7 +110,7 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.view(_RAW_TORCH[t.element_size()])
 
 
-_RAW_TORCH = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
+_RAW_TORCH = {size: getattr(torch, name) for size, name in RAW_BY_ITEMSIZE.items()}
 
 
 def fill_tensors(

@@ -32,7 +32,7 @@ from mimo_ckpt.io.storage import LocalStorage, Storage, open_storage
 from mimo_ckpt.format.paths import check_relpath
 from mimo_ckpt.io.stream import Budget, StreamItem, write_streamed_file
 
-__all__ = ["ModuleReshard", "plan_reshard", "run_reshard", "parse_layout_arg"]
+__all__ = ["ModuleReshard", "plan_reshard", "run_reshard"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,46 +46,6 @@ class ModuleReshard:
     write_bytes: int
     dropped_objects: tuple[str, ...]
     """Layout-bound (per-rank) objects that the new layout cannot use."""
-
-
-def parse_layout_arg(text: str, old: ModuleLayout | None) -> tuple[str, ModuleLayout]:
-    """`images=tp1,dp2[,offset=0][,order=tp-cp-ep-pp-dp]` -> ("images", layout).
-
-    Sizes, offset and order not named keep the module's saved ones (`old`; 1, 0 and the default
-    order without it): `language=tp4` on a tp2 x pp2 module means tp4 x pp2, not tp4 x pp1.
-    """
-    name, sep, spec = text.partition("=")
-    if not sep or not name:
-        raise LayoutError(f"--module {text!r}: expected NAME=tp1,dp2,...")
-    sizes = {p: getattr(old, p) for p in PARALLEL_DIMS} if old else {}
-    offset = old.rank_offset if old else 0
-    order = old.order if old else None
-    named: set[str] = set()
-    for token in filter(None, spec.split(",")):
-        item = token.partition("=")[0] if "=" in token else token[:2]
-        if item in named or (item in ("offset", "rank_offset") and named & {"offset", "rank_offset"}):
-            raise LayoutError(f"--module {text!r}: {item} is given more than once")
-        named.add(item)
-        if item in ("offset", "rank_offset"):
-            offset = _int_token(text, token, token.split("=", 1)[1], minimum=0)
-        elif item == "order":
-            order = tuple(token.split("=", 1)[1].split("-"))
-        elif item in PARALLEL_DIMS:
-            sizes[item] = _int_token(text, token, token[2:], minimum=1)
-        else:
-            raise LayoutError(f"--module {text!r}: unknown item {token!r} (use tpN, cpN, epN, ppN, dpN, offset=N, order=a-b-c-d-e)")
-    kwargs = {"order": order} if order else {}
-    try:
-        return name, ModuleLayout(**sizes, rank_offset=offset, **kwargs)
-    except LayoutError as exc:
-        raise LayoutError(f"--module {text!r}: {exc}") from None
-
-
-def _int_token(text: str, token: str, value: str, minimum: int) -> int:
-    # digits only: int() would also take "-1", " 2" and "1_0"
-    if not value.isascii() or not value.isdigit() or int(value) < minimum:
-        raise LayoutError(f"--module {text!r}: {token!r} needs an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def plan_reshard(manifest: Manifest, layouts: Mapping[str, ModuleLayout], *, file_tag: str = "",
@@ -180,7 +140,7 @@ def _check_even(module: str, entry: ModuleEntry, layout: ModuleLayout) -> None:
                 raise LayoutError(
                     f"module {module!r}, tensor {key!r}: dimension {axis} ({extent} of {size} elements at "
                     f"the {p} cut) does not split into {p}={parts} equal parts ({extent} % {parts} = "
-                    f"{extent % parts}); allow uneven splits (--allow-uneven) to cut it remainder-first"
+                    f"{extent % parts}); allow uneven splits (allow_uneven=True; the CLI's --allow-uneven) to cut it remainder-first"
                 )
 
 
