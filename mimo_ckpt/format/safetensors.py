@@ -20,8 +20,8 @@ __all__ = ["FileEntry", "layout_file", "layout_files", "HEADER_ALIGN"]
 
 HEADER_ALIGN = 64
 """Data starts on a cache line. A read from the page cache is a copy into the caller's buffer,
-and buffers from torch's allocator are 64-byte aligned: file offsets at multiples of 64 copied at
-8.7-9.6 GB/s by median, others at 4.6-7.4 GB/s (bench/probe_copy_alignment.py, docs/performance.md)."""
+and buffers from torch's allocator are 64-byte aligned; aligned offsets copy faster
+(docs/performance.md, "Machines and their measured limits": page-cache copy by file offset)."""
 
 _HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 """What `json.dumps(header, separators=(",", ":"), ensure_ascii=True)` builds on every call; a

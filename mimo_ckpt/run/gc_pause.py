@@ -20,7 +20,7 @@ def collector_paused() -> Iterator[None]:
 
     At scale a planner allocates 10^5 to 10^6 objects that all outlive the call and form no
     cycles. The passes their allocation triggers walk them and the rest of the heap and free
-    nothing; they were a third of save planning at 16k ranks (docs/performance.md). Uses nest
+    nothing (docs/performance.md, "Planning at 16,384 simulated ranks"). Uses nest
     and overlap across threads (ranks run as threads in tests): the collector comes back when
     the last one ends, and only if it was on when the first began.
     """
