@@ -7,35 +7,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import *  # noqa: F401,F403
-from .errors import __all__ as _error_names
-from .layout import PARALLEL_DIMS, ModuleLayout
+from mimo_ckpt.errors import *  # noqa: F401,F403
+from mimo_ckpt.errors import __all__ as _error_names
+from mimo_ckpt.model.layout import PARALLEL_DIMS, ModuleLayout
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "save": "checkpoint",
-    "load": "checkpoint",
-    "LoadResult": "checkpoint",
-    "TensorShard": "shard",
-    "ObjectShard": "shard",
-    "KeyReport": "load_plan",
-    "Manifest": "manifest",
-    "read_manifest": "manifest",
-    "Storage": "storage",
-    "LocalStorage": "storage",
-    "TensorStoreStorage": "storage",
-    "open_storage": "storage",
-    "Comm": "comm",
-    "TorchComm": "comm",
-    "ThreadWorld": "comm",
-    "CheckpointManager": "manager",
-    "AsyncSaver": "background_save",
-    "AsyncSave": "background_save",
-    "async_save": "background_save",
-    "rng_state": "rank_state",
-    "restore_rng_state": "rank_state",
-    "LayoutChangedWarning": "rank_state",
+    "save": "run.save",
+    "load": "run.load",
+    "LoadResult": "run.load",
+    "TensorShard": "model.shard",
+    "ObjectShard": "model.shard",
+    "KeyReport": "plan.load",
+    "SaveOptions": "plan.options",
+    "ReadOptions": "plan.options",
+    "Manifest": "format.manifest",
+    "read_manifest": "io.commit",
+    "Storage": "io.storage",
+    "LocalStorage": "io.storage",
+    "TensorStoreStorage": "io.storage",
+    "open_storage": "io.storage",
+    "Comm": "run.comm",
+    "TorchComm": "run.comm",
+    "ThreadWorld": "run.comm",
+    "CheckpointManager": "run.manager",
+    "AsyncSaver": "run.async_save",
+    "AsyncSave": "run.async_save",
+    "async_save": "run.async_save",
+    "rng_state": "model.rank_state",
+    "restore_rng_state": "model.rank_state",
+    "LayoutChangedWarning": "model.rank_state",
 }
 
 __all__ = ["ModuleLayout", "PARALLEL_DIMS", "__version__", *_LAZY, *_error_names]

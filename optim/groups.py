@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from mimo_ckpt.errors import LayoutError
-from mimo_ckpt.layout import PARALLEL_DIMS, ModuleLayout
+from mimo_ckpt.model.layout import PARALLEL_DIMS, ModuleLayout
 
 __all__ = ["GROUP_DIMS", "peer_rank_lists", "ModuleGroups", "as_layout", "build_module_groups"]
 

@@ -1,7 +1,7 @@
 """A megatron-core optimizer (from `get_megatron_optimizer`) as one module of a MimoOptimizer.
 
 It runs where the megatron optimizer runs: on GPUs, and on CPU with gloo once megatron-core's CUDA
-literals are patched from outside (tools/megatron_cpu.py, docs/megatron.md); its own tensors
+literals are patched from outside (examples/megatron_cpu.py, docs/megatron.md); its own tensors
 live on the device of the optimizer's parameters. What it changes:
 - the loss scale: a megatron grad scaler updates from its own module's overflow flag; here it is
   replaced by a view of the MimoOptimizer's one scaler, which updates from the global decision;
@@ -20,9 +20,9 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from mimo_ckpt import megatron_interop
+from mimo_ckpt.model import megatron_leaves
 from mimo_ckpt.errors import ShardError
-from mimo_ckpt.shard import ObjectShard
+from mimo_ckpt.model.shard import ObjectShard
 
 from .groups import ModuleGroups
 from .state_init import materialise_state
@@ -203,7 +203,7 @@ class MegatronModuleOptimizer:
                                 if name == "step":  # restored from the param groups, as megatron does
                                     continue
                                 key = f"optimizer.state.{name}.{leaf.key}"
-                                for shard in megatron_interop.flat_state_shards(
+                                for shard in megatron_leaves.flat_state_shards(
                                         leaf, key, flat.view(-1), ranges["param"].start, replica_id=replica,
                                         module=self.name):
                                     out[f"{key}@{shard.global_offset}"] = shard
@@ -238,7 +238,7 @@ def _param_leaves(tree: Any) -> list[Any]:
         return [x for v in tree.values() for x in _param_leaves(v)]
     if isinstance(tree, (list, tuple)):
         return [x for v in tree for x in _param_leaves(v)]
-    return [tree] if megatron_interop.kind(tree) in ("ShardedTensor", "ShardedTensorFactory") else []
+    return [tree] if megatron_leaves.kind(tree) in ("ShardedTensor", "ShardedTensorFactory") else []
 
 
 def _unshare_steps(optimizer: Any) -> None:
@@ -263,7 +263,7 @@ def _skip_step_in_fully_reshardable_load(inner: Any) -> None:
 
 def _objects_for_plain_leaves(value: Any, key: str, is_main: bool) -> Any:
     """Copy of megatron's state with every plain (JSON) leaf made an object saved by one rank."""
-    if megatron_interop.kind(value) is not None or torch.is_tensor(value):
+    if megatron_leaves.kind(value) is not None or torch.is_tensor(value):
         return value
     if isinstance(value, dict):
         return {k: _objects_for_plain_leaves(v, f"{key}.{k}", is_main) for k, v in value.items()}

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mimo_ckpt.errors import LayoutError, ShardError
-from mimo_ckpt.shard import ObjectShard
+from mimo_ckpt.model.shard import ObjectShard
 
 from .groups import as_layout
 from .loss_scale import ConstantLossScaler, DynamicLossScaler

@@ -17,10 +17,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from mimo_ckpt.box import Box
-from mimo_ckpt.comm import TorchComm
+from mimo_ckpt.model.box import Box
+from mimo_ckpt.run.comm import TorchComm
 from mimo_ckpt.errors import ShardError
-from mimo_ckpt.shard import ObjectShard, TensorShard
+from mimo_ckpt.model.shard import ObjectShard, TensorShard
 
 from .groups import ModuleGroups
 from .params import ShardedParam, SliceRef, first_holders, first_key_holders, zero1_rows

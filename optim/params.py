@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from mimo_ckpt.box import Box
+from mimo_ckpt.model.box import Box
 from mimo_ckpt.errors import ShardError
-from mimo_ckpt.sharding import balanced_part
+from mimo_ckpt.model.split import balanced_part
 
 __all__ = ["ShardedParam", "SliceRef", "first_holders", "first_key_holders", "zero1_rows"]
 
@@ -116,7 +116,7 @@ def first_key_holders(refs_by_rank: Mapping[int, Iterable[SliceRef]]) -> dict[st
 def zero1_rows(rows: int, index: int, count: int) -> tuple[int, int]:
     """Rows [begin, end) of dimension 0 that member `index` of `count` owns; balanced, in order.
 
-    The same rule offline reshard replays (`mimo_ckpt.sharding.balanced_part`), so resharded
+    The same rule offline reshard replays (`mimo_ckpt.model.split.balanced_part`), so resharded
     state boxes are exactly the rows each rank of the new layout asks for."""
     begin, size = balanced_part(rows, count, index)
     return begin, begin + size

@@ -6,7 +6,7 @@ import os
 
 from mimo_ckpt import AsyncSaver
 from tests.optim_worlds import layouts
-from tools.toy_training import ToyRun
+from tests.fixtures.toy_training import ToyRun
 
 
 def train_while_saving(args: dict) -> dict:

@@ -12,7 +12,7 @@ from typing import Callable
 import mimo_ckpt
 from mimo_ckpt import ModuleLayout, ThreadWorld
 from tests.conftest import run_threads
-from tools.synthetic_state import check_rank_state, rank_state
+from examples.synthetic_state import check_rank_state, rank_state
 
 WORLD = 2
 LAYOUTS = {"images": ModuleLayout(tp=2), "language": ModuleLayout(tp=2)}

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import mimo_ckpt
 from mimo_ckpt import ModuleLayout
-from tools.megatron_cpu import Built, GptSize, build, forward_backward, model_state
+from examples.megatron_cpu import Built, GptSize, build, forward_backward, model_state
 
 WORLD = 4
 SIZE = GptSize(vocab=64, seq=16, hidden=32, heads=4, layers=2, batch=4)
@@ -105,8 +105,8 @@ def _reshard(src: str, dst: str, module: str) -> None:
 
 def _model_shapes(run: Run) -> dict[str, list[int]]:
     """Global shape of every model tensor, from the live model's own sharded_state_dict."""
-    from mimo_ckpt.megatron_keys import from_megatron
-    from mimo_ckpt.shard import flatten_module_state
+    from mimo_ckpt.interop.megatron_keys import from_megatron
+    from mimo_ckpt.model.tree import flatten_module_state
 
     state = from_megatron(run.built.ddp.module.sharded_state_dict(
         prefix="language_model.", metadata={"dp_cp_group": run.built.pgc.dp_cp}))

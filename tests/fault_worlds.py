@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 import mimo_ckpt
 from mimo_ckpt import ModuleLayout
-from mimo_ckpt.manager import CheckpointManager
-from tools.synthetic_state import rank_state
+from mimo_ckpt.run.manager import CheckpointManager
+from examples.synthetic_state import rank_state
 
 WORLD = 4
 LAYOUTS = {"images": ModuleLayout(tp=2), "language": ModuleLayout(tp=2, rank_offset=2)}

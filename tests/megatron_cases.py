@@ -632,7 +632,7 @@ def _state(c: Case, phase: str, rank: int) -> Any:
 
 def run_mimo(c: Case, path: str, rank: int, comm: Any, stage: list[str]) -> Any:
     import mimo_ckpt
-    from mimo_ckpt.megatron_keys import COMMON_METADATA, from_megatron, split_common, to_megatron, with_common
+    from mimo_ckpt.interop.megatron_keys import COMMON_METADATA, from_megatron, split_common, to_megatron, with_common
 
     def layouts(grid: Grid) -> dict[str, ModuleLayout]:
         return {m: grid.layout for m in c.modules}
@@ -674,7 +674,7 @@ def _megatron_validation(state: Any) -> None:
 def run_megatron(c: Case, path: str, rank: int, comm: Any, stage: list[str]) -> Any:
     from megatron.core import dist_checkpointing
 
-    from tools.megatron_mimo import cpu_dist_checkpointing
+    from examples.megatron_mimo import cpu_dist_checkpointing
 
     if rank == 0:
         os.makedirs(path)

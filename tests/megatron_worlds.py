@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 import mimo_ckpt
 from mimo_ckpt import LayoutChangedWarning, ModuleLayout
-from mimo_ckpt.megatron_keys import from_megatron, to_megatron
-from tools.megatron_mimo import IMAGES, LANGUAGE, MegatronMimoRun, cpu_dist_checkpointing, megatron_state
+from mimo_ckpt.interop.megatron_keys import from_megatron, to_megatron
+from examples.megatron_mimo import IMAGES, LANGUAGE, MegatronMimoRun, cpu_dist_checkpointing, megatron_state
 
 WORLD = 4
 SAVED = {IMAGES: ModuleLayout(tp=2), LANGUAGE: ModuleLayout(pp=2, rank_offset=2)}

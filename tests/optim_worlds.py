@@ -11,7 +11,7 @@ import torch
 import mimo_ckpt
 from mimo_ckpt import ModuleLayout, TensorShard
 from optim import MimoOptimizer
-from tools.toy_training import ToyRun
+from tests.fixtures.toy_training import ToyRun
 
 WORLD = 6
 

@@ -1,15 +1,18 @@
 """Async save with ranks as threads: a snapshot at call time, reused buffers, pending saves, errors."""
 
+import subprocess
+import sys
 import threading
 
 import pytest
 import torch
 
 import mimo_ckpt
-from mimo_ckpt import AsyncSaver, MimoCkptError, ModuleLayout, ThreadWorld, save_plan
-from mimo_ckpt.storage import LocalStorage
+from mimo_ckpt import AsyncSaver, MimoCkptError, ModuleLayout, ThreadWorld
+from mimo_ckpt.plan.options import SaveOptions
+from mimo_ckpt.io.storage import LocalStorage
 from tests.conftest import run_threads
-from tools.synthetic_state import check_rank_state, rank_state
+from examples.synthetic_state import check_rank_state, rank_state
 
 WORLD = 4
 LAYOUTS = {"images": ModuleLayout(tp=2), "language": ModuleLayout(tp=2, rank_offset=2)}
@@ -38,19 +41,18 @@ def load_problems(path):
 
 
 @pytest.mark.parametrize("part_bytes", [None, 64])  # one file per module and rank, or several
-def test_async_save_snapshots_at_call_time_and_reuses_its_buffers(tmp_path, monkeypatch, part_bytes):
-    if part_bytes:
-        monkeypatch.setattr(save_plan, "PART_BYTES", part_bytes)
+def test_async_save_snapshots_at_call_time_and_reuses_its_buffers(tmp_path, part_bytes):
+    options = SaveOptions(part_bytes=part_bytes) if part_bytes else SaveOptions()
 
     def fn(comm, rank):
         saver = AsyncSaver(comm)
         state = state_of(rank)
-        first = saver.save(state, str(tmp_path / "a"), layouts=LAYOUTS)
+        first = saver.save(state, str(tmp_path / "a"), layouts=LAYOUTS, options=options)
         scribble(state)  # the saved values must be those of the call, not these
         first.wait()
         pointers = {m: b.data_ptr() for m, b in saver.stager._buffers.items()}
         nbytes = saver.stager.nbytes
-        second = saver.save(state_of(rank), str(tmp_path / "b"), layouts=LAYOUTS)
+        second = saver.save(state_of(rank), str(tmp_path / "b"), layouts=LAYOUTS, options=options)
         second.wait()
         reused = pointers == {m: b.data_ptr() for m, b in saver.stager._buffers.items()}
         return len(pointers), reused, nbytes == saver.stager.nbytes, first.done()
@@ -114,8 +116,8 @@ def test_a_background_failure_reaches_every_rank_through_wait(tmp_path):
 
 
 def test_cuda_free_staging_copies_every_dtype_bit_exactly():
-    from mimo_ckpt.background_save import HostStager
-    from mimo_ckpt.save_plan import plan_module_save
+    from mimo_ckpt.run.async_save import HostStager
+    from mimo_ckpt.plan.save import plan_module_save
 
     state = rank_state("images", ModuleLayout(), 0)
     tensors = [v for v in state.values() if isinstance(v, mimo_ckpt.TensorShard)]
@@ -127,9 +129,41 @@ def test_cuda_free_staging_copies_every_dtype_bit_exactly():
 
 
 def test_training_continues_while_checkpoints_are_written(tmp_path):
-    from mimo_ckpt.local_world import run_local_world
+    from tests.harness.local_world import run_local_world
 
     results = run_local_world(6, "tests.async_worlds:train_while_saving",
                               {"root": str(tmp_path), "steps": 6, "every": 2}, timeout=300)
     for rank, r in enumerate(results):
         assert r["match"] == {"step0": True, "step2": True, "step4": True}, rank
+
+
+def test_exiting_with_a_save_still_running_warns(tmp_path):
+    script = f"""
+import time, torch
+from mimo_ckpt import AsyncSaver, ModuleLayout, TensorShard, ThreadWorld
+from mimo_ckpt.io.storage import LocalStorage
+
+class Slow(LocalStorage):
+    def write_file(self, path, chunks):
+        time.sleep(60)
+
+saver = AsyncSaver(ThreadWorld(1).comm(0))
+state = {{"m": {{"w": TensorShard.whole("w", torch.zeros(4))}}}}
+saver.save(state, {str(tmp_path / "c")!r}, layouts={{"m": ModuleLayout()}}, storage=Slow({str(tmp_path / "c")!r}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "still running at exit and is not committed" in done.stderr and str(tmp_path / "c") in done.stderr
+
+
+def test_exiting_after_the_save_finished_says_nothing(tmp_path):
+    script = f"""
+import torch
+from mimo_ckpt import AsyncSaver, ModuleLayout, TensorShard, ThreadWorld
+
+saver = AsyncSaver(ThreadWorld(1).comm(0))
+state = {{"m": {{"w": TensorShard.whole("w", torch.zeros(4))}}}}
+saver.save(state, {str(tmp_path / "c")!r}, layouts={{"m": ModuleLayout()}}).wait()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "at exit" not in done.stderr, done.stderr

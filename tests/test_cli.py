@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mimo_ckpt.local_world import run_local_world
-from mimo_ckpt.manifest import encode_manifest
-from tools.synthetic_state import global_tensors
+from tests.harness.local_world import run_local_world
+from mimo_ckpt.format.manifest import encode_manifest
+from examples.synthetic_state import global_tensors
 
 NO_TORCH = ("import sys, mimo_ckpt.cli as c; rc = c.main(sys.argv[1:]); "
             "bad = [m for m in ('torch', 'megatron') if m in sys.modules]; "

@@ -14,9 +14,9 @@ import pytest
 import mimo_ckpt
 from mimo_ckpt import ThreadWorld
 from mimo_ckpt.errors import StorageError
-from mimo_ckpt.manager import CheckpointManager
-from mimo_ckpt.manifest import MANIFEST_PATH
-from mimo_ckpt.storage import LocalStorage
+from mimo_ckpt.run.manager import CheckpointManager
+from mimo_ckpt.format.manifest import MANIFEST_PATH
+from mimo_ckpt.io.storage import LocalStorage
 from tests.commit_cases import LAYOUTS, RESHARDED, WORLD, load_problems, run_forked, save_world, states, tree_hashes
 from tests.conftest import run_threads
 
@@ -271,7 +271,7 @@ def test_import_never_reads_outside_its_source(tmp_path, bad_path):
     import torch.distributed.checkpoint as dcp
 
     from mimo_ckpt.errors import ManifestError
-    from mimo_ckpt.torch_dist import import_torch_dist
+    from mimo_ckpt.interop.torch_dist import import_torch_dist
 
     src = tmp_path / "src"
     dcp.save({"language_model.w": torch.arange(6.0)}, storage_writer=dcp.FileSystemWriter(src), no_dist=True)

@@ -11,7 +11,7 @@ import mimo_ckpt
 from mimo_ckpt import ModuleLayout, ThreadWorld
 from mimo_ckpt.cli import main as cli_main
 from mimo_ckpt.errors import CheckpointExistsError
-from mimo_ckpt.manager import CheckpointManager
+from mimo_ckpt.run.manager import CheckpointManager
 from tests.commit_cases import LAYOUTS, RESHARDED, WORLD, load_problems, run_forked, states, tree_hashes
 from tests.conftest import run_threads
 
@@ -24,7 +24,7 @@ ONE_RANK = {"images": ModuleLayout(), "language": ModuleLayout()}
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """An earlier step of a run, and a torch_dist export of it (the source of an import)."""
-    from mimo_ckpt.torch_dist import export_torch_dist
+    from mimo_ckpt.interop.torch_dist import export_torch_dist
 
     root = tmp_path_factory.mktemp("crash")
     run = root / "run"
@@ -61,7 +61,7 @@ def _manager_save(out, sources):
 
 
 def _import(out, sources):
-    from mimo_ckpt.torch_dist import import_torch_dist
+    from mimo_ckpt.interop.torch_dist import import_torch_dist
 
     import_torch_dist(str(sources / "torch_dist"), str(out), progress=False)
 
@@ -120,8 +120,8 @@ def _check_export(writer, output, sources):
 
     import torch
 
-    from mimo_ckpt.megatron_keys import megatron_key
-    from tools.synthetic_state import global_tensors
+    from mimo_ckpt.interop.megatron_keys import megatron_key
+    from examples.synthetic_state import global_tensors
 
     if writer == "export_hf":
         from safetensors.torch import load_file

@@ -9,13 +9,14 @@ import pytest
 
 import mimo_ckpt
 from mimo_ckpt import ThreadWorld
-from mimo_ckpt.local_world import run_local_world
-from mimo_ckpt.manager import CheckpointManager
-from mimo_ckpt.manifest import MANIFEST_PATH, read_manifest
-from mimo_ckpt.storage import LocalStorage
+from tests.harness.local_world import run_local_world
+from mimo_ckpt.run.manager import CheckpointManager
+from mimo_ckpt.format.manifest import MANIFEST_PATH
+from mimo_ckpt.io.commit import read_manifest
+from mimo_ckpt.io.storage import LocalStorage
 from tests.conftest import run_threads
 from tests.fault_worlds import LAYOUTS, WORLD, state_of
-from tools.synthetic_state import check_rank_state
+from examples.synthetic_state import check_rank_state
 
 TIMEOUT_S = 20.0
 FAULTS = ["save.start@1", "save.write@1", "save.written@2", "save.commit@0", "save.committed@0", "load.read@3",

@@ -16,9 +16,9 @@ import torch
 
 import mimo_ckpt
 from mimo_ckpt import MimoCkptError, ModuleLayout, ThreadWorld
-from mimo_ckpt.manifest import read_manifest
-from mimo_ckpt.storage import LocalStorage
-from mimo_ckpt.verify import verify_checkpoint
+from mimo_ckpt.io.commit import read_manifest
+from mimo_ckpt.io.storage import LocalStorage
+from mimo_ckpt.offline.verify import verify_checkpoint
 from tests.commit_cases import save_world, states
 from tests.conftest import run_threads
 

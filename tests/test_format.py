@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 import mimo_ckpt
 from mimo_ckpt import ManifestError, ModuleLayout, ShardError, ThreadWorld
-from mimo_ckpt.manifest import Manifest, encode_manifest
-from mimo_ckpt.storage import LocalStorage
+from mimo_ckpt.format.manifest import Manifest, encode_manifest
+from mimo_ckpt.io.storage import LocalStorage
 from tests.conftest import run_threads
-from tools.synthetic_state import global_tensors, rank_state
+from examples.synthetic_state import global_tensors, rank_state
 
 LAYOUTS = {"images": ModuleLayout(tp=2), "language": ModuleLayout(tp=2, pp=2, rank_offset=2)}
 SCHEMA = json.load(open("docs/manifest.schema.json"))

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mimo_ckpt import MimoCkptError, ModuleLayout, ThreadWorld
-from mimo_ckpt.box import Box
-from mimo_ckpt.load_plan import plan_tensor_reads
-from mimo_ckpt.manifest import MANIFEST_PATH, Manifest, encode_manifest
+from mimo_ckpt.model.box import Box
+from mimo_ckpt.plan.load import plan_tensor_reads
+from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, encode_manifest
 from tests.conftest import run_threads
 
 LAYOUTS = {"images": ModuleLayout(tp=2), "language": ModuleLayout(pp=2, rank_offset=2)}
@@ -29,8 +29,8 @@ json_values = st.recursive(
 @pytest.fixture(scope="module")
 def seed_manifest(tmp_path_factory):
     import mimo_ckpt
-    from mimo_ckpt.storage import LocalStorage
-    from tools.synthetic_state import rank_state
+    from mimo_ckpt.io.storage import LocalStorage
+    from examples.synthetic_state import rank_state
 
     path = tmp_path_factory.mktemp("fuzz") / "ckpt"
 

@@ -11,9 +11,10 @@ import torch
 
 import mimo_ckpt
 from mimo_ckpt import ManifestError, ModuleLayout, ShardError, ThreadWorld
-from mimo_ckpt.manifest import MANIFEST_PATH, Manifest, encode_manifest, read_manifest
-from mimo_ckpt.storage import LocalStorage
-from mimo_ckpt.verify import verify_checkpoint
+from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, encode_manifest
+from mimo_ckpt.io.commit import read_manifest
+from mimo_ckpt.io.storage import LocalStorage
+from mimo_ckpt.offline.verify import verify_checkpoint
 
 LAYOUTS = {"images": ModuleLayout()}
 TRAILER = b',"manifest_crc32c":"%08x"}'

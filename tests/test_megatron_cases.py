@@ -11,7 +11,7 @@ the reference against megatron, which keeps the table honest.
 
 import pytest
 
-from mimo_ckpt.local_world import free_port, run_local_world
+from tests.harness.local_world import free_port, run_local_world
 from tests.megatron_cases import CASES, W
 
 

@@ -1,4 +1,4 @@
-"""megatron's DDP + DistributedOptimizer on CPU (tools/megatron_cpu.py) under optim.MimoOptimizer,
+"""megatron's DDP + DistributedOptimizer on CPU (examples/megatron_cpu.py) under optim.MimoOptimizer,
 its state saved with FLAT_BOXES (each rank's own slices as boxes of the model-space tensors) at
 TP1 x DP2, then loaded at DP4, DP1 and TP2 x DP2, and after an offline `mimo-ckpt reshard` to DP4;
 every resumed run must follow that layout's uninterrupted run (4 gloo ranks,
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from mimo_ckpt.local_world import run_local_world
+from tests.harness.local_world import run_local_world
 from tests.distopt_worlds import CASES, SAVED, WORLD
 
 STEPS, RESUME_AT = 6, 3

@@ -8,8 +8,8 @@ import torch
 
 import mimo_ckpt
 from mimo_ckpt import KeyMismatchError, LayoutChangedWarning, LocalStorage, ModuleLayout, ObjectShard, ShardError, TensorShard, ThreadWorld
-from mimo_ckpt.megatron_keys import megatron_key, split_key
-from mimo_ckpt.rank_state import same_grid
+from mimo_ckpt.interop.megatron_keys import megatron_key, split_key
+from mimo_ckpt.model.rank_state import same_grid
 
 MODEL = "decoder.layers.mlp.linear_fc1.weight"
 
@@ -123,7 +123,7 @@ def test_a_missing_extra_state_is_tolerated_other_missing_objects_are_not(thread
 def test_from_megatron_refuses_values_that_name_no_module():
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from mimo_ckpt.megatron_keys import from_megatron
+    from mimo_ckpt.interop.megatron_keys import from_megatron
 
     w = ShardedTensor.from_rank_offsets("language_model.module.decoder.w", torch.ones(2, 3), replica_id=0)
     state = from_megatron({"a": {"w": w}})

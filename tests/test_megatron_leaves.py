@@ -102,7 +102,7 @@ def test_flat_slices_save_as_boxes_and_load_under_other_slices(tmp_path, save_cu
 
 
 def test_a_flat_slice_is_at_most_2_ndim_minus_1_zero_copy_boxes():
-    from mimo_ckpt.megatron_interop import to_shards
+    from mimo_ckpt.model.megatron_leaves import to_shards
 
     full = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(4, 5, 6)
     st = _flat("w", full, 7, 100)
@@ -240,7 +240,7 @@ def test_a_box_with_no_main_replica_fails_on_every_rank(tmp_path):
 def test_common_state_is_rank_0s_on_every_rank_as_megatron_returns_it(tmp_path):
     """Plain values of a megatron state dict, inside dicts and inside lists of sharded values
     (where megatron's own loader fails), are saved from rank 0 and come back on every rank."""
-    from mimo_ckpt.megatron_keys import COMMON_METADATA, from_megatron, split_common, to_megatron
+    from mimo_ckpt.interop.megatron_keys import COMMON_METADATA, from_megatron, split_common, to_megatron
 
     def state(rank, target=None):
         w = torch.arange(4.0) if target is None else target
@@ -289,7 +289,7 @@ def test_distributed_optimizer_flat_state_of_a_swiglu_weight_reshards_without_a_
     """Adam state of megatron's SwiGLU linear_fc1, kept as each DP rank's flat slice of the TP
     rank's [W_r; V_r] (as DistributedOptimizer keeps it), saved as model-space boxes, loaded as
     other slices under another TP x DP, and whole."""
-    from mimo_ckpt.megatron_interop import flat_state_shards
+    from mimo_ckpt.model.megatron_leaves import flat_state_shards
 
     state = torch.arange(2 * F * H, dtype=torch.float32).reshape(2 * F, H) * 0.5 + 100  # [S_W; S_V]
     s_w, s_v = state[:F], state[F:]

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mimo_ckpt.local_world import run_local_world
+from tests.harness.local_world import run_local_world
 from tests.megatron_worlds import CASES, WORLD
 
 STEPS, RESUME_AT = 6, 3

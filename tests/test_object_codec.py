@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import mimo_ckpt
 from mimo_ckpt import ManifestError, ModuleLayout, ObjectShard, ShardError, TensorShard, ThreadWorld
-from mimo_ckpt.manifest import FORMAT_VERSION, MANIFEST_PATH, Manifest, encode_manifest
-from mimo_ckpt.object_codec import TAG, decode, encode
+from mimo_ckpt.format.manifest import FORMAT_VERSION, MANIFEST_PATH, Manifest, encode_manifest
+from mimo_ckpt.format.object_codec import TAG, decode, encode
 
 MODULE = {"m": ModuleLayout()}
 
@@ -214,7 +214,7 @@ def test_a_dtype_name_torch_lacks_fails_the_load(tmp_path):
 
 def test_reading_a_manifest_with_dtypes_needs_no_torch(tmp_path):
     _save(tmp_path / "c", {"cfg": PER_BUCKET_NUMEL})
-    code = ("import sys; from mimo_ckpt.manifest import Manifest; "
+    code = ("import sys; from mimo_ckpt.format.manifest import Manifest; "
             "m = Manifest.from_bytes(open(sys.argv[1], 'rb').read()); "
             "assert 'torch' not in sys.modules, 'torch imported'; print(len(m.modules['m'].objects))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c" / MANIFEST_PATH)], capture_output=True, text=True)

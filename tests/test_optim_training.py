@@ -8,10 +8,10 @@ resumes across a TP, PP or DP change of one module.
 import pytest
 import torch
 
-from mimo_ckpt.local_world import run_local_world
+from tests.harness.local_world import run_local_world
 from tests.optim_worlds import WORLD
-from tools.toy_training import MAX_GRAD_NORM
-from tools.toy_mimo import D_IN, full_weights, reference_run
+from tests.fixtures.toy_training import MAX_GRAD_NORM
+from tests.fixtures.toy_mimo import D_IN, full_weights, reference_run
 
 STEPS, RESUME_AT = 6, 3
 TRAINING = [

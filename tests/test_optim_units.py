@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mimo_ckpt import LayoutError, ModuleLayout, ShardError
-from mimo_ckpt.box import Box
+from mimo_ckpt.model.box import Box
 from optim import DynamicLossScaler, ShardedParam, peer_rank_lists
 from optim.loss_scale import ConstantLossScaler
 from optim.params import SliceRef, first_holders, first_key_holders, zero1_rows

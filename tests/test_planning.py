@@ -2,14 +2,14 @@
 
 import pytest
 
-from mimo_ckpt.box import Box, first_overlap
-from mimo_ckpt.checksums import ShardSums
+from mimo_ckpt.model.box import Box, first_overlap
+from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.errors import ManifestError, PlanError
-from mimo_ckpt.load_plan import plan_module_load
-from mimo_ckpt.layout import ModuleLayout
-from mimo_ckpt import save_plan
-from mimo_ckpt.save_plan import plan_module_save
-from mimo_ckpt.shard import ObjectMeta, TensorMeta
+from mimo_ckpt.plan.load import plan_module_load
+from mimo_ckpt.model.layout import ModuleLayout
+from mimo_ckpt.plan.options import SaveOptions
+from mimo_ckpt.plan.save import plan_module_save
+from mimo_ckpt.model.shard import ObjectMeta, TensorMeta
 
 
 def meta(key, offset, shape, gshape, main=True, dtype="F32"):
@@ -47,14 +47,14 @@ def test_byte_ranges_are_disjoint_and_follow_the_header():
     assert sum(len(f.items) for f in plan.files) == 3
 
 
-def test_a_writers_large_share_is_cut_into_files_of_about_equal_bytes(monkeypatch):
+def test_a_writers_large_share_is_cut_into_files_of_about_equal_bytes():
     sizes = [10, 300, 20, 50, 200, 5, 120, 90, 7]
     metas = {0: [meta(f"w{i}", (0,), (n,), (n,)) for i, n in enumerate(sizes)], 1: []}
     whole = plan_module_save("m", ModuleLayout(dp=2), metas, {}, file_tag="t").files_of(0)
     assert [f.path for f in whole] == ["m/r00000-t.safetensors"]
 
-    monkeypatch.setattr(save_plan, "PART_BYTES", 700)  # 3208 bytes: 4 parts (the most)
-    plan = plan_module_save("m", ModuleLayout(dp=2), metas, {}, file_tag="t")
+    plan = plan_module_save("m", ModuleLayout(dp=2), metas, {}, file_tag="t",
+                            options=SaveOptions(part_bytes=700))  # 3208 bytes: 4 parts (the most)
     files = plan.files_of(0)
     assert [f.path for f in files] == ["m/r00000-t.safetensors"] + [f"m/r00000.{p}-t.safetensors" for p in (1, 2, 3)]
     assert [(i.key, i.box) for f in files for i in f.items] == [(i.key, i.box) for i in whole[0].items]
@@ -63,8 +63,8 @@ def test_a_writers_large_share_is_cut_into_files_of_about_equal_bytes(monkeypatc
     for f in files:
         assert f.items[0].begin == len(f.prefix)
 
-    monkeypatch.setattr(save_plan, "PART_BYTES", 1200)  # 2 parts
-    assert len(plan_module_save("m", ModuleLayout(dp=2), metas, {}).files_of(0)) == 2
+    two = plan_module_save("m", ModuleLayout(dp=2), metas, {}, options=SaveOptions(part_bytes=1200))
+    assert len(two.files_of(0)) == 2 and two.options.part_bytes == 1200
 
     crcs = {f.path: [ShardSums(n) for n in range(len(f.items))] for f in files}
     entry = plan.module_entry(ModuleLayout(dp=2), crcs)
@@ -103,7 +103,7 @@ def test_first_overlap(grid_limit):
 
 
 def _stored_entry(boxes, gshape):
-    from mimo_ckpt.manifest import ModuleEntry, StoredShard, StoredTensor
+    from mimo_ckpt.format.manifest import ModuleEntry, StoredShard, StoredTensor
 
     shards, pos = [], 0
     for b in boxes:
@@ -148,7 +148,7 @@ def test_collector_pause_nests_across_threads_and_restores_the_callers_setting()
     import gc
     import threading
 
-    from mimo_ckpt.gc_pause import collector_paused
+    from mimo_ckpt.run.gc_pause import collector_paused
 
     assert gc.isenabled()
     inside, release = threading.Event(), threading.Event()

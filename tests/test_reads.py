@@ -7,16 +7,16 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from mimo_ckpt.box import Box, span_in, split_for_span
-from mimo_ckpt.load_plan import plan_module_load
-from mimo_ckpt.manifest import ModuleEntry, StoredShard, StoredTensor
-from mimo_ckpt.layout import ModuleLayout
-from mimo_ckpt import reads
-from mimo_ckpt.reads import execute_reads
-from mimo_ckpt.shard import TensorMeta
-from mimo_ckpt.checksums import shard_sums
+from mimo_ckpt.model.box import Box, span_in, split_for_span
+from mimo_ckpt.plan.load import plan_module_load
+from mimo_ckpt.format.manifest import ModuleEntry, StoredShard, StoredTensor
+from mimo_ckpt.model.layout import ModuleLayout
+from mimo_ckpt.io.read import execute_reads
+from mimo_ckpt.plan.options import ReadOptions
+from mimo_ckpt.model.shard import TensorMeta
+from mimo_ckpt.format.checksums import shard_sums
 from mimo_ckpt.errors import CorruptShardError
-from mimo_ckpt.storage import LocalStorage
+from mimo_ckpt.io.storage import LocalStorage
 
 import crc32c
 
@@ -41,14 +41,14 @@ def _store(tmp_path, full, boxes, files=1):
 @pytest.mark.parametrize("want", [
     Box((0, 0, 0), (4, 6, 8)), Box((1, 2, 3), (2, 3, 4)), Box((0, 5, 0), (4, 1, 8)), Box((3, 0, 7), (1, 6, 1)),
 ])
-def test_any_box_from_any_tiling(tmp_path, monkeypatch, min_run, temp_bytes, want, threads, files):
-    monkeypatch.setattr(reads, "MIN_RUN_BYTES", min_run)
+def test_any_box_from_any_tiling(tmp_path, min_run, temp_bytes, want, threads, files):
     full = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)
     boxes = [Box((0, 0, 0), (4, 3, 5)), Box((0, 0, 5), (4, 3, 3)), Box((0, 3, 0), (2, 3, 8)), Box((2, 3, 0), (2, 3, 8))]
     entry = _store(tmp_path, full, boxes, files)
     items = plan_module_load("m", entry, [TensorMeta("w", "F32", (4, 6, 8), want, True)])
     out = np.full(want.shape, np.nan, dtype=np.float32).view(np.uint32)
-    execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True, temp_bytes=temp_bytes, threads=threads)
+    execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True, temp_bytes=temp_bytes, threads=threads,
+                  options=ReadOptions(min_run_bytes=min_run))
     ref = full[tuple(slice(o, o + n) for o, n in zip(want.offset, want.shape))]
     assert np.array_equal(out.view(np.float32), ref)
 
@@ -99,16 +99,14 @@ def test_each_file_is_read_as_one_stream_in_file_order(tmp_path, threads):
 
 @pytest.mark.parametrize("max_gap, max_iov", [(0, 1024), (0, 4), (1 << 20, 4), (1 << 20, 1024)])
 @pytest.mark.parametrize("want", [Box((0, 0, 0), (4, 6, 8)), Box((1, 2, 3), (2, 3, 4)), Box((3, 0, 7), (1, 6, 1))])
-def test_runs_read_apart_or_together_with_their_gaps(tmp_path, monkeypatch, max_gap, max_iov, want):
-    monkeypatch.setattr(reads, "MIN_RUN_BYTES", 4)
-    monkeypatch.setattr(reads, "MAX_GAP_BYTES", max_gap)
-    monkeypatch.setattr(reads, "MAX_IOV", max_iov)
+def test_runs_read_apart_or_together_with_their_gaps(tmp_path, max_gap, max_iov, want):
+    options = ReadOptions(min_run_bytes=4, max_gap_bytes=max_gap, max_iov=max_iov)
     full = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)
     boxes = [Box((0, 0, 0), (4, 6, 5)), Box((0, 0, 5), (4, 6, 3))]
     entry = _store(tmp_path, full, boxes)
     items = plan_module_load("m", entry, [TensorMeta("w", "F32", (4, 6, 8), want, True)])
     out = np.full(want.shape, np.nan, dtype=np.float32).view(np.uint32)
-    nbytes = execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=False)  # verified reads widen to whole blocks/shards
+    nbytes = execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=False, options=options)  # verified reads widen to whole blocks/shards
     ref = full[tuple(slice(o, o + n) for o, n in zip(want.offset, want.shape))]
     assert np.array_equal(out.view(np.float32), ref)
     spans = sum(4 * (lambda lo, hi: hi - lo)(*span_in(i.overlap, i.shard.box)) for i in items)
@@ -121,12 +119,11 @@ def test_runs_read_apart_or_together_with_their_gaps(tmp_path, monkeypatch, max_
 
 
 @pytest.mark.parametrize("max_gap", [0, 1 << 20])
-def test_gaps_read_with_the_runs_have_their_blocks_checked(tmp_path, monkeypatch, max_gap):
+def test_gaps_read_with_the_runs_have_their_blocks_checked(tmp_path, max_gap):
     """The left half of a (16, 64) F32 shard, in 1 KiB blocks: read row by row or together with
     the right halves between its rows, every block it touches is read and checked whole, so a flip
     in a right half is caught."""
-    monkeypatch.setattr(reads, "MIN_RUN_BYTES", 4)
-    monkeypatch.setattr(reads, "MAX_GAP_BYTES", max_gap)
+    options = ReadOptions(min_run_bytes=4, max_gap_bytes=max_gap)
     full = np.arange(16 * 64, dtype=np.float32).reshape(16, 64)
     raw = bytearray(full.tobytes())
     sums = shard_sums(memoryview(bytes(raw)), block_bytes=1024)
@@ -140,7 +137,7 @@ def test_gaps_read_with_the_runs_have_their_blocks_checked(tmp_path, monkeypatch
     items = plan_module_load("m", entry, [TensorMeta("w", "F32", (16, 64), want, True)])
     out = np.zeros((16, 32), dtype=np.uint32)
     with pytest.raises(CorruptShardError, match="block 1 "):
-        execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True)
+        execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True, options=options)
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -151,10 +148,10 @@ def test_gaps_read_with_the_runs_have_their_blocks_checked(tmp_path, monkeypatch
     (Box((3, 0), (10, 64)), 2048, [0, 2048]),
     (Box((0, 0), (16, 64)), 0, [0]),  # one read, then the whole-shard crc
 ])
-def test_direct_reads_go_in_pieces_of_whole_checksum_blocks(tmp_path, monkeypatch, want, piece_bytes, offsets, flip):
+def test_direct_reads_go_in_pieces_of_whole_checksum_blocks(tmp_path, want, piece_bytes, offsets, flip):
     """A (16, 64) F32 shard in 1 KiB blocks, read straight into the target: one read per piece
     (split where the shard's blocks split), and a flip in block 2 is caught and named."""
-    monkeypatch.setattr(reads, "CHECKED_READ_BYTES", piece_bytes)
+    options = ReadOptions(checked_read_bytes=piece_bytes)
     full = np.arange(16 * 64, dtype=np.float32).reshape(16, 64)
     raw = bytearray(full.tobytes())
     sums = shard_sums(memoryview(bytes(raw)), block_bytes=1024)
@@ -171,9 +168,9 @@ def test_direct_reads_go_in_pieces_of_whole_checksum_blocks(tmp_path, monkeypatc
     out = np.zeros(want.shape, dtype=np.uint32)
     if flip:
         with pytest.raises(CorruptShardError, match="block 2 " if piece_bytes else "bytes 0..4096"):
-            execute_reads(storage, items, [(out, want)], verify=True)
+            execute_reads(storage, items, [(out, want)], verify=True, options=options)
     else:
-        execute_reads(storage, items, [(out, want)], verify=True)
+        execute_reads(storage, items, [(out, want)], verify=True, options=options)
         assert np.array_equal(out.view(np.float32), full[3:13] if want.shape[0] == 10 else full)
         assert storage.streams == [("m/r0.bin", offsets)]
 
@@ -192,8 +189,8 @@ def test_split_for_span_bounds_every_piece():
 
 
 @pytest.mark.parametrize("flip", [False, True])
-def test_run_reads_verify_whole_shards(tmp_path, monkeypatch, flip):
-    monkeypatch.setattr(reads, "MIN_RUN_BYTES", 4)
+def test_run_reads_verify_whole_shards(tmp_path, flip):
+    options = ReadOptions(min_run_bytes=4)
     full = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
     entry = _store(tmp_path, full, [Box((0, 0), (6, 4)), Box((0, 4), (6, 4))])
     if flip:
@@ -207,16 +204,13 @@ def test_run_reads_verify_whole_shards(tmp_path, monkeypatch, flip):
     out = np.zeros((6, 8), dtype=np.uint32)
     if flip:
         with pytest.raises(CorruptShardError, match="checksum"):
-            execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True)
+            execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True, options=options)
     else:
-        execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True)
+        execute_reads(LocalStorage(tmp_path), items, [(out, want)], verify=True, options=options)
         assert np.array_equal(out.view(np.float32), full)
 
 
-def test_parallel_piece_writes_keep_order_and_allow_buffer_reuse(tmp_path, monkeypatch):
-    from mimo_ckpt import storage
-
-    monkeypatch.setattr(storage, "WRITE_PIECE_BYTES", 7)  # many pieces in flight per chunk
+def test_parallel_piece_writes_keep_order_and_allow_buffer_reuse(tmp_path):
     rng = np.random.default_rng(0)
     parts = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (0, 1, 6, 7, 8, 50, 301)]
     reused = bytearray(max(map(len, parts)))
@@ -226,5 +220,5 @@ def test_parallel_piece_writes_keep_order_and_allow_buffer_reuse(tmp_path, monke
             reused[: len(part)] = part
             yield memoryview(reused)[: len(part)]
 
-    LocalStorage(tmp_path, io_threads=4).write_file("m/f.bin", chunks())
+    LocalStorage(tmp_path, io_threads=4, write_piece_bytes=7).write_file("m/f.bin", chunks())  # many pieces in flight
     assert (tmp_path / "m" / "f.bin").read_bytes() == b"".join(parts)

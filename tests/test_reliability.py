@@ -11,22 +11,24 @@ import pytest
 import torch
 
 import mimo_ckpt
-from mimo_ckpt import save_plan
+from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt import (
     CheckpointExistsError,
     CorruptShardError,
     ManifestError,
     MimoCkptError,
     ModuleLayout,
+    PlanError,
     StorageError,
     ThreadWorld,
 )
-from mimo_ckpt.manager import LATEST_PATH, CheckpointManager
-from mimo_ckpt.manifest import MANIFEST_PATH, Manifest, encode_manifest, read_manifest
-from mimo_ckpt.storage import LocalStorage
-from mimo_ckpt.verify import verify_checkpoint
+from mimo_ckpt.run.manager import LATEST_PATH, CheckpointManager
+from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, encode_manifest
+from mimo_ckpt.io.commit import read_manifest
+from mimo_ckpt.io.storage import LocalStorage
+from mimo_ckpt.offline.verify import verify_checkpoint
 from tests.conftest import run_threads
-from tools.synthetic_state import check_rank_state, rank_state
+from examples.synthetic_state import check_rank_state, rank_state
 
 WORLD = 4
 LAYOUTS = {"images": ModuleLayout(tp=2), "language": ModuleLayout(tp=2, rank_offset=2)}
@@ -36,10 +38,11 @@ def state_of(rank, fill=None):
     return {m: rank_state(m, l, rank, fill=fill) for m, l in LAYOUTS.items() if l.contains(rank)}
 
 
-def save_with(path, storage_of=None, metadata=None):
+def save_with(path, storage_of=None, metadata=None, options=None):
     def fn(comm, rank):
         storage = storage_of(rank) if storage_of else LocalStorage(path)
-        mimo_ckpt.save(state_of(rank), path, layouts=LAYOUTS, comm=comm, storage=storage, metadata=metadata)
+        mimo_ckpt.save(state_of(rank), path, layouts=LAYOUTS, comm=comm, storage=storage, metadata=metadata,
+                       options=options(rank) if options else SaveOptions())
     return run_threads(ThreadWorld(WORLD), fn)[1]
 
 
@@ -278,10 +281,9 @@ def test_no_read_path_can_unpickle():
     assert offenders == []
 
 
-def test_a_ranks_share_written_as_several_files_loads_back_under_any_layout(tmp_path, monkeypatch):
-    monkeypatch.setattr(save_plan, "PART_BYTES", 64)
+def test_a_ranks_share_written_as_several_files_loads_back_under_any_layout(tmp_path):
     path = str(tmp_path / "ckpt")
-    assert save_with(path) == {}
+    assert save_with(path, options=lambda rank: SaveOptions(part_bytes=64)) == {}
     files = manifest_files(path)
     assert len(files) > WORLD and {f for f in files if ".3-" in f}, sorted(files)  # 4 writers, up to 4 files each
     assert {f"images/{n}" for n in os.listdir(os.path.join(path, "images"))} == {f for f in files if f.startswith("images/")}
@@ -343,7 +345,7 @@ def test_partial_reads_are_checked_block_by_block(tmp_path):
 def test_whole_shard_crc_combined_from_blocks_equals_one_pass(size):
     import crc32c
 
-    from mimo_ckpt.checksums import crc32c_combine, shard_sums
+    from mimo_ckpt.format.checksums import crc32c_combine, shard_sums
 
     data = os.urandom(size)
     sums = shard_sums(memoryview(data), 4096)
@@ -352,3 +354,19 @@ def test_whole_shard_crc_combined_from_blocks_equals_one_pass(size):
     assert blocks == (() if size <= 4096 else tuple(crc32c.crc32c(data[i:i + 4096]) for i in range(0, size, 4096)))
     cut = size // 3
     assert crc32c_combine(crc32c.crc32c(data[:cut]), crc32c.crc32c(data[cut:]), size - cut) == crc32c.crc32c(data)
+
+
+def test_ranks_that_pass_different_save_options_fail_alike_and_commit_nothing(tmp_path):
+    path = str(tmp_path / "ckpt")
+    errors = save_with(path, options=lambda rank: SaveOptions(part_bytes=64 if rank == 1 else 1 << 20))
+    assert sorted(errors) == list(range(WORLD)), errors
+    for rank, exc in errors.items():
+        assert isinstance(exc, MimoCkptError) and "part_bytes=1048576 vs 64" in str(exc), (rank, exc)
+    assert not os.path.exists(os.path.join(path, MANIFEST_PATH))
+
+
+def test_save_options_refuse_values_that_cannot_cut_files():
+    with pytest.raises(PlanError, match="part_bytes"):
+        SaveOptions(part_bytes=0)
+    with pytest.raises(PlanError, match="max_iov"):
+        mimo_ckpt.ReadOptions(max_iov=0)

@@ -5,12 +5,12 @@ import torch
 
 import mimo_ckpt
 from mimo_ckpt import LayoutError, ModuleLayout, TensorShard, ThreadWorld
-from mimo_ckpt.box import Box
+from mimo_ckpt.model.box import Box
 from mimo_ckpt.cli import main
-from mimo_ckpt.manifest import read_manifest
-from mimo_ckpt.reshard import plan_reshard
-from mimo_ckpt.sharding import balanced_part
-from mimo_ckpt.storage import open_storage
+from mimo_ckpt.io.commit import read_manifest
+from mimo_ckpt.offline.reshard import plan_reshard
+from mimo_ckpt.model.split import balanced_part
+from mimo_ckpt.io.storage import open_storage
 from optim.params import zero1_rows
 from tests.conftest import run_threads
 

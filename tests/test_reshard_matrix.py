@@ -2,7 +2,7 @@
 
 import pytest
 
-from mimo_ckpt.local_world import run_local_world
+from tests.harness.local_world import run_local_world
 from tests.worlds import PAIRS, WORLD
 
 

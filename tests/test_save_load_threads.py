@@ -11,8 +11,8 @@ from mimo_ckpt import (
     CheckpointExistsError, CheckpointNotFoundError, KeyMismatchError, ModuleLayout, ObjectShard,
     RemoteRankError, TensorShard, TensorStoreStorage, ThreadWorld,
 )
-from mimo_ckpt.storage import LocalStorage
-from tools.synthetic_state import check_rank_state, rank_state
+from mimo_ckpt.io.storage import LocalStorage
+from examples.synthetic_state import check_rank_state, rank_state
 
 SAVE = {"images": ModuleLayout(tp=2), "language": ModuleLayout(tp=2, pp=2, rank_offset=2)}
 LOAD = {"images": ModuleLayout(dp=2), "language": ModuleLayout(pp=2, dp=2, rank_offset=2)}
@@ -244,7 +244,7 @@ def test_megatron_sharded_tensors_round_trip(threads, tmp_path):
 
 
 def test_our_shards_convert_to_megatron_and_back():
-    from mimo_ckpt.megatron_interop import to_shards, to_sharded_object, to_sharded_tensor
+    from mimo_ckpt.model.megatron_leaves import to_shards, to_sharded_object, to_sharded_tensor
 
     shard = TensorShard("w", torch.arange(6.0).reshape(2, 3), (4, 3), (2, 0), is_main_replica=False)
     st = to_sharded_tensor(shard, replica_id=(0, 0, 1))

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from mimo_ckpt.errors import ManifestError, UnsafeCheckpointError
-from mimo_ckpt.torch_dist import import_torch_dist, read_index
+from mimo_ckpt.interop.torch_dist import import_torch_dist, read_index
 
 
 class Sneaky:

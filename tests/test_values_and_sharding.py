@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from mimo_ckpt import ModuleLayout
-from mimo_ckpt.box import Box
-from mimo_ckpt.sharding import box_for_rank, infer_split
-from mimo_ckpt.values import Summary, as_float64
-from tools.synthetic_state import OPTIM, SPECS, rank_boxes
+from mimo_ckpt.model.box import Box
+from mimo_ckpt.model.split import box_for_rank, infer_split
+from mimo_ckpt.format.values import Summary, as_float64
+from examples.synthetic_state import OPTIM, SPECS, rank_boxes
 
 
 @pytest.mark.parametrize("dtype, code", [

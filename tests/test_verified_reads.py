@@ -15,14 +15,14 @@ import torch
 
 import mimo_ckpt
 from mimo_ckpt import CorruptShardError, ModuleLayout, TensorShard, ThreadWorld
-from mimo_ckpt import reads
-from mimo_ckpt.box import Box
-from mimo_ckpt.checksums import BLOCK_BYTES, shard_sums
+from mimo_ckpt.io import read as reads
+from mimo_ckpt.model.box import Box
+from mimo_ckpt.format.checksums import BLOCK_BYTES, shard_sums
 from mimo_ckpt.cli import main
-from mimo_ckpt.load_plan import plan_module_load
-from mimo_ckpt.manifest import read_manifest
-from mimo_ckpt.shard import TensorMeta
-from mimo_ckpt.storage import LocalStorage, open_storage
+from mimo_ckpt.plan.load import plan_module_load
+from mimo_ckpt.io.commit import read_manifest
+from mimo_ckpt.model.shard import TensorMeta
+from mimo_ckpt.io.storage import LocalStorage, open_storage
 from tests.conftest import run_threads
 
 MODULE = {"m": ModuleLayout()}
@@ -170,7 +170,7 @@ def test_a_column_split_reads_each_touched_block_once(tmp_path, monkeypatch, sha
 @pytest.mark.parametrize("sizes", [[0], [1], [4095, 1], [BLOCK_BYTES], [BLOCK_BYTES + 1],
                                    [3, BLOCK_BYTES, 5 << 20, 7], [BLOCK_BYTES // 3] * 8])
 def test_the_block_hasher_matches_the_one_pass_checksums(sizes):
-    from mimo_ckpt.checksums import BlockHasher, ShardSums, shard_sums
+    from mimo_ckpt.format.checksums import BlockHasher, ShardSums, shard_sums
 
     data = np.random.default_rng(len(sizes)).integers(0, 256, sum(sizes), dtype=np.uint8)
     hasher, pos = BlockHasher(), 0
@@ -253,8 +253,8 @@ def test_verify_checks_block_checksums_not_only_the_whole_shard(tmp_path):
     partial load would fail on them, so verify reports them too."""
     import json
 
-    from mimo_ckpt.manifest import encode_manifest
-    from mimo_ckpt.verify import verify_checkpoint
+    from mimo_ckpt.format.manifest import encode_manifest
+    from mimo_ckpt.offline.verify import verify_checkpoint
 
     _save_one_rank(tmp_path, _full((1024, 768)))  # 3 MiB: three blocks
     doc = json.loads((tmp_path / "manifest.json").read_bytes())
@@ -276,8 +276,8 @@ def test_streaming_checks_a_shard_without_blocks_once_not_per_piece(tmp_path, mo
     256 KiB pieces: checked whole once, so about twice its bytes are read, not 16 times."""
     import json
 
-    from mimo_ckpt.manifest import encode_manifest
-    from mimo_ckpt.streaming import Budget, iter_box
+    from mimo_ckpt.format.manifest import encode_manifest
+    from mimo_ckpt.io.stream import Budget, iter_box
 
     full = _full((1024, 1024))
     _save_one_rank(tmp_path, full)
@@ -288,7 +288,7 @@ def test_streaming_checks_a_shard_without_blocks_once_not_per_piece(tmp_path, mo
     if flip:
         _flip(tmp_path, (1000, 3))
 
-    import mimo_ckpt.storage as storage_module
+    import mimo_ckpt.io.storage as storage_module
 
     read = [0]
     preadv = storage_module._preadv_exact

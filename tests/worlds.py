@@ -1,4 +1,4 @@
-"""Functions run on every rank of a local gloo world (see mimo_ckpt.local_world)."""
+"""Functions run on every rank of a local gloo world (see tests.harness.local_world)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import mimo_ckpt
 from mimo_ckpt import ModuleLayout
-from tools.synthetic_state import check_rank_state, rank_state
+from examples.synthetic_state import check_rank_state, rank_state
 
 WORLD = 8
 

@@ -29,7 +29,7 @@ fi
 what=${1:-}
 shift || true
 case "$what" in
-  demo) exec .venv/bin/python tools/demo.py "$@" ;;
+  demo) exec .venv/bin/python examples/demo.py "$@" ;;
   test) exec .venv/bin/python -m pytest tests "$@" ;;
   *) echo "usage: bash tools/run.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,1 @@
+"""Benchmarks and probes; results and commands in docs/performance.md."""

@@ -1,0 +1,1 @@
+"""Examples to copy: the demo and the megatron-core MimoModel run."""

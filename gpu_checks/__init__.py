@@ -1,0 +1,1 @@
+"""Checks that need a GPU; results in docs/results/."""

@@ -1,0 +1,380 @@
+"""The `mimo-ckpt` command line: inspect, verify, diff, reshard, export, import.
+
+Works offline on CPU with no process group; never imports megatron-core, and imports torch only
+for torch_dist import and export. Errors are one line on stderr with exit status 2 (1 means
+"found a problem": a bad shard, a difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+from typing import Any, NoReturn
+
+from mimo_ckpt.io.commit import new_save_id
+from mimo_ckpt.errors import LayoutError, MimoCkptError
+from mimo_ckpt.format.manifest import Manifest
+from mimo_ckpt.io.commit import read_manifest
+from mimo_ckpt.io.progress import human_bytes
+from mimo_ckpt.io.storage import open_storage
+from mimo_ckpt.cli.args import parse_layout_arg, parse_size
+
+__all__ = ["main"]
+
+
+def positive_int(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def regex(text: str) -> str:
+    """A pattern checked here, so a bad one is a usage error rather than a failure mid-export."""
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {exc}") from None
+    return text
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command (the usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def svg_path(text: str) -> str:
+    if not text.endswith(".svg"):
+        raise argparse.ArgumentTypeError(f"{text!r}: pictures are written as SVG; name the file *.svg")
+    return text
+
+
+def default_max_memory() -> int:
+    """A sixteenth of physical memory, at least 256 MiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 4 << 30
+    return max(total // 16, 256 << 20)
+
+
+def _open(path: str) -> tuple[Any, Manifest]:
+    storage = open_storage(path)
+    return storage, read_manifest(storage, source=path)
+
+
+def _modules(manifest: Manifest, wanted: list[str] | None) -> list[str]:
+    for name in wanted or []:
+        if name not in manifest.modules:
+            raise LayoutError(f"module {name!r} is not in the checkpoint (it has {sorted(manifest.modules)})")
+    return wanted or sorted(manifest.modules)
+
+
+# --- inspect -------------------------------------------------------------------------------------
+
+
+def _summary(manifest: Manifest, modules: list[str]) -> dict:
+    out = {}
+    for name in modules:
+        entry = manifest.modules[name]
+        layout = entry.layout
+        out[name] = {
+            "layout": layout.to_json(),
+            "ranks": [layout.rank_offset, layout.rank_offset + layout.size - 1],
+            "bytes": entry.nbytes,
+            "tensors": {
+                key: {"dtype": t.dtype, "shape": list(t.global_shape), "shards": len(t.shards),
+                      "bytes": t.nbytes}
+                for key, t in sorted(entry.tensors.items())
+            },
+            "objects": sorted(entry.objects),
+        }
+    return {"version": manifest.version, "world_size": manifest.world_size,
+            "metadata": dict(manifest.metadata), "modules": out}
+
+
+def _tensor_values(storage: Any, manifest: Manifest, modules: list[str], key: str, args: argparse.Namespace) -> dict:
+    from mimo_ckpt.io.stream import Budget, iter_box
+    from mimo_ckpt.format.values import Summary, as_float64
+
+    hits = [(m, manifest.modules[m].tensors[key]) for m in modules if key in manifest.modules[m].tensors]
+    if not hits:
+        raise LayoutError(f"tensor {key!r} is not in module(s) {modules}")
+    module, stored = hits[0]
+    summary = Summary()
+    budget = Budget(args.chunk // 2, args.chunk // 2)
+    for shard in stored.shards:
+        for _, raw in iter_box(storage, module, key, stored, shard.box, budget):
+            summary.add(as_float64(raw, stored.dtype))
+    return {"module": module, "key": key, "dtype": stored.dtype, "shape": list(stored.global_shape),
+            "shards": [{"box": str(s.box), "file": s.file} for s in stored.shards], **summary.to_json()}
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    storage, manifest = _open(args.ckpt)
+    modules = _modules(manifest, args.module)
+    if args.picture:
+        from mimo_ckpt.offline.picture import write_picture
+
+        write_picture(manifest, modules, args.picture, key=args.tensor)
+        print(f"wrote {args.picture}", file=sys.stderr)
+    if args.tensor:
+        values = _tensor_values(storage, manifest, modules, args.tensor, args)
+        if args.json:
+            print(json.dumps(values, indent=1))
+        else:
+            print(f"module {values['module']}, tensor {values['key']}: {values['dtype']} {values['shape']}, "
+                  f"{len(values['shards'])} shards")
+            for k in ("count", "min", "max", "mean", "norm", "nan", "inf"):
+                print(f"  {k:<5} {values[k]}")
+        return 0
+    summary = _summary(manifest, modules)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"{args.ckpt}: format v{summary['version']}, saved by {summary['world_size']} ranks")
+    if summary["metadata"]:
+        print(f"metadata: {json.dumps(summary['metadata'])}")
+    for name, m in summary["modules"].items():
+        lay = m["layout"]
+        sizes = " ".join(f"{d}{lay[d]}" for d in lay["order"])
+        print(f"\nmodule {name}: {sizes}, ranks {m['ranks'][0]}-{m['ranks'][1]}, "
+              f"{len(m['tensors'])} tensors, {human_bytes(m['bytes'])}, objects: {', '.join(m['objects']) or '-'}")
+        width = max((len(k) for k in m["tensors"]), default=3)
+        for key, t in m["tensors"].items():
+            print(f"  {key:<{width}}  {t['dtype']:<7} {str(t['shape']):<20} {human_bytes(t['bytes']):>10}  {t['shards']} shards")
+    return 0
+
+
+# --- verify / diff -------------------------------------------------------------------------------
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from mimo_ckpt.offline.verify import verify_checkpoint
+
+    storage, manifest = _open(args.ckpt)
+    bad = verify_checkpoint(storage, manifest, chunk_bytes=args.chunk, progress=_progress(args),
+                            modules=_modules(manifest, args.module))
+    for b in bad:
+        print(f"BAD {b}")
+    shards = sum(len(t.shards) for m in manifest.modules.values() for t in m.tensors.values())
+    print(f"{'FAILED' if bad else 'OK'}: {len(bad)} bad of {shards} shards checked")
+    return 1 if bad else 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from mimo_ckpt.offline.diff import diff_checkpoints
+    from mimo_ckpt.io.stream import Budget
+
+    sa, ma = _open(args.a)
+    sb, mb = _open(args.b)
+    found = diff_checkpoints(sa, ma, sb, mb, budget=Budget(args.chunk // 2, args.chunk // 2),
+                             progress=_progress(args), modules=args.module)
+    changed = [d for d in found if d.status != "identical"]
+    if args.json:
+        print(json.dumps([d.to_json() for d in found], indent=1))
+    else:
+        for d in found:
+            if d.status == "identical" and not args.all:
+                continue
+            extra = ""
+            if d.status == "different" and d.kind == "tensor":
+                extra = f": max abs diff {d.max_abs_diff:.6g}, {d.elements_differing} elements differ"
+            print(f"{d.module} {d.kind} {d.key}: {d.status}{extra}")
+        print(f"{'DIFFERENT' if changed else 'IDENTICAL'}: {len(changed)} of {len(found)} entries differ")
+    return 1 if changed else 0
+
+
+# --- reshard / export ----------------------------------------------------------------------------
+
+
+def _budget(args: argparse.Namespace, workers: int = 1) -> Any:
+    from mimo_ckpt.io.stream import Budget
+
+    try:
+        return Budget.from_cap(args.max_memory, workers)
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from None
+
+
+def _reshard(args: argparse.Namespace) -> int:
+    from mimo_ckpt.offline.reshard import plan_reshard, run_reshard
+
+    _, manifest = _open(args.src)
+    layouts = {}
+    for text in args.module:
+        name = text.partition("=")[0]
+        if name in layouts:  # keeping either one silently would reshard to a layout not asked for
+            raise LayoutError(f"--module {name!r} is given more than once; give each module's layout once")
+        old = manifest.modules[name].layout if name in manifest.modules else None
+        name, layout = parse_layout_arg(text, old)
+        layouts[name] = layout
+    save_id = new_save_id()  # names the new files, so no run can collide with the files of another
+    plans = plan_reshard(manifest, layouts, file_tag=save_id, allow_uneven=args.allow_uneven)
+    for name, p in plans.items():
+        print(f"module {name}: {p.old.describe()} -> {p.new.describe()}: read {human_bytes(p.read_bytes)}, "
+              f"write {human_bytes(p.write_bytes)} in {len(p.plan.files)} files")
+        for key in p.dropped_objects:
+            print(f"  drops layout-bound object {key!r} (per-rank state of the old layout)")
+    kept = [n for n in sorted(manifest.modules) if n not in plans]
+    if kept:
+        print(f"unchanged, files shared with SRC: {', '.join(kept)}")
+    if args.dry_run:
+        return 0
+    budget = _budget(args, args.workers)
+    run_reshard(args.src, args.dst, manifest, plans, budget=budget, workers=args.workers, progress=_progress(args),
+                save_id=save_id)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.format == "torch_dist":
+        return _export_torch_dist(args)
+    from mimo_ckpt.offline.export import plan_export, run_export
+    from mimo_ckpt.io.storage import LocalStorage
+
+    storage, manifest = _open(args.src)
+    if not args.module or len(args.module) != 1:
+        raise LayoutError("--format hf exports one module: give exactly one --module")
+    [module] = _modules(manifest, args.module)
+    rename = {}
+    if args.rename:
+        with open(args.rename) as f:
+            rename = json.load(f)
+        if not isinstance(rename, dict) or not all(isinstance(v, str) for v in rename.values()):
+            raise LayoutError(f"--rename {args.rename}: must be a JSON object mapping old key to new key")
+    files = plan_export(module, manifest.modules[module], max_shard_bytes=args.max_shard_size,
+                        rename=rename, include=args.include, exclude=args.exclude)
+    os.makedirs(args.to, exist_ok=True)
+    index = run_export(storage, LocalStorage(args.to), module, manifest.modules[module], files,
+                       _budget(args), progress=_progress(args), where=args.to)
+    print(f"exported {len(index['weight_map'])} tensors, {human_bytes(index['metadata']['total_size'])} "
+          f"in {len(files)} files to {args.to}")
+    return 0
+
+
+def _export_torch_dist(args: argparse.Namespace) -> int:
+    from mimo_ckpt.interop.torch_dist import export_torch_dist  # imports torch
+
+    counts = export_torch_dist(args.src, args.to, modules=args.module, main_param_name=args.main_param_name,
+                               progress=_progress(args))
+    print(f"exported {counts['tensors']} tensors ({human_bytes(counts['bytes'])}) and {counts['objects']} objects "
+          f"as megatron torch_dist to {args.to}"
+          + (f"; skipped {counts['skipped_layout_bound']} layout-bound objects" if counts["skipped_layout_bound"] else ""))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from mimo_ckpt.interop.torch_dist import import_torch_dist  # imports torch
+
+    report = import_torch_dist(args.src, args.dst, allow_pickle=args.allow_pickle, progress=_progress(args))
+    for line in report.dropped:
+        print(f"dropped {line}")
+    print(f"imported {report.tensors} tensor chunks ({human_bytes(report.bytes)}) and {report.objects} objects "
+          f"to {args.dst}")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="mimo-ckpt", description="Inspect, verify, compare, reshard and export "
+                                     "mimo-ckpt checkpoints offline (no GPU, no process group).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+        p.add_argument("--chunk", type=parse_size, default=16 << 20, help=argparse.SUPPRESS)
+        return p
+
+    p = command("inspect", "modules, layouts, tensors and objects (manifest only, unless values are asked for)")
+    p.add_argument("ckpt", help="checkpoint directory or tensorstore URL")
+    p.add_argument("--module", action="append", help="only this module (repeatable)")
+    p.add_argument("--tensor", metavar="KEY", help="summarise this tensor's values (min/max/mean/norm), box by box")
+    p.add_argument("--picture", metavar="FILE.svg", type=svg_path, help="draw which ranks hold which boxes, per module")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_inspect)
+
+    p = command("verify", "recompute every checksum; report each bad shard (exit 1 if any)")
+    p.add_argument("ckpt")
+    p.add_argument("--module", action="append", help="only this module (repeatable)")
+    p.set_defaults(run=_verify)
+
+    p = command("diff", "compare two checkpoints per module, tensor and object (exit 1 if they differ)")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--module", action="append", help="only this module (repeatable)")
+    p.add_argument("--all", action="store_true", help="also list identical entries")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_diff)
+
+    p = command("reshard", "rewrite some modules for new layouts; other modules' files are shared")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--module", action="append", required=True, metavar="NAME=tp1,dp2,...",
+                   help="new layout of a module: sizes tpN cpN epN ppN dpN, offset=N, order=tp-cp-ep-pp-dp; "
+                        "what is not named keeps its saved value; once per module")
+    p.add_argument("--allow-uneven", action="store_true",
+                   help="split tp, ep and pp parts that do not divide a tensor dimension, remainder to the "
+                        "first parts (refused by default: megatron builds those parts from equal pieces)")
+    p.add_argument("--max-memory", type=parse_size, default=default_max_memory(),
+                   help="peak memory of the whole command, e.g. 512M (default: 1/16 of RAM)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes writing files in parallel")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only")
+    p.set_defaults(run=_reshard)
+
+    p = command("export", "consolidated tensors: one module as Hugging Face style safetensors (--format hf), "
+                          "or modules as a megatron-core torch_dist checkpoint (--format torch_dist)")
+    p.add_argument("src")
+    p.add_argument("--module", action="append", help="module to export (hf: exactly one; torch_dist: repeatable, default all)")
+    p.add_argument("--to", required=True, metavar="DIR")
+    p.add_argument("--format", choices=("hf", "torch_dist"), default="hf")
+    p.add_argument("--main-param-name", choices=("fp32_param", "param"), default="fp32_param",
+                   help="torch_dist: name of fp32 main params, 'fp32_param' (Float16Optimizer) or 'param' "
+                        "(DistributedOptimizer, fully_reshardable)")
+    p.add_argument("--max-shard-size", type=parse_size, default=5 << 30, help="largest file, e.g. 2G (default 5G)")
+    p.add_argument("--rename", metavar="MAP.json", help="JSON object mapping checkpoint keys to exported names")
+    p.add_argument("--include", metavar="REGEX", type=regex, help="only keys matching")
+    p.add_argument("--exclude", metavar="REGEX", type=regex, help="skip keys matching (e.g. '^optimizer\\.')")
+    p.add_argument("--max-memory", type=parse_size, default=default_max_memory(), help="peak memory, e.g. 512M")
+    p.set_defaults(run=_export)
+
+    p = command("import", "a megatron-core torch_dist checkpoint of a MIMO model into mimo-ckpt's format")
+    p.add_argument("src", help="torch_dist checkpoint directory (written by megatron.core.dist_checkpointing.save)")
+    p.add_argument("dst")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="torch_dist stores objects (param_groups, common.pt) as pickles. By default only plain "
+                        "data is read from them (torch.load weights_only) and anything else is an error; this "
+                        "flag unpickles them fully, which can run code: use it only for checkpoints you trust")
+    p.set_defaults(run=_import)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `mimo-ckpt inspect X | head` ends quietly
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (MimoCkptError, OSError) as exc:
+        print(f"mimo-ckpt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mimo-ckpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Other systems' state and formats: megatron-core's sharded state dicts and torch_dist checkpoints."""

@@ -1,0 +1,1 @@
+"""The data model: layouts, boxes, dtypes, shards of module state, and how layouts split tensors. Pure; no I/O."""

@@ -1,0 +1,1 @@
+"""Single-process tools over stored checkpoints: reshard, export, diff, verify, the layout picture, progress."""

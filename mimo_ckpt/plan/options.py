@@ -1,0 +1,63 @@
+"""The tunable sizes of a save and of a read, passed in (never module state a planner reads at
+call time). The figures behind each default: docs/performance.md, "Machines and their measured
+limits"."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from mimo_ckpt.errors import PlanError
+
+__all__ = ["SaveOptions", "ReadOptions"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveOptions:
+    """How a save cuts files and checksums them. `part_bytes`, `max_parts` and `block_bytes`
+    shape the bytes on disk, so every rank of a module must pass the same values: a save whose
+    ranks disagree fails on every rank, naming the option and the ranks."""
+
+    part_bytes: int = 128 << 20
+    """A writer's boxes of a module go into up to `max_parts` files of at least this many bytes,
+    written at once: one file written and fsynced is slower than several (probe_write_streams)."""
+    max_parts: int = 4
+    """The most files one writer writes for one module."""
+    block_bytes: int = 1 << 20
+    """Checksum block: a partial read verifies only the whole blocks it touches. Shards of at most
+    this size get only their whole-shard crc."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanError(f"SaveOptions.{f.name} must be a positive integer, got {value!r}")
+
+    def shaping(self) -> dict[str, int]:
+        """The values that shape the bytes on disk (all of them), as ranks compare them."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadOptions:
+    """How planned reads are issued; any values give the same bytes, only the speed differs."""
+
+    min_run_bytes: int = 16 << 10
+    """Runs at least this long are read straight into the target instead of through a span."""
+    max_gap_bytes: int = 128 << 10
+    """Runs at most this far apart in the file are read together, the gap into scratch: on a cold
+    read, about what one more request to the disk costs."""
+    max_gaps_bytes: int = 32 << 20
+    """Scratch for the gaps of one read (and for the bytes a verified read reads only to hash them)."""
+    max_iov: int = 1024
+    """The most buffers one scattered read fills."""
+    checked_read_bytes: int = 1 << 20
+    """Verified direct reads go in pieces of about this size (whole checksum blocks), each hashed
+    right after its read while its bytes are still in the CPU's cache; 0: one read, then one pass
+    (over the whole-shard crc when the read is the whole shard)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            low = 1 if f.name == "max_iov" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise PlanError(f"ReadOptions.{f.name} must be an integer >= {low}, got {value!r}")

@@ -1,0 +1,1 @@
+"""Helpers that start local process worlds for tests, benchmarks and the demo."""
