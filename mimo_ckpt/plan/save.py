@@ -63,10 +63,9 @@ class ModuleSavePlan:
         return [f for f in self.files if f.writer == rank]
 
     def module_entry(
-        self, layout: ModuleLayout, sums_by_file: Mapping[str, Sequence[ShardSums | list[Any]]],
+        self, layout: ModuleLayout, sums_by_file: Mapping[str, Sequence[ShardSums]],
     ) -> ModuleEntry:
-        """This module's manifest entry, given each file's checksums in its item order, as writers
-        return them or in their wire form (`ShardSums.to_wire`, gathered from other ranks)."""
+        """This module's manifest entry, given each file's checksums in its item order."""
         shards: dict[str, list[StoredShard]] = {key: [] for key in self.tensors}
         for f in self.files:
             sums = sums_by_file.get(f.path, [])
@@ -76,8 +75,7 @@ class ModuleSavePlan:
                     f"for {len(f.items)} shards of {f.path}"
                 )
             path = f.path
-            for item, wire in zip(f.items, sums):
-                s = _shard_sums(wire, self.module, path, item)
+            for item, s in zip(f.items, sums):
                 shard = StoredShard(item.box, path, item.begin, item.end, s.crc32c, s.block_bytes, s.block_crcs)
                 shards[item.key].append(shard)
         tensors = {
@@ -89,15 +87,6 @@ class ModuleSavePlan:
 
 
 _shard_offset = operator.attrgetter("box.offset")
-
-
-def _shard_sums(sums: ShardSums | list[Any], module: str, path: str, item: WriteItem) -> ShardSums:
-    if isinstance(sums, ShardSums):
-        return sums
-    try:
-        return ShardSums.from_wire(sums)
-    except PlanError as exc:
-        raise PlanError(f"module {module!r}, tensor {item.key!r} box {item.box} in {path}: {exc}") from None
 
 
 def shard_file_path(module: str, rank: int, tag: str = "", part: int = 0) -> str:

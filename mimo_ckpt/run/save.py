@@ -167,6 +167,13 @@ def start_save(
                    options)
 
 
+def _sums_from_wire(wire: Any, module: str, path: str) -> ShardSums:
+    try:
+        return ShardSums.from_wire(wire)
+    except PlanError as exc:
+        raise PlanError(f"module {module!r}, file {path}: {exc}") from None
+
+
 def _check_same_options(module: str, by_rank: Mapping[int, Mapping[str, int]]) -> None:
     """The options that shape the files must agree on every rank of the module, or each rank
     would plan other files."""
@@ -195,7 +202,8 @@ def finish_save(job: SaveJob, crcs: Mapping[str, Mapping[str, list[ShardSums]]])
         per_rank = run.unpack(got)
         if per_rank is not None:
             try:
-                entry = job.plans[name].module_entry(job.layouts[name], {p: c for by_file in per_rank for p, c in by_file.items()})
+                sums = {p: [_sums_from_wire(w, name, p) for w in c] for by_file in per_rank for p, c in by_file.items()}
+                entry = job.plans[name].module_entry(job.layouts[name], sums)
                 sections[name] = module_to_json(entry)
             except MimoCkptError as exc:
                 run.fail(exc)
