@@ -34,6 +34,7 @@ __all__ = [
     "check_module_name",
     "check_json_value",
     "encode_manifest",
+    "manifest_document",
     "loads_strict",
     "module_to_json",
     "read_manifest_bytes",
@@ -123,13 +124,8 @@ class Manifest:
     version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT_NAME,
-            "version": self.version,
-            "world_size": self.world_size,
-            "metadata": dict(self.metadata),
-            "modules": {name: module_to_json(m, self.version) for name, m in sorted(self.modules.items())},
-        }
+        sections = {name: module_to_json(m, self.version) for name, m in self.modules.items()}
+        return manifest_document(self.world_size, self.metadata, sections, self.version)
 
     def to_bytes(self) -> bytes:
         return encode_manifest(self.to_json())
@@ -146,6 +142,16 @@ class Manifest:
             _need(crc is not None and next(reversed(doc)) == CRC_KEY and doc[CRC_KEY] == crc, source,
                   f"manifest is corrupt: it must end with its {CRC_KEY} as written (compact JSON, last key)")
         return _parse(doc, source)
+
+
+def manifest_document(world_size: int, metadata: Mapping[str, Any], sections: Mapping[str, Any],
+                      version: int = FORMAT_VERSION) -> dict[str, Any]:
+    """The manifest as a JSON document, from each module's section (`module_to_json`): the one
+    place its top level is spelled, for a Manifest and for a save that gathers the sections."""
+    return {
+        "format": FORMAT_NAME, "version": version, "world_size": world_size,
+        "metadata": dict(metadata), "modules": dict(sorted(sections.items())),
+    }
 
 
 def encode_manifest(doc: dict[str, Any]) -> bytes:

@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 
 from mimo_ckpt.errors import MimoCkptError, PlanError, StorageError
 from mimo_ckpt.format.checksums import ShardSums
-from mimo_ckpt.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_PATH, Manifest, encode_manifest, module_to_json
+from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, encode_manifest, manifest_document, module_to_json
 from mimo_ckpt.format.object_codec import check_plain_json
 from mimo_ckpt.io import commit
 from mimo_ckpt.io.faults import fault_point
@@ -215,11 +215,8 @@ def finish_save(job: SaveJob, crcs: Mapping[str, Mapping[str, list[ShardSums]]])
         errors = [d["error"] for d in docs if "error" in d]
         doc = None
         if not errors:
-            modules = {k: v for d in docs for k, v in d["ok"].items()}
-            doc = {
-                "format": FORMAT_NAME, "version": FORMAT_VERSION, "world_size": comm.size,
-                "metadata": dict(job.metadata), "modules": dict(sorted(modules.items())),
-            }
+            all_sections = {k: v for d in docs for k, v in d["ok"].items()}
+            doc = manifest_document(comm.size, job.metadata, all_sections)
         errors += _commit(job.storage, doc, job.save_id, job.path)
     outcome = json.loads(comm.broadcast_bytes(json_bytes(errors), 0))
     run.finish(outcome)
