@@ -71,7 +71,7 @@ def _route(path, shape, box: Box) -> str:
     dst = np.zeros(box.shape, dtype=np.uint32)
     if item.contiguous:
         return "direct"
-    return "runs" if reads._runs(item, dst, box) is not None else "span"
+    return "runs" if reads._runs(item, dst, box, reads.ReadOptions().min_run_bytes) is not None else "span"
 
 
 def _expect_flip_caught(path, full, box: Box, flipped: tuple[int, int], file: str) -> None:
