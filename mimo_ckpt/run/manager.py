@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Any, Literal, Mapping
 
+from mimo_ckpt.run.collective import root_decides
 from mimo_ckpt.run.load import LoadResult, load
 from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.run.save import save
@@ -102,16 +103,16 @@ class CheckpointManager:
         path = self.path_for(step)
         save(state, path, layouts=layouts, comm=self.comm, metadata={**(metadata or {}), "step": step},
              replicas=replicas, options=options)
-        error = ""
-        if self.comm.rank == 0:
+
+        def point_latest() -> bytes:
             try:
                 self._storage(self.root).commit_file(LATEST_PATH, f"step_{step:09d}\n".encode())
                 self._apply_retention(step)
             except (MimoCkptError, OSError) as exc:
-                error = f"rank 0 after committing {path}: {exc}"
-        error = self.comm.broadcast_bytes(error.encode(), 0).decode()
-        if error:
-            raise StorageError(error)
+                raise StorageError(f"rank 0 after committing {path}: {exc}") from exc
+            return b""
+
+        root_decides(self.comm, point_latest, otherwise=StorageError)
         return path
 
     def load_latest(
@@ -119,17 +120,17 @@ class CheckpointManager:
     ) -> tuple[int, LoadResult] | None:
         """Load the latest committed checkpoint (None when there is none), holding it against
         retention while reading."""
-        reply: dict[str, Any] = {}
         marker = f"{READING_MARKER_PREFIX}{uuid.uuid4().hex[:12]}"
-        if self.comm.rank == 0:
+
+        def find_and_hold() -> bytes:
             try:
                 step = self.latest_step()
-                reply = {"step": step, "marked": step is not None and self._mark_reading(self.path_for(step), marker)}
+                marked = step is not None and self._mark_reading(self.path_for(step), marker)
             except Exception as exc:  # noqa: BLE001 - every rank must hear of it
-                reply = {"error": f"finding the latest checkpoint in {self.root}: {exc}"}
-        reply = json.loads(self.comm.broadcast_bytes(json.dumps(reply).encode(), 0))
-        if "error" in reply:
-            raise StorageError(reply["error"])
+                raise StorageError(f"finding the latest checkpoint in {self.root}: {exc}") from exc
+            return json.dumps({"step": step, "marked": marked}).encode()
+
+        reply = json.loads(root_decides(self.comm, find_and_hold, otherwise=StorageError))
         if reply["step"] is None:
             return None
         path = self.path_for(reply["step"])
