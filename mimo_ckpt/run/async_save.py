@@ -83,6 +83,7 @@ class AsyncSave:
         self.blocking_seconds = blocking_seconds
         """How long the `save` call held the caller (planning + staging)."""
         self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.write_seconds: float | None = None
         """Background time from the end of staging to the outcome of the commit."""
@@ -94,6 +95,8 @@ class AsyncSave:
         """Block until committed; re-raises the save's error (the same on every rank)."""
         if not self._finished.wait(timeout):
             raise TimeoutError(f"async save to {self.path} still running after {timeout} s")
+        if self._thread is not None:  # it has finished: gone too, so an exit right after is clean
+            self._thread.join()
         if self._error is not None:
             raise self._error
 
@@ -150,7 +153,8 @@ class AsyncSaver:
             except (MimoCkptError, RuntimeError) as exc:
                 job.run.fail(exc if isinstance(exc, MimoCkptError) else MimoCkptError(f"staging: {exc}"))
         handle = AsyncSave(job.path, time.perf_counter() - start)
-        threading.Thread(target=handle._run, args=(job, images), name="mimo-ckpt-async-save", daemon=True).start()
+        handle._thread = threading.Thread(target=handle._run, args=(job, images), name="mimo-ckpt-async-save", daemon=True)
+        handle._thread.start()
         self.pending = handle
         return handle
 
