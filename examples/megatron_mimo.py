@@ -11,6 +11,13 @@ TP/PP/DP over its own grid), on disjoint ranks (megatron's non-colocated mode) o
     mimo-ckpt reshard /ckpt/a /ckpt/b --module images=dp2
     torchrun --nproc-per-node 4 -m examples.megatron_mimo --images dp2 --language pp2 --steps 3 --load /ckpt/b
 
+With `--distributed-optimizer` (`MegatronMimoRun(..., distributed_optimizer=True)`) the language
+model is wrapped in megatron's DistributedDataParallel and trained by megatron's
+DistributedOptimizer (AdamW, the native path's hyperparameters and schedule) through
+optim.megatron.MegatronModuleOptimizer; its state is saved as boxes of the model's tensors
+(FLAT_BOXES: `optimizer.state.<name>.<model key>`), so it reshards like the rest, and the
+checkpoint's model keys are the native run's. On CPU this uses examples/megatron_cpu.py's patches.
+
 megatron-core ships the model but not the glue between modules on different ranks, and some of
 its code paths assume CUDA. What this file does in their place, so the same code runs on CPU with
 gloo and on GPUs with NCCL (docs/megatron.md):
@@ -23,7 +30,8 @@ gloo and on GPUs with NCCL (docs/megatron.md):
   `allow_shape_mismatch`: rows cut or zero-filled) onto the same trajectory;
 - encoder outputs travel to the language model's first stage, hidden states between its pipeline
   stages, and gradients back, as point-to-point messages between the ranks that need them;
-- gradients are summed over each module's data-parallel group (megatron's DDP needs CUDA);
+- gradients are summed over each module's data-parallel group (megatron's DDP needs CUDA; with
+  `distributed_optimizer` the language model's go through megatron's DDP, patched for CPU);
 - the attention mask is passed explicitly where megatron lets us, and on CPU megatron's default
   causal mask (made on CUDA; the colocated path asks for it) is made on the CPU;
 - megatron's CUDA RNG tracker, which attention forks around dropout, is replaced on CPU by one
