@@ -37,7 +37,7 @@ from examples.megatron_mimo import Size, _global_init, cpu_dist_checkpointing, u
 
 __all__ = [
     "patch_for_cpu", "report_cuda_tensor_type", "use_gloo_for_dp_zero_gather", "cpu_dist_checkpointing",
-    "GptSize", "Built", "build", "pg_collection", "global_batch", "forward_backward", "model_state",
+    "GptSize", "Built", "build", "pg_collection", "grid_pg_collection", "global_batch", "forward_backward", "model_state",
 ]
 
 # -- patches ----------------------------------------------------------------------------------------
@@ -240,13 +240,25 @@ _GROUPS = {
 def pg_collection(layout: Any) -> tuple[Any, Any]:
     """(HyperCommGrid, ProcessGroupCollection) of a ModuleLayout; collective over the world (every
     rank calls it, members or not); the collection is None outside the layout."""
+    grid = layout.to_hyper_comm_grid("gloo")
+    return grid, grid_pg_collection(grid, layout.contains(dist.get_rank()))
+
+
+def grid_pg_collection(grid: Any, member: bool) -> Any:
+    """The ProcessGroupCollection megatron's model, DDP and optimizer ask for, from a HyperCommGrid's
+    groups (those it lacks are created, collectively over the world); None where not `member`."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    grid = layout.to_hyper_comm_grid("gloo")
-    pg = {name: grid.create_pg(dims) for name, dims in _GROUPS.items()}
-    if not layout.contains(dist.get_rank()):
-        return grid, None
-    return grid, ProcessGroupCollection(
+    def group(dims: list[str]) -> Any:
+        try:
+            return grid.get_pg(dims)
+        except KeyError:
+            return grid.create_pg(dims)
+
+    pg = {name: group(dims) for name, dims in _GROUPS.items()}
+    if not member:
+        return None
+    return ProcessGroupCollection(
         tp=pg["tp"], cp=pg["cp"], pp=pg["pp"], ep=pg["ep"], mp=pg["mp"], tp_cp=pg["tp_cp"], dp=pg["dp"],
         dp_cp=pg["dp_cp"], tp_dp_cp=pg["tp_dp_cp"], intra_dp_cp=pg["dp_cp"], expt_tp=pg["tp"],
         tp_ep=pg["tp_ep"], tp_ep_pp=pg["tp_ep_pp"], expt_dp=pg["dp"], intra_expt_dp=pg["dp"],

@@ -11,6 +11,13 @@ TP/PP/DP over its own grid), on disjoint ranks (megatron's non-colocated mode) o
     mimo-ckpt reshard /ckpt/a /ckpt/b --module images=dp2
     torchrun --nproc-per-node 4 -m examples.megatron_mimo --images dp2 --language pp2 --steps 3 --load /ckpt/b
 
+With `--distributed-optimizer` (`MegatronMimoRun(..., distributed_optimizer=True)`) the language
+model is wrapped in megatron's DistributedDataParallel and trained by megatron's
+DistributedOptimizer (AdamW, the native path's hyperparameters and schedule) through
+optim.megatron.MegatronModuleOptimizer; its state is saved as boxes of the model's tensors
+(FLAT_BOXES: `optimizer.state.<name>.<model key>`), so it reshards like the rest, and the
+checkpoint's model keys are the native run's. On CPU this uses examples/megatron_cpu.py's patches.
+
 megatron-core ships the model but not the glue between modules on different ranks, and some of
 its code paths assume CUDA. What this file does in their place, so the same code runs on CPU with
 gloo and on GPUs with NCCL (docs/megatron.md):
@@ -23,7 +30,8 @@ gloo and on GPUs with NCCL (docs/megatron.md):
   `allow_shape_mismatch`: rows cut or zero-filled) onto the same trajectory;
 - encoder outputs travel to the language model's first stage, hidden states between its pipeline
   stages, and gradients back, as point-to-point messages between the ranks that need them;
-- gradients are summed over each module's data-parallel group (megatron's DDP needs CUDA);
+- gradients are summed over each module's data-parallel group (megatron's DDP needs CUDA; with
+  `distributed_optimizer` the language model's go through megatron's DDP, patched for CPU);
 - the attention mask is passed explicitly where megatron lets us, and on CPU megatron's default
   causal mask (made on CUDA; the colocated path asks for it) is made on the CPU;
 - megatron's CUDA RNG tracker, which attention forks around dropout, is replaced on CPU by one
@@ -169,7 +177,7 @@ def _pg_collection(grid: Any) -> Any:
 
 
 def _config(layout: ModuleLayout, num_layers: int, hidden: int, heads: int, dtype: torch.dtype,
-            llama: bool = False) -> Any:
+            llama: bool = False, **extra: Any) -> Any:
     """The encoder's config, or with `llama` the language model's: SwiGLU, RMSNorm, no biases."""
     style = dict(gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
                  normalization="RMSNorm") if llama else dict(add_bias_linear=True, normalization="LayerNorm")
@@ -179,7 +187,7 @@ def _config(layout: ModuleLayout, num_layers: int, hidden: int, heads: int, dtyp
         use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         hidden_dropout=0.0, attention_dropout=0.0, gradient_accumulation_fusion=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, apply_rope_fusion=False, **style,
+        persist_layer_norm=False, apply_rope_fusion=False, **style, **extra,
     )
 
 
@@ -222,8 +230,10 @@ def causal_mask(n: int, device: Any) -> torch.Tensor:
 
 
 def build_model(layouts: dict[str, ModuleLayout], grids: dict[str, Any], dtype: torch.dtype = torch.float32,
-                size: Size = TINY) -> Any:
-    """The MimoModel parts this rank runs, or None on a rank outside every grid."""
+                size: Size = TINY, sum_language_grads: bool = False) -> Any:
+    """The MimoModel parts this rank runs, or None on a rank outside every grid. With
+    `sum_language_grads` the language model's config says its loss is already each replica's share
+    (`calculate_per_token_loss`), so megatron's DDP sums its gradients over DP instead of averaging."""
     rank = dist.get_rank()
     if not any(layout.contains(rank) for layout in layouts.values()):
         return None
@@ -232,7 +242,8 @@ def build_model(layouts: dict[str, ModuleLayout], grids: dict[str, Any], dtype: 
     enc_pg = _pg_collection(grids[IMAGES]) if enc.contains(rank) else None
     pp_rank = lm.coords(rank)["pp"] if lm.contains(rank) else 0
     language = ModuleSpec(module=GPTModel, params=dict(
-        config=_config(lm, size.layers, size.hidden, size.heads, dtype, llama=True),
+        config=_config(lm, size.layers, size.hidden, size.heads, dtype, llama=True,
+                       calculate_per_token_loss=sum_language_grads),
         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
         vocab_size=size.padded_vocab(lm.tp), max_sequence_length=size.seq, pre_process=pp_rank == 0, post_process=pp_rank == lm.pp - 1,
         share_embeddings_and_output_weights=False, position_embedding_type="learned_absolute",
@@ -286,8 +297,23 @@ def module_tensors(model: Any) -> dict[str, list[Any]]:
     from mimo_ckpt.interop.megatron_keys import from_megatron
     from mimo_ckpt.model.tree import flatten_module_state
 
-    state = from_megatron(model.sharded_state_dict()) if model is not None else {}
+    state = from_megatron(model_sharded_state_dict(model)) if model is not None else {}
     return {m: flatten_module_state(m, shards).tensors for m, shards in state.items()}
+
+
+def model_sharded_state_dict(model: Any) -> dict[str, Any]:
+    """`model.sharded_state_dict()` with the keys of the unwrapped model: MimoModel adds a `module.`
+    level under a language model wrapped in megatron's DistributedDataParallel."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    wrapped = model.language_model
+    if not isinstance(wrapped, DistributedDataParallel):
+        return model.sharded_state_dict()
+    model._modules["language_model"] = wrapped.module
+    try:
+        return model.sharded_state_dict()
+    finally:
+        model._modules["language_model"] = wrapped
 
 
 @torch.no_grad()
@@ -403,18 +429,54 @@ def _stage_peer(lm: ModuleLayout, rank: int, step: int) -> int:
 # -- training -------------------------------------------------------------------------------------
 
 LR = {IMAGES: 2e-3, LANGUAGE: 1e-3}
+WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
 
 
+def lr_factor(step: int) -> float:
+    """The learning rate after `step` optimizer steps, as a multiple of LR."""
+    return 1.0 / (1 + 0.1 * step)
+
+
+class InverseDecay:
+    """`LambdaLR(lr_factor)` for a megatron optimizer (its param groups' `lr`), with the
+    `step(increment=)` and state of megatron's OptimizerParamScheduler."""
+
+    def __init__(self, optimizer: Any, lr: float) -> None:
+        self.optimizer, self.lr, self.num_steps = optimizer, lr, 0
+        self._apply()
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * lr_factor(self.num_steps)
+
+    def step(self, increment: int = 1) -> None:
+        self.num_steps += increment
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.num_steps = int(state["num_steps"])
+        self._apply()
+
+
 class MegatronMimoRun:
-    """The model, a MimoOptimizer over per-module AdamW, one training step, save and load."""
+    """The model, a MimoOptimizer over per-module AdamW, one training step, save and load.
+
+    With `distributed_optimizer`, the language model is wrapped in megatron's
+    DistributedDataParallel and trained by megatron's DistributedOptimizer (AdamW with the same
+    hyperparameters, weight decay on every parameter as torch's AdamW applies it) through
+    optim.megatron.MegatronModuleOptimizer, whose state is saved as boxes of the model's tensors
+    (FLAT_BOXES); the encoder keeps its NativeModuleOptimizer."""
 
     def __init__(self, layouts: dict[str, ModuleLayout], *, backend: str = "gloo", device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, size: Size = TINY) -> None:
+                 dtype: torch.dtype = torch.float32, size: Size = TINY, distributed_optimizer: bool = False) -> None:
         from optim import MimoOptimizer, NativeModuleOptimizer, build_module_groups
 
         self.rank, self.layouts, self.device, self.dtype = dist.get_rank(), layouts, device, dtype
-        self.size = size
+        self.size, self.distributed_optimizer, self.ddp = size, distributed_optimizer, None
         enc, lm = layouts[IMAGES], layouts[LANGUAGE]
         if enc.contains(self.rank) and lm.contains(self.rank) and (enc.dp, enc.pp, lm.pp) != (lm.dp, 1, 1):
             raise LayoutError("colocated modules need the same DP size and PP 1 here "
@@ -426,19 +488,73 @@ class MegatronMimoRun:
         mine = [layout for layout in layouts.values() if layout.contains(self.rank)]
         seed_generators(device, 1234, mine[0].coords(self.rank)["tp"] if mine else 0)
         self.grids = build_grids(layouts, backend)
-        self.model = build_model(layouts, self.grids, dtype, size)
+        if distributed_optimizer:
+            from examples.megatron_cpu import grid_pg_collection
+
+            # the groups megatron's DDP and optimizer ask for (collective: every rank creates them)
+            self.language_pgs = grid_pg_collection(self.grids[LANGUAGE], lm.contains(self.rank))
+        self.model = build_model(layouts, self.grids, dtype, size, sum_language_grads=distributed_optimizer)
         if self.model is not None:
             self.model.to(device=device, dtype=dtype)  # as megatron's Float16Module does
             init_weights(self.model, size)
         self.groups = build_module_groups(layouts)
         modules = {
             m: NativeModuleOptimizer(
-                params, self.groups[m], lambda gs, m=m: torch.optim.AdamW(gs, lr=LR[m], weight_decay=0.01),
-                make_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + 0.1 * s)),
+                params, self.groups[m], lambda gs, m=m: torch.optim.AdamW(gs, lr=LR[m], weight_decay=WEIGHT_DECAY),
+                make_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_factor),
             )
             for m, params in sharded_params(self.model).items()
+            if not (distributed_optimizer and m == LANGUAGE)
         }
+        if distributed_optimizer and lm.contains(self.rank):
+            modules[LANGUAGE] = self._distributed_optimizer()
         self.opt = MimoOptimizer(modules, self.grids, max_grad_norm=MAX_GRAD_NORM)
+
+    def _distributed_optimizer(self) -> Any:
+        """Wrap the language model in megatron's DDP (MimoModel's forward calls the wrapper) and
+        build its DistributedOptimizer, driven as one module of the MimoOptimizer."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        from examples.megatron_cpu import gather_objects_within, patch_for_cpu, report_cuda_tensor_type
+        from optim.megatron import FLAT_BOXES, MegatronModuleOptimizer
+
+        if self.device == "cpu":
+            patch_for_cpu()
+        language, pgs = self.model.language_model, self.language_pgs
+        self.ddp = DistributedDataParallel(
+            language.config, DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=False),
+            language, pg_collection=pgs)
+        self.model.language_model = self.ddp
+        config = OptimizerConfig(optimizer="adam", lr=LR[LANGUAGE], weight_decay=WEIGHT_DECAY,
+                                 bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+                                 use_distributed_optimizer=True)
+        # config_overrides={}: no group without weight decay for 1-D parameters (megatron's default,
+        # which its own scheduler applies), so every parameter decays as in the native AdamW.
+        # The param-group keys are agreed among the module's own ranks, not the world's.
+        with report_cuda_tensor_type(self.ddp.parameters()), gather_objects_within(pgs.intra_dist_opt):
+            optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides={}, pg_collection=pgs,
+                                               use_gloo_process_groups=False)
+        return MegatronModuleOptimizer(
+            optimizer, self.groups[LANGUAGE], self._language_sharded_state_dict,
+            zero_grad_buffer=self.ddp.zero_grad_buffer, scheduler=InverseDecay(optimizer, LR[LANGUAGE]),
+            metadata=dict(FLAT_BOXES, dp_cp_group=pgs.dp_cp))
+
+    def _language_sharded_state_dict(self) -> dict[str, Any]:
+        """The language model's ShardedTensors (and factories) under canonical keys, so its
+        optimizer state is keyed `optimizer.state.<name>.<key>` as the native optimizer's is."""
+        import dataclasses
+
+        from mimo_ckpt.interop.megatron_keys import iter_leaves, split_key
+        from mimo_ckpt.model.megatron_leaves import kind
+
+        out = {}
+        for path, leaf in iter_leaves(model_sharded_state_dict(self.model)):
+            if kind(leaf) in ("ShardedTensor", "ShardedTensorFactory"):
+                module, key = split_key(leaf.key)
+                if module == LANGUAGE:
+                    out["/".join(map(str, path))] = dataclasses.replace(leaf, key=key)
+        return out
 
     def train_step(self, step: int) -> tuple[float, float | None]:
         """(loss over the global batch, global grad norm); the same on every rank."""
@@ -446,6 +562,8 @@ class MegatronMimoRun:
         self.opt.zero_grad()
         local = self._forward_backward(batch)
         self._reduce_grads()
+        if self.ddp is not None:
+            self.ddp.finish_grad_sync()  # reduce-scatter over DP: each rank keeps its optimizer's slice
         _, grad_norm, _ = self.opt.step()
         loss = torch.tensor([local], dtype=torch.float64, device=self.device)
         dist.all_reduce(loss)
@@ -528,9 +646,10 @@ class MegatronMimoRun:
 
     @torch.no_grad()
     def _reduce_grads(self) -> None:
-        """Sum gradients over each module's data-parallel replicas (what megatron's DDP does)."""
+        """Sum gradients over each module's data-parallel replicas (what megatron's DDP does; a
+        module in megatron's DDP is left to it)."""
         for name, opt in self.opt.modules.items():
-            if len(self.groups[name].members["dp_cp"]) == 1:
+            if len(self.groups[name].members["dp_cp"]) == 1 or (name == LANGUAGE and self.ddp is not None):
                 continue
             params = [sp.param for sp in opt.params]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -546,7 +665,7 @@ class MegatronMimoRun:
         from mimo_ckpt import rng_state
         from mimo_ckpt.interop.megatron_keys import from_megatron
 
-        state = from_megatron(self.model.sharded_state_dict()) if self.model is not None else {}
+        state = from_megatron(model_sharded_state_dict(self.model)) if self.model is not None else {}
         optimizer = self.opt.sharded_state_dict(is_loading=is_loading)
         trackers = random_module.get_cuda_rng_tracker().get_states()
         for m in state:
@@ -583,6 +702,8 @@ def megatron_state(run: MegatronMimoRun) -> dict[str, Any]:
     from mimo_ckpt.model.megatron_leaves import kind, to_sharded_tensor
     from mimo_ckpt.interop.megatron_keys import iter_leaves, megatron_key
 
+    if run.distributed_optimizer:
+        raise NotImplementedError("megatron_state: the language model's optimizer is megatron's own")
     sd = dict(run.model.sharded_state_dict()) if run.model is not None else {}
     replica = {}  # the model's replica ids, which its optimizer state shares (factories built)
     for entry in sd.values():
@@ -626,6 +747,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--load", metavar="DIR", help="checkpoint to resume from (any layouts)")
     p.add_argument("--save", metavar="DIR", help="checkpoint to write after the last step")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--distributed-optimizer", action="store_true",
+                   help="train the language model with megatron's DDP + DistributedOptimizer")
     args = p.parse_args(argv)
 
     if args.device == "cuda":
@@ -638,7 +761,8 @@ def main(argv: list[str] | None = None) -> None:
     if max(layout.rank_offset + layout.size for layout in layouts.values()) > dist.get_world_size():
         raise SystemExit(f"layouts need more than the {dist.get_world_size()} ranks started")
 
-    run = MegatronMimoRun(layouts, backend=dist.get_backend(), device=args.device)
+    run = MegatronMimoRun(layouts, backend=dist.get_backend(), device=args.device,
+                          distributed_optimizer=args.distributed_optimizer)
     first = 0
     if args.load:
         run.load(args.load)

@@ -4,6 +4,9 @@ Layout A: vision encoder TP2 on ranks 0-1, language model (SwiGLU, padded vocabu
 ranks 2-3. Train 3 steps under A and save; then for each case, reshard the checkpoint offline with
 the `mimo-ckpt` CLI (or leave it to the load), rebuild the model under the new layout, load, train
 3 more steps, and run the new layout uninterrupted from step 0 for the reference.
+
+The same with the language model in megatron's DDP + DistributedOptimizer (`distributed_optimizer`):
+saved under A (PP2), resumed with language DP2, at load and after an offline reshard.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ CASES = {
     # TP1 -> TP2: the vocabulary padding grows from 72 to 80 rows (TP1 stores no split hints, so
     # the offline reshard refuses to guess and the model's own shards place it at load)
     "language_tp2_at_load": (None, {IMAGES: SAVED[IMAGES], LANGUAGE: ModuleLayout(tp=2, rank_offset=2)}),
+}
+
+
+# name: (--module arguments of `mimo-ckpt reshard`, or None to reshard at load; the new layouts)
+DISTOPT_CASES = {
+    "language_pp2_to_dp2_at_load": (None, CASES["language_dp2"][1]),
+    "language_pp2_to_dp2_offline": (["language=pp1,dp2"], CASES["language_dp2"][1]),
 }
 
 
@@ -70,6 +80,35 @@ def resume_cases(root: str, steps: int, resume_at: int) -> dict[str, Any]:
             "dir": resharded,
         }
     out["saved_dir"] = saved
+    return out
+
+
+def distopt_cases(root: str, steps: int, resume_at: int) -> dict[str, Any]:
+    """resume_cases with the language model trained by megatron's DistributedOptimizer."""
+    from mimo_ckpt.interop.megatron_keys import LANGUAGE_MODULE
+
+    saved = os.path.join(root, "distopt_saved")
+    run = MegatronMimoRun(SAVED, distributed_optimizer=True)
+    out: dict[str, Any] = {"saved": [run.train_step(s) for s in range(resume_at)], "saved_dir": saved}
+    if run.ddp is not None:
+        optimizer = run.opt.modules[LANGUAGE_MODULE].optimizer
+        out["wrapped"] = [type(run.model.language_model).__name__] + [
+            type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    run.save(saved, resume_at)
+    references: dict[str, Any] = {}
+    for name, (args, layouts) in DISTOPT_CASES.items():
+        resharded = os.path.join(root, "distopt_" + name) if args else saved
+        if args:
+            _reshard(saved, resharded, args)
+        run = MegatronMimoRun(layouts, distributed_optimizer=True)
+        run.load(resharded)
+        case = {"resumed": [run.train_step(s) for s in range(resume_at, steps)], "dir": resharded}
+        key = repr(sorted((m, layout.to_json()) for m, layout in layouts.items()))
+        if key not in references:
+            reference = MegatronMimoRun(layouts, distributed_optimizer=True)
+            references[key] = [reference.train_step(s) for s in range(steps)]
+        case["reference"] = references[key]
+        out[name] = case
     return out
 
 
@@ -148,5 +187,6 @@ def suite(args: dict[str, Any]) -> dict[str, Any]:
     return {
         "resume": resume_cases(args["root"], args["steps"], args["resume_at"]),
         "torch_dist": torch_dist_round_trip(args["root"], 2),
+        "distopt": distopt_cases(args["root"], args["steps"], args["resume_at"]),
     }
 

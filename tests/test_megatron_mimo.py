@@ -1,6 +1,7 @@
 """megatron-core's own MimoModel trained with optim.MimoOptimizer, saved with mimo_ckpt, resharded
-offline with the CLI and resumed under the new layout; and megatron torch_dist -> ours ->
-torch_dist read back by megatron's own loader (4 gloo ranks, tests/megatron_worlds.py)."""
+offline with the CLI and resumed under the new layout; the same with the language model in
+megatron's DDP + DistributedOptimizer; and megatron torch_dist -> ours -> torch_dist read back by
+megatron's own loader (4 gloo ranks, tests/megatron_worlds.py)."""
 
 import hashlib
 import json
@@ -9,7 +10,7 @@ import os
 import pytest
 
 from tests.harness.local_world import run_local_world
-from tests.megatron_worlds import CASES, WORLD
+from tests.megatron_worlds import CASES, DISTOPT_CASES, SAVED, WORLD
 
 STEPS, RESUME_AT = 6, 3
 REL = 2e-5  # fp32 differences between layouts: reduction order of TP / DP sums
@@ -104,3 +105,61 @@ def test_torch_dist_export_loads_under_another_layout(results):
         t = r["torch_dist"]
         assert t["megatron_vs_ours_resharded"] == [], rank
         assert t["resharded"]["tensors"] > 0 and t["resharded"]["nonzero"] == t["resharded"]["tensors"], rank
+
+
+# -- the language model in megatron's DDP + DistributedOptimizer ---------------------------------
+
+
+def _same_trajectory(a, b):
+    assert len(a) == len(b) and a
+    for (loss, norm), (ref_loss, ref_norm) in zip(a, b, strict=True):
+        assert _close(loss, ref_loss) and _close(norm, ref_norm), (a, b)
+
+
+def test_distributed_optimizer_wraps_the_language_model(results):
+    for rank, r in enumerate(results):
+        expected = ["DistributedDataParallel", "DistributedOptimizer"] if SAVED["language"].contains(rank) else None
+        assert r["distopt"].get("wrapped") == expected, rank
+
+
+def test_distributed_optimizer_trains_like_the_native_adamw(results):
+    """Both are torch AdamW (lr, betas, eps, weight decay on every parameter, the same schedule):
+    the same losses and grad norms under the saved layout (PP2) and under language DP2, where
+    megatron's DDP reduce-scatters the gradients and the optimizer keeps half of each."""
+    r = results[0]
+    _same_trajectory(r["distopt"]["saved"], r["resume"]["saved"])
+    for name, (_, layouts) in DISTOPT_CASES.items():
+        native = next(case for case, (_, l) in CASES.items() if l == layouts)
+        _same_trajectory(r["distopt"][name]["reference"], r["resume"][native]["reference"])
+
+
+@pytest.mark.parametrize("case", sorted(DISTOPT_CASES))
+def test_distributed_optimizer_resumes_under_another_dp(results, case):
+    """Saved with language PP2 (DP1), resumed with language DP2: the flat optimizer slices of the
+    saved ranks are boxes of the model's tensors, read back into other slices."""
+    for r in results:
+        assert r["distopt"][case]["resumed"] == results[0]["distopt"][case]["resumed"]
+    c = results[0]["distopt"][case]
+    assert len(c["resumed"]) == STEPS - RESUME_AT
+    _same_trajectory(c["resumed"], c["reference"][RESUME_AT:])
+    assert all(norm > 1.0 for _, norm in c["reference"])
+
+
+def _tensor_keys(ckpt, module):
+    with open(os.path.join(ckpt, "manifest.json")) as f:
+        entry = json.load(f)["modules"][module]
+    return set(entry["tensors"]), entry["layout"]
+
+
+def test_distributed_optimizer_state_is_saved_in_model_space(results):
+    """The model's keys as in the native run's checkpoint (no `module.` from the DDP wrapper), and
+    for each of them the DistributedOptimizer's main param and Adam moments, keyed by it."""
+    d = results[0]["distopt"]
+    keys, layout = _tensor_keys(d["saved_dir"], "language")
+    native, native_layout = _tensor_keys(results[0]["resume"]["saved_dir"], "language")
+    model = {k for k in keys if not k.startswith("optimizer.")}
+    assert model == {k for k in native if not k.startswith("optimizer.")} and len(model) >= 8
+    assert keys - model == {f"optimizer.state.{n}.{k}" for n in ("exp_avg", "exp_avg_sq", "fp32_param") for k in model}
+    assert layout == native_layout and layout["pp"] == 2
+    resharded, layout = _tensor_keys(d["language_pp2_to_dp2_offline"]["dir"], "language")
+    assert resharded == keys and (layout["pp"], layout["dp"]) == (1, 2)
