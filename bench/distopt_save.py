@@ -10,13 +10,17 @@ optim.MimoOptimizer (so every rank holds Adam state), and then saves model + opt
   (each rank writes its own flat slices as boxes of the model-space tensors; no gather);
 - `megatron_fully_reshardable`: megatron's dist_checkpointing.save (torch_dist) of
   `optimizer.sharded_state_dict(..., distrib_optim_sharding_type="fully_reshardable")`;
-- `megatron_dp_reshardable`: the same with "dp_reshardable".
+- `megatron_dp_reshardable`: the same with "dp_reshardable";
+- `mimo_flat_boxes_spread`: as `mimo_flat_boxes` with `replicas="spread"`: the model weights, equal
+  on every DP rank after a step, are written by all of them in balanced shares instead of by their
+  main replica (rank 0), as megatron's fully parallel save wrapper does.
 
-The variants run in turn in the same processes, in the order given (`--order`), each into a fresh
-directory under `--dir` (one disk), which is deleted before the next. Every variant runs twice:
-a first ("cold") round pays one-time costs (megatron's writer starts a multiprocessing Manager
-process on a rank's first write, which then stays; imports; caches), and the second ("warm") round
-is the one in the table; the JSON has both. The page cache cannot be
+The variants run in turn in the same processes, each into a fresh directory under `--dir` (one
+disk), which is deleted before the next. A first ("cold") save of each variant, in the order given
+(`--order`), pays one-time costs (megatron's writer starts a multiprocessing Manager process on a
+rank's first write, which then stays; imports; caches); then `--rounds` warm rounds save every
+variant, each round in an order shuffled from its number. The table gives the best and median
+warm save time and the largest warm peak; the JSON has every save. The page cache cannot be
 dropped between variants without root; the same holds for every variant.
 
 Memory: a sampler process (not a thread, so the rank's GIL cannot delay it) reads, every
@@ -37,14 +41,16 @@ import argparse
 import ctypes
 import gc
 import os
+import random
 import shutil
+import statistics
 import sys
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-VARIANTS = ("mimo_flat_boxes", "megatron_fully_reshardable", "megatron_dp_reshardable")
+VARIANTS = ("mimo_flat_boxes", "mimo_flat_boxes_spread", "megatron_fully_reshardable", "megatron_dp_reshardable")
 
 
 # -- memory sampling ------------------------------------------------------------------------------
@@ -185,9 +191,9 @@ def world(args: dict[str, Any]) -> dict[str, Any]:
     from megatron.core import dist_checkpointing
 
     def save(variant: str, path: str) -> None:
-        if variant == "mimo_flat_boxes":
+        if variant.startswith("mimo_flat_boxes"):
             state = {"language": {"model": model_state(built), "optimizer": mimo.sharded_state_dict()["language"]}}
-            mimo_ckpt.save(state, path, layouts=layouts)
+            mimo_ckpt.save(state, path, layouts=layouts, replicas="spread" if variant.endswith("spread") else "main")
             return
         msd = model_state(built)
         metadata = {"distrib_optim_sharding_type": variant[len("megatron_"):]}
@@ -195,7 +201,11 @@ def world(args: dict[str, Any]) -> dict[str, Any]:
         with cpu_dist_checkpointing():
             dist_checkpointing.save(state, path)
 
-    rounds = [("cold", v) for v in args["order"]] + [("warm", v) for v in args["order"]]
+    # a first ("cold") save of each variant pays one-time costs; then `rounds` warm saves of every
+    # variant, each round in an order shuffled from the round number (the same on every rank)
+    rounds = [("cold", v) for v in args["order"]]
+    for i in range(args["rounds"]):
+        rounds += [("warm", v) for v in random.Random(i).sample(args["order"], len(args["order"]))]
     for when, variant in rounds:
         path = os.path.join(args["dir"], f"dp{dp}_{variant}")
         if rank == 0:
@@ -210,11 +220,15 @@ def world(args: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         dist.barrier()
         total = time.perf_counter() - start
-        out["variants" if when == "warm" else "cold"][variant] = {
+        result = {
             "seconds": seconds, "all_ranks_done_s": total, "rss_before": before, "peak": sampler.peak,
             "extra": max(0, sampler.peak - before), "samples": sampler.samples,
             "bytes_on_disk": _dir_bytes(path) if rank == 0 else None,
         }
+        if when == "cold":
+            out["cold"][variant] = result
+        else:
+            out["variants"].setdefault(variant, []).append(result)
         dist.barrier()
         if rank == 0:
             shutil.rmtree(path, ignore_errors=True)
@@ -230,16 +244,20 @@ def _mib(n: float) -> str:
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
-    lines = ["dp  variant                      rank  save s  extra MiB  own shard MiB  extra/shard",
-             "--  ---------------------------  ----  ------  ---------  -------------  -----------"]
+    """Per DP size, variant and rank: save seconds (best / median of the warm rounds) and the
+    largest peak extra memory of those rounds."""
+    lines = ["dp  variant                      rank  save s best / median  extra MiB  own shard MiB  extra/shard",
+             "--  ---------------------------  ----  ------------------  ---------  -------------  -----------"]
     for dp, ranks in results.items():
         for variant in VARIANTS:
             for r in ranks:
-                v = r["variants"].get(variant)
-                if v is None:
+                runs = r["variants"].get(variant)
+                if not runs:
                     continue
-                lines.append(f"{dp:>2}  {variant:<27}  {r['rank']:>4}  {v['seconds']:>6.2f}  {_mib(v['extra']):>9}  "
-                             f"{_mib(r['own_shard_bytes']):>13}  {v['extra'] / r['own_shard_bytes']:>11.2f}")
+                secs = sorted(v["seconds"] for v in runs)
+                extra = max(v["extra"] for v in runs)
+                lines.append(f"{dp:>2}  {variant:<27}  {r['rank']:>4}  {secs[0]:>8.2f} / {statistics.median(secs):<7.2f}  "
+                             f"{_mib(extra):>9}  {_mib(r['own_shard_bytes']):>13}  {extra / r['own_shard_bytes']:>11.2f}")
     return "\n".join(lines)
 
 
@@ -256,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="model params; main params and Adam state are fp32 either way")
     p.add_argument("--order", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--rounds", type=int, default=3, help="warm saves of each variant, in shuffled order")
     p.add_argument("--interval-ms", type=float, default=2.0)
     p.add_argument("--dir", help="a directory for the checkpoints, deleted after each variant (default: a new "
                                  "temporary directory, removed at the end)")
