@@ -91,8 +91,7 @@ def load(
     against its crc32c: a partial read widens to the whole blocks it touches, or to the whole
     shard when the shard has no blocks. Each rank reads up to `io_threads` files at once, each in
     file order, issuing reads as `read_options` say. Floating-point tensors are cast from the
-    stored dtype; see docs/megatron.md for
-    factories, flat slices and padded vocabularies.
+    stored dtype; see docs/megatron.md for factories, flat slices and padded vocabularies.
     """
     comm = comm or TorchComm.default()
     storage = storage or open_storage(path)
