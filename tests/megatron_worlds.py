@@ -180,7 +180,22 @@ def torch_dist_round_trip(root: str, steps: int) -> dict[str, Any]:
     out["megatron_vs_ours_resharded"] = _mismatches(loaded, _values(mine, to_megatron(mine, result.state)))
     tensors = [v for v in loaded.values() if isinstance(v, torch.Tensor)]
     out["resharded"] = {"tensors": len(tensors), "nonzero": sum(bool(v.abs().sum() > 0) for v in tensors)}
+    out["native_vs_trained"] = _native_export_read_by_megatron(root, run, original)
     return out
+
+
+def _native_export_read_by_megatron(root: str, run: MegatronMimoRun, original: dict[str, Any]) -> list[str]:
+    """The run saved by mimo_ckpt itself (not imported), exported as torch_dist: megatron's own
+    load of the model and Adam state gives back the trained values; the mismatched keys."""
+    from megatron.core import dist_checkpointing
+
+    native, exported = os.path.join(root, "native"), os.path.join(root, "native_exported")
+    run.save(native, 2)
+    _cli("export", native, "--format", "torch_dist", "--to", exported)
+    _, template = _zeroed(SAVED)
+    with cpu_dist_checkpointing():
+        loaded = dist_checkpointing.load(template, exported)
+    return _mismatches(_values(template, loaded), original)
 
 
 def suite(args: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from mimo_ckpt.io import commit
 from mimo_ckpt.errors import ManifestError, ShardError, StorageError, UnsafeCheckpointError
 from mimo_ckpt.io.faults import fault_point
 from mimo_ckpt.model.layout import ModuleLayout
-from mimo_ckpt.interop.megatron_keys import megatron_key, split_key
+from mimo_ckpt.interop.megatron_keys import COMMON_METADATA, megatron_key, split_key
 from mimo_ckpt.format.object_codec import decode
 from mimo_ckpt.io.progress import Progress
 from mimo_ckpt.model.rank_state import is_layout_bound
@@ -45,6 +45,7 @@ __all__ = ["DcpIndex", "read_index", "import_torch_dist", "export_torch_dist", "
 METADATA_FILE = ".metadata"
 MEGATRON_CONFIG = "metadata.json"
 COMMON_FILE = "common.pt"
+COMMON_STATE = "common_state"  # megatron's ShardedObject holding its common state (0.19 and later)
 _DCP_MODULES = (
     "torch.distributed.checkpoint.metadata",
     "torch.distributed.checkpoint.planner",
@@ -316,9 +317,9 @@ def export_torch_dist(src: str, dst: str, *, modules: list[str] | None = None,
                 continue
             base = megatron_key(name, key, main_param_name=main_param_name)
             for offset, value in sorted(obj.values.items()):
-                fqn = base
-                if obj.global_shape:
-                    fqn = f"{base}/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, obj.global_shape))}"
+                # megatron names every ShardedObject by its place in a grid; one object is 0 of (1,)
+                grid, at = (obj.global_shape, offset) if obj.global_shape else ((1,), (0,))
+                fqn = f"{base}/shard_{'.'.join(map(str, at))}_{'.'.join(map(str, grid))}"
                 out[fqn] = _record(decode(value, f"{src}: module {name!r}, object {key!r}"))
                 counts["objects"] += 1
     if bar:
@@ -328,6 +329,10 @@ def export_torch_dist(src: str, dst: str, *, modules: list[str] | None = None,
             out[fqn] = _record(value)
             counts["objects"] += 1
     common = manifest.metadata.get(TORCH_DIST_COMMON) if modules is None else None
+    if not common and not any(fqn.startswith(f"{COMMON_STATE}/") for fqn in out):
+        # megatron's loader needs its common state, a legacy common.pt or this record; a native
+        # checkpoint keeps it (if the trainer gave it) as save metadata
+        out[f"{COMMON_STATE}/shard_0_1"] = _record(dict(manifest.metadata.get(COMMON_METADATA) or {}))
     _write_torch_dist(dst, out, common)
     return counts
 
