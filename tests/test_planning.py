@@ -174,3 +174,19 @@ def test_collector_pause_nests_across_threads_and_restores_the_callers_setting()
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_one_object_is_found_under_either_spelling_of_its_place():
+    """A plain value (grid none) and megatron's single ShardedObject (grid (1,)) are one object:
+    a torch_dist round trip turns the first into the second, and a load must not refuse it."""
+    from mimo_ckpt.format.manifest import ModuleEntry, StoredObject
+    from mimo_ckpt.plan.load import check_keys, stored_object_value
+
+    entry = ModuleEntry(layout=ModuleLayout(), tensors={}, objects={"cfg": StoredObject((1,), {(0,): 7})})
+    report, skipped = check_keys("m", entry, [], [("cfg", ())])
+    assert not report.mismatched and not skipped
+    report, skipped = check_keys("m", entry, [], [("cfg", (2,))])
+    assert report.mismatched and skipped == {"cfg"}
+    assert stored_object_value({(0,): 7}, ()) == 7 and stored_object_value({(): 7}, (0,)) == 7
+    with pytest.raises(KeyError):
+        stored_object_value({(0,): 7, (1,): 8}, ())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Collection, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -13,7 +13,7 @@ from mimo_ckpt.errors import ManifestError
 from mimo_ckpt.format.manifest import ModuleEntry, StoredShard, StoredTensor
 from mimo_ckpt.model.shard import TensorMeta
 
-__all__ = ["ReadItem", "KeyReport", "plan_module_load", "plan_tensor_reads", "check_keys"]
+__all__ = ["ReadItem", "KeyReport", "plan_module_load", "plan_tensor_reads", "check_keys", "stored_object_value"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +121,7 @@ def check_keys(
                 mismatched.append(f"tensor {k!r}: dtype {dtype} requested, {st.dtype} stored")
                 skipped.add(k)
     for k, grid in sorted(asked_o.items()):
-        if k in stored_o and stored_o[k].global_shape != grid:
+        if k in stored_o and _one_object(stored_o[k].global_shape) != _one_object(grid):
             mismatched.append(f"object {k!r}: grid {list(grid)} requested, {list(stored_o[k].global_shape)} stored")
             skipped.add(k)
     if missing:
@@ -180,3 +180,21 @@ def plan_module_load(module: str, entry: ModuleEntry, requests: Sequence[TensorM
     ]
     items.sort(key=lambda it: (it.shard.file, it.begin))
     return items
+
+
+def _one_object(grid: tuple[int, ...]) -> tuple[int, ...]:
+    """A grid, with the two spellings of one object made one: none (a plain value) and (1,) (how
+    megatron names every ShardedObject, and how torch_dist export writes a plain one)."""
+    return (1,) if tuple(grid) == () else tuple(grid)
+
+
+def stored_object_value(values: Mapping[tuple[int, ...], Any], offset: tuple[int, ...]) -> Any:
+    """The stored value at `offset` (KeyError if none); a single object is found at either
+    spelling of its place, () or (0,)."""
+    if offset in values:
+        return values[offset]
+    if offset in ((), (0,)) and len(values) == 1:
+        (only,) = values
+        if only in ((), (0,)):
+            return values[only]
+    raise KeyError(offset)

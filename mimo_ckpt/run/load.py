@@ -30,7 +30,7 @@ from mimo_ckpt.model.rank_state import LayoutChangedWarning, is_layout_bound, sa
 from mimo_ckpt.model.shard import FactoryLeaf, Leaves, ModuleShards, TensorMeta, TensorShard
 from mimo_ckpt.model.tree import rebuild
 from mimo_ckpt.plan.options import ReadOptions
-from mimo_ckpt.plan.load import KeyReport, check_keys, padded_region, plan_module_load
+from mimo_ckpt.plan.load import KeyReport, check_keys, padded_region, plan_module_load, stored_object_value
 from mimo_ckpt.run.collective import Collective, check_layouts, flatten_state, root_decides
 from mimo_ckpt.run.comm import Comm, TorchComm
 
@@ -241,10 +241,11 @@ def _read_module(name: str, entry: ModuleEntry, shards: ModuleShards, bad: set[s
     for obj in shards.objects:
         if obj.key in bad:
             continue
-        values = entry.objects[obj.key].values
-        if obj.global_offset not in values:
+        try:
+            value = stored_object_value(entry.objects[obj.key].values, obj.global_offset)
+        except KeyError:
             raise ManifestError(
                 f"module {name!r}, object {obj.key!r}: no value stored for offset {list(obj.global_offset)}"
-            )
-        loaded_objects[(name, id(obj))] = decode(values[obj.global_offset], f"module {name!r}, object {obj.key!r}")
+            ) from None
+        loaded_objects[(name, id(obj))] = decode(value, f"module {name!r}, object {obj.key!r}")
     return nbytes
