@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Mapping
 
-from mimo_ckpt import errors
+from mimo_ckpt import errors as error_types
 from mimo_ckpt.errors import LayoutError, MimoCkptError, RemoteRankError, ShardError
 from mimo_ckpt.format.manifest import check_module_name
 from mimo_ckpt.model.layout import ModuleLayout
@@ -55,8 +55,6 @@ class Collective:
             raise RemoteRankError("; ".join(root_errors))
 
 
-
-
 def root_decides(comm: Comm, decide: Callable[[], bytes], *, otherwise: type[MimoCkptError]) -> bytes:
     """Rank 0 runs `decide`; every rank returns its bytes, or raises the same error class with rank
     0's message: the library's own class, or `otherwise` for anything else (an OSError)."""
@@ -67,7 +65,7 @@ def root_decides(comm: Comm, decide: Callable[[], bytes], *, otherwise: type[Mim
             reply = b"+" + decide()
         except Exception as exc:  # noqa: BLE001 - whatever it is, every rank must hear of it
             failure = exc
-            known = isinstance(exc, MimoCkptError) and getattr(errors, type(exc).__name__, None) is type(exc)
+            known = isinstance(exc, MimoCkptError) and getattr(error_types, type(exc).__name__, None) is type(exc)
             name = type(exc).__name__ if known else otherwise.__name__
             text = str(exc) if known else f"{type(exc).__name__}: {exc}"
             reply = b"-" + json_bytes({"type": name, "message": text})
@@ -77,7 +75,7 @@ def root_decides(comm: Comm, decide: Callable[[], bytes], *, otherwise: type[Mim
     doc = json.loads(reply[1:])
     if failure is not None and type(failure).__name__ == doc["type"]:
         raise failure
-    raise getattr(errors, doc["type"])(doc["message"]) from failure
+    raise getattr(error_types, doc["type"])(doc["message"]) from failure
 
 
 def check_layouts(layouts: Mapping[str, ModuleLayout], world: int) -> None:
