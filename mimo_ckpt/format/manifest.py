@@ -19,7 +19,7 @@ from mimo_ckpt.model.box import Box, first_overlap
 from mimo_ckpt.model.dtypes import ITEMSIZE
 from mimo_ckpt.errors import LayoutError, ManifestError, StorageError
 from mimo_ckpt.model.layout import PARALLEL_DIMS, ModuleLayout
-from mimo_ckpt.format.object_codec import MAX_JSON_DEPTH, check, check_json_value, decode, encode, path_text
+from mimo_ckpt.format.object_codec import check, check_json_value, decode, encode
 from mimo_ckpt.format.paths import check_relpath
 
 __all__ = [

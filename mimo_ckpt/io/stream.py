@@ -7,6 +7,7 @@ checksum, a comparison). Buffers are reused, so memory stays at `chunk_bytes + t
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -17,14 +18,15 @@ import numpy as np
 from mimo_ckpt.model.box import Box, split_for_span
 from mimo_ckpt.format.checksums import BlockHasher, ShardSums
 from mimo_ckpt.model.dtypes import ITEMSIZE
-from mimo_ckpt.errors import CorruptShardError
+from mimo_ckpt.errors import CorruptShardError, StorageError
+from mimo_ckpt.format.paths import check_relpath
 from mimo_ckpt.plan.load import plan_tensor_reads
 from mimo_ckpt.format.manifest import StoredShard, StoredTensor
 from mimo_ckpt.io.progress import Progress
 from mimo_ckpt.io.read import execute_reads, raw_dtype
-from mimo_ckpt.io.storage import Storage
+from mimo_ckpt.io.storage import LocalStorage, Storage
 
-__all__ = ["Budget", "iter_box", "StreamItem", "write_streamed_file", "current_rss"]
+__all__ = ["Budget", "iter_box", "StreamItem", "write_streamed_file", "share_file", "current_rss"]
 
 MIN_BUFFER = 64 << 10
 
@@ -134,3 +136,30 @@ def write_streamed_file(
 
     dst.write_file(path, chunks())
     return sums
+
+
+def share_file(src: Storage, dst: Storage, path: str, budget: Budget) -> None:
+    """Give `dst` the source's file under the same name: a hard link where both are local on one
+    filesystem, else a streamed copy. Either way a new name: the source is only read."""
+    if isinstance(src, LocalStorage) and isinstance(dst, LocalStorage):
+        target = os.path.join(dst.root, check_relpath(path))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            os.link(os.path.join(src.root, check_relpath(path)), target, follow_symlinks=False)
+            return
+        except FileExistsError:
+            raise StorageError(f"{target} already exists; a writer only creates new files") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise StorageError(f"linking {target} to the source's file: {exc}") from exc
+    size = src.size(path)
+    if size is None:
+        raise StorageError(f"{path}: missing in the source checkpoint")
+
+    def chunks():
+        buf = bytearray(budget.chunk_bytes)
+        for start in range(0, size, len(buf)):
+            view = memoryview(buf)[: min(len(buf), size - start)]
+            src.read_into(path, start, view)
+            yield view
+    dst.write_file(path, chunks())

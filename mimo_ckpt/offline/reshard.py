@@ -8,7 +8,6 @@ and commits the new manifest last.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
@@ -20,7 +19,7 @@ from mimo_ckpt.io import commit
 from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.errors import LayoutError, StorageError
 from mimo_ckpt.io.faults import fault_point
-from mimo_ckpt.model.layout import PARALLEL_DIMS, ModuleLayout
+from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.plan.load import plan_tensor_reads
 from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, ModuleEntry, StoredTensor
 from mimo_ckpt.io.progress import Progress
@@ -28,9 +27,8 @@ from mimo_ckpt.model.rank_state import is_layout_bound, same_grid
 from mimo_ckpt.plan.save import FilePlan, ModuleSavePlan, plan_module_save
 from mimo_ckpt.model.shard import ObjectMeta, TensorMeta
 from mimo_ckpt.model.split import SplitSpec, box_for_rank, uneven_levels
-from mimo_ckpt.io.storage import LocalStorage, Storage, open_storage
-from mimo_ckpt.format.paths import check_relpath
-from mimo_ckpt.io.stream import Budget, StreamItem, write_streamed_file
+from mimo_ckpt.io.storage import Storage, open_storage
+from mimo_ckpt.io.stream import Budget, StreamItem, share_file, write_streamed_file
 
 __all__ = ["ModuleReshard", "plan_reshard", "run_reshard"]
 
@@ -155,33 +153,6 @@ def _write_file_in_worker(src_url: str, dst_url: str, module: str, file_plan: Fi
     return _write_file(open_storage(src_url), open_storage(dst_url), module, file_plan, entry, budget)
 
 
-def _share_file(src: Storage, dst: Storage, path: str, budget: Budget) -> None:
-    """Give `dst` the source's file under the same name: a hard link where both are local on one
-    filesystem, else a streamed copy. Either way a new name: the source is only read."""
-    if isinstance(src, LocalStorage) and isinstance(dst, LocalStorage):
-        target = os.path.join(dst.root, check_relpath(path))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        try:
-            os.link(os.path.join(src.root, check_relpath(path)), target, follow_symlinks=False)
-            return
-        except FileExistsError:
-            raise StorageError(f"{target} already exists; a reshard only creates new files") from None
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise StorageError(f"linking {target} to the source's file: {exc}") from exc
-    size = src.size(path)
-    if size is None:
-        raise StorageError(f"{path}: missing in the source checkpoint")
-
-    def chunks():
-        buf = bytearray(budget.chunk_bytes)
-        for start in range(0, size, len(buf)):
-            view = memoryview(buf)[: min(len(buf), size - start)]
-            src.read_into(path, start, view)
-            yield view
-    dst.write_file(path, chunks())
-
-
 def _die_with_parent() -> None:
     """In a worker: be killed when the reshard that forked it dies (no orphan blocks forever)."""
     try:
@@ -220,7 +191,7 @@ def run_reshard(
         commit.announce(dst, save_id, shared, dst_url)
         fault_point("offline.start", 0)
         for path in shared:
-            _share_file(src, dst, path, budget)
+            share_file(src, dst, path, budget)
         modules = dict(manifest.modules)
         modules.update(_write_modules(src_url, dst_url, src, dst, manifest, plans, budget, workers, progress))
         world = max([manifest.world_size] + [m.layout.rank_offset + m.layout.size for m in modules.values()])
