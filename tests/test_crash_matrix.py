@@ -78,6 +78,8 @@ WRITERS = {  # name: (call, fault points, where its output is, layouts its outpu
     "manager_save": (_manager_save, SAVE_POINTS, lambda out, s: out / "step_000000002", LAYOUTS),
     "reshard": (_cli("reshard", "{src}", "{out}", "--module", "images=tp1,dp2"), OFFLINE_POINTS, lambda out, s: out, RESHARDED),
     "import": (_import, SAVE_POINTS, lambda out, s: out, ONE_RANK),
+    "compose": (_cli("compose", "{out}", "--module", "images={src}", "--module", "language={src}"),
+                OFFLINE_POINTS, lambda out, s: out, LAYOUTS),
     "export_hf": (_cli("export", "{src}", "--module", "language", "--to", "{out}", "--max-shard-size", "4K"),
                   OFFLINE_POINTS, lambda out, s: out, None),
     "export_torch_dist": (_cli("export", "{src}", "--format", "torch_dist", "--to", "{out}"),

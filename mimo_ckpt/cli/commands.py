@@ -237,6 +237,35 @@ def _reshard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compose(args: argparse.Namespace) -> int:
+    from mimo_ckpt.offline.compose import ModuleSource
+
+    sources = []
+    for text in args.module:
+        name, sep, url = text.partition("=")
+        if not sep or not name or not url:
+            raise LayoutError(f"--module {text!r}: expected NAME=SRC (the module NAME of checkpoint SRC)")
+        sources.append(ModuleSource(name, url))
+    return _write_composed(sources, args)
+
+
+def _split(args: argparse.Namespace) -> int:
+    from mimo_ckpt.offline.compose import ModuleSource
+
+    return _write_composed([ModuleSource(name, args.src) for name in args.module], args)
+
+
+def _write_composed(sources: list[Any], args: argparse.Namespace) -> int:
+    from mimo_ckpt.offline.compose import run_compose
+
+    manifest = run_compose(sources, args.dst, budget=_budget(args), progress=_progress(args))
+    for src in sources:
+        entry = manifest.modules[src.module]
+        print(f"module {src.module}: {entry.layout.describe()}, {human_bytes(entry.nbytes)} from {src.url}")
+    print(f"wrote {args.dst}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     if args.format == "torch_dist":
         return _export_torch_dist(args)
@@ -289,8 +318,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="mimo-ckpt", description="Inspect, verify, compare, reshard and export "
-                                     "mimo-ckpt checkpoints offline (no GPU, no process group).")
+    parser = _OneLineParser(prog="mimo-ckpt", description="Inspect, verify, compare, reshard, compose, split, "
+                                     "import and export mimo-ckpt checkpoints offline (no GPU, no process group).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -334,6 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=1, help="processes writing files in parallel")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     p.set_defaults(run=_reshard)
+
+    p = command("compose", "one checkpoint from modules of others, each as stored (files shared: hard links "
+                           "on one filesystem), e.g. encoders and an LLM trained or imported apart")
+    p.add_argument("dst")
+    p.add_argument("--module", action="append", required=True, metavar="NAME=SRC",
+                   help="take module NAME from checkpoint SRC (repeatable; each module once)")
+    p.add_argument("--max-memory", type=parse_size, default=default_max_memory(),
+                   help="peak memory when files are copied across filesystems, e.g. 512M")
+    p.set_defaults(run=_compose)
+
+    p = command("split", "modules of a checkpoint as a checkpoint of their own (files shared as by compose)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--module", action="append", required=True, help="module to keep (repeatable)")
+    p.add_argument("--max-memory", type=parse_size, default=default_max_memory(),
+                   help="peak memory when files are copied across filesystems, e.g. 512M")
+    p.set_defaults(run=_split)
 
     p = command("export", "consolidated tensors: one module as Hugging Face style safetensors (--format hf), "
                           "or modules as a megatron-core torch_dist checkpoint (--format torch_dist)")
