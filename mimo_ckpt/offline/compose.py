@@ -53,7 +53,8 @@ def plan_compose(sources: list[ModuleSource], manifests: Mapping[str, Manifest])
 
 def run_compose(sources: list[ModuleSource], dst_url: str, *, budget: Budget, progress: bool = True) -> Manifest:
     """Write the composed checkpoint at `dst_url` through the commit protocol; returns its manifest."""
-    manifests = {url: read_manifest(open_storage(url), url) for url in dict.fromkeys(s.url for s in sources)}
+    storages = {url: open_storage(url) for url in dict.fromkeys(s.url for s in sources)}
+    manifests = {url: read_manifest(storage, url) for url, storage in storages.items()}
     result = plan_compose(sources, manifests)
     files = [(src.url, path) for src in sources
              for path in sorted({s.file for t in result.modules[src.module].tensors.values() for s in t.shards})]
@@ -66,10 +67,9 @@ def run_compose(sources: list[ModuleSource], dst_url: str, *, budget: Budget, pr
         total = sum(m.nbytes for m in result.modules.values())
         bar = Progress("compose", total) if progress else None
         for i, (url, path) in enumerate(files):
-            src = open_storage(url)
-            share_file(src, dst, path, budget)
+            share_file(storages[url], dst, path, budget)
             if bar:
-                bar.advance(src.size(path) or 0)
+                bar.advance(storages[url].size(path) or 0)
             if i == 0:
                 fault_point("offline.write", 0)
         if bar:
