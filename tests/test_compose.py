@@ -107,4 +107,4 @@ def test_the_library_call_refuses_a_committed_target(sources):
 
     root, vision, llm = sources
     with pytest.raises(CheckpointExistsError):
-        run_compose([ModuleSource("language", llm)], vision, budget=Budget.from_cap(1 << 30, 1), progress=False)
+        run_compose([ModuleSource("language", llm)], vision, budget=Budget(chunk_bytes=1 << 20, temp_bytes=1 << 20), progress=False)
