@@ -7,6 +7,7 @@ members or not) and is cached, so repeated saves reuse the same groups.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from datetime import timedelta
 from typing import Any, Protocol, Sequence
@@ -34,7 +35,9 @@ class Comm(Protocol):
 
 
 _DEFAULT_COMMS: dict[int, tuple[Any, "TorchComm"]] = {}
-"""id(default process group) -> (it, its comm): see `TorchComm.default`."""
+"""id(default process group) -> (it, its comm): see `TorchComm.default`. Emptied at exit, before
+the interpreter tears modules down: a gloo process group destroyed during that teardown can abort
+the process ("terminate called without an active exception")."""
 
 
 class TorchComm:
@@ -67,6 +70,8 @@ class TorchComm:
         world = dist.group.WORLD
         held = _DEFAULT_COMMS.get(id(world))
         if held is None or held[0] is not world:  # a new process group after destroy + init
+            if not _DEFAULT_COMMS:
+                atexit.register(_DEFAULT_COMMS.clear)
             held = _DEFAULT_COMMS[id(world)] = (world, cls())
         return held[1]
 
