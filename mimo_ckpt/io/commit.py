@@ -29,7 +29,8 @@ from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest
 from mimo_ckpt.format.paths import check_relpath
 from mimo_ckpt.io.storage import Storage, read_small_file
 
-__all__ = ["read_manifest", "read_manifest_bytes", "SAVING_MARKER_PREFIX", "new_save_id", "begin", "announce", "publish", "finish", "created_by"]
+__all__ = ["read_manifest", "read_manifest_bytes", "SAVING_MARKER_PREFIX", "new_save_id", "begin", "announce", "publish",
+           "publish_manifest", "finish", "created_by"]
 
 SAVING_MARKER_PREFIX = ".saving-"
 """A write in progress: `.saving-<save id>`, holding the files it creates that do not carry the id."""
@@ -84,6 +85,13 @@ def publish(storage: Storage, save_id: str, index: str, blob: bytes, where: str)
     except StorageError:
         storage.remove(index)
         raise
+
+
+def publish_manifest(storage: Storage, save_id: str, blob: bytes, where: str) -> None:
+    """`publish` a checkpoint's manifest, once it parses as every reader will parse it: a writer
+    never commits a manifest its own loader would refuse."""
+    Manifest.from_bytes(blob, source="manifest being written")
+    publish(storage, save_id, MANIFEST_PATH, blob, where)
 
 
 def _need_marker(storage: Storage, save_id: str, where: str) -> None:

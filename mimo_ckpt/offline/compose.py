@@ -74,10 +74,8 @@ def run_compose(sources: list[ModuleSource], dst_url: str, *, budget: Budget, pr
                 fault_point("offline.write", 0)
         if bar:
             bar.close()
-        blob = result.to_bytes()
-        Manifest.from_bytes(blob, source="manifest being written")
         fault_point("offline.commit", 0)
-        commit.publish(dst, save_id, MANIFEST_PATH, blob, dst_url)
+        commit.publish_manifest(dst, save_id, result.to_bytes(), dst_url)
         committed = True
     finally:
         commit.finish(dst, save_id, committed)

@@ -196,10 +196,8 @@ def run_reshard(
         modules.update(_write_modules(src_url, dst_url, src, dst, manifest, plans, budget, workers, progress))
         world = max([manifest.world_size] + [m.layout.rank_offset + m.layout.size for m in modules.values()])
         result = Manifest(world_size=world, modules=modules, metadata=manifest.metadata)
-        blob = result.to_bytes()
-        Manifest.from_bytes(blob, source="manifest being written")
         fault_point("offline.commit", 0)
-        commit.publish(dst, save_id, MANIFEST_PATH, blob, dst_url)
+        commit.publish_manifest(dst, save_id, result.to_bytes(), dst_url)
         committed = True
     finally:
         commit.finish(dst, save_id, committed)

@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 
 from mimo_ckpt.errors import MimoCkptError, PlanError, StorageError
 from mimo_ckpt.format.checksums import ShardSums
-from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, encode_manifest, manifest_document, module_to_json
+from mimo_ckpt.format.manifest import MANIFEST_PATH, encode_manifest, manifest_document, module_to_json
 from mimo_ckpt.format.object_codec import check_plain_json
 from mimo_ckpt.io import commit
 from mimo_ckpt.io.faults import fault_point
@@ -233,9 +233,8 @@ def _commit(storage: Storage, doc: dict[str, Any] | None, save_id: str, path: st
     if doc is not None:
         try:
             blob = encode_manifest(doc)
-            Manifest.from_bytes(blob, source="manifest being written")
             fault_point("save.commit", 0)
-            commit.publish(storage, save_id, MANIFEST_PATH, blob, path)
+            commit.publish_manifest(storage, save_id, blob, path)
             committed = True
         except Exception as exc:  # noqa: BLE001 - reported to every rank
             errors.append(f"rank 0 committing the manifest: {exc}")
