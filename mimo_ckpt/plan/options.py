@@ -27,10 +27,7 @@ class SaveOptions:
     this size get only their whole-shard crc."""
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PlanError(f"SaveOptions.{f.name} must be a positive integer, got {value!r}")
+        _check_sizes(self, lowest=1)
 
     def shaping(self) -> dict[str, int]:
         """The values that shape the bytes on disk (all of them), as ranks compare them."""
@@ -56,8 +53,13 @@ class ReadOptions:
     (over the whole-shard crc when the read is the whole shard)."""
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            low = 1 if f.name == "max_iov" else 0
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise PlanError(f"ReadOptions.{f.name} must be an integer >= {low}, got {value!r}")
+        _check_sizes(self, lowest=0, exceptions={"max_iov": 1})
+
+
+def _check_sizes(options: SaveOptions | ReadOptions, *, lowest: int, exceptions: dict[str, int] | None = None) -> None:
+    """Every field an integer (not a bool) of at least `lowest`, or its own bound in `exceptions`."""
+    for f in fields(options):
+        value = getattr(options, f.name)
+        low = (exceptions or {}).get(f.name, lowest)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise PlanError(f"{type(options).__name__}.{f.name} must be an integer >= {low}, got {value!r}")
