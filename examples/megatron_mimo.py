@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.fusions import fused_softmax
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.mimo import MimoModel, MimoModelConfig
@@ -136,6 +137,22 @@ def use_cpu() -> None:
     random_module._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()
     random_module._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    if not getattr(RotaryEmbedding.get_emb, "on_cpu", False):
+        RotaryEmbedding.get_emb = _rotary_emb_on_cpu(RotaryEmbedding.get_emb)
+
+
+def _rotary_emb_on_cpu(get_emb: Any) -> Any:
+    """RotaryEmbedding.get_emb moves its frequencies to the current CUDA device on first use."""
+    def on_cpu(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.cuda.is_available():
+            return get_emb(self, *args, **kwargs)
+        from unittest import mock
+
+        with mock.patch("torch.cuda.current_device", lambda: "cpu"):
+            return get_emb(self, *args, **kwargs)
+
+    on_cpu.on_cpu = True
+    return on_cpu
 
 
 def seed_generators(device: str, seed: int, tp_rank: int) -> None:
@@ -246,7 +263,7 @@ def build_model(layouts: dict[str, ModuleLayout], grids: dict[str, Any], dtype: 
                        calculate_per_token_loss=sum_language_grads),
         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
         vocab_size=size.padded_vocab(lm.tp), max_sequence_length=size.seq, pre_process=pp_rank == 0, post_process=pp_rank == lm.pp - 1,
-        share_embeddings_and_output_weights=False, position_embedding_type="learned_absolute",
+        share_embeddings_and_output_weights=False, position_embedding_type="rope",
         pg_collection=lm_pg,
     ))
     projector_config = _config(enc, 1, size.hidden, size.heads, dtype)

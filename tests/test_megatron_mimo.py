@@ -94,8 +94,9 @@ def test_torch_dist_round_trip_is_read_back_exactly_by_megatron(results):
     tensor and object back bit for bit, and so does mimo_ckpt's load of the imported checkpoint."""
     for rank, r in enumerate(results):
         t = r["torch_dist"]
-        # every parameter with its exp_avg and exp_avg_sq (more for SwiGLU's fc1, saved in two boxes)
-        assert t["params"] >= 8 and t["tensors"] >= 3 * t["params"] and t["objects"] >= 5, rank
+        # every parameter with its exp_avg and exp_avg_sq (more for SwiGLU's fc1, saved in two boxes);
+        # the fewest parameters are a language stage's: one layer's 6 and the embedding or output layer
+        assert t["params"] >= 7 and t["tensors"] >= 3 * t["params"] and t["objects"] >= 5, rank
         assert t["ours_vs_trained"] == [] and t["megatron_vs_trained"] == [], rank
 
 
