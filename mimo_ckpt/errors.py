@@ -19,6 +19,7 @@ __all__ = [
     "CorruptShardError",
     "RemoteRankError",
     "UnsafeCheckpointError",
+    "MappingError",
 ]
 
 
@@ -72,3 +73,7 @@ class RemoteRankError(MimoCkptError, RuntimeError):
 
 class UnsafeCheckpointError(MimoCkptError, ValueError):
     """Reading the data would mean unpickling arbitrary objects, which was not allowed."""
+
+
+class MappingError(MimoCkptError, ValueError):
+    """A Hugging Face mapping table, config or folder does not fit the tensors it should map."""

@@ -196,7 +196,7 @@ def test_export_round_trip(src, tmp_path):
     rename = tmp_path / "map.json"
     rename.write_text(json.dumps({"decoder.final_layernorm.weight": "model.norm.weight"}))
     out_dir = tmp_path / "hf"
-    cli("export", src, "--module", "language", "--to", out_dir, "--max-shard-size", "4K",
+    cli("export", src, "--module", "language", "--format", "safetensors", "--to", out_dir, "--max-shard-size", "4K",
         "--rename", rename, "--exclude", "^optimizer\\.", check=0)
     index = json.loads((out_dir / "model.safetensors.index.json").read_text())
     ref = global_tensors("language")

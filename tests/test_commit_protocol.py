@@ -145,9 +145,9 @@ def _tagged(tag: str) -> list[int]:
 def test_hf_export_never_writes_over_an_export(tmp_path):
     src, out = tmp_path / "src", tmp_path / "hf"
     save_world(src)
-    assert mimo_cli("export", src, "--module", "language", "--to", out, "--quiet").returncode == 0
+    assert mimo_cli("export", src, "--module", "language", "--format", "safetensors", "--to", out, "--quiet").returncode == 0
     before = tree_hashes(out)
-    again = mimo_cli("export", src, "--module", "images", "--to", out, "--quiet")
+    again = mimo_cli("export", src, "--module", "images", "--format", "safetensors", "--to", out, "--quiet")
     assert again.returncode == 2 and "already holds" in again.stderr
     assert tree_hashes(out) == before
 
@@ -156,16 +156,16 @@ def test_a_killed_hf_export_reruns_with_no_stale_files(tmp_path):
     src, out = tmp_path / "src", tmp_path / "hf"
     save_world(src)
     small = ("--max-shard-size", "4K")  # several files
-    killed = mimo_cli("export", src, "--module", "language", "--to", out, "--quiet", *small,
+    killed = mimo_cli("export", src, "--module", "language", "--format", "safetensors", "--to", out, "--quiet", *small,
                       env={"MIMO_CKPT_FAULT": "offline.write@0"})
     assert killed.returncode == -9
-    assert mimo_cli("export", src, "--module", "language", "--to", out, "--quiet", *small).returncode == 0
+    assert mimo_cli("export", src, "--module", "language", "--format", "safetensors", "--to", out, "--quiet", *small).returncode == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(os.listdir(out)) == sorted({*index["weight_map"].values(), "model.safetensors.index.json"})
 
 
 @pytest.mark.parametrize(("command", "theirs"), [
-    (["export", "{src}", "--module", "language", "--to", "{out}"], "model-00001-of-00001.safetensors"),
+    (["export", "{src}", "--module", "language", "--format", "safetensors", "--to", "{out}"], "model-00001-of-00001.safetensors"),
     (["export", "{src}", "--format", "torch_dist", "--to", "{out}"], "__0_0.distcp"),
 ])
 def test_an_export_refuses_a_name_another_program_holds_and_leaves_it(tmp_path, capsys, command, theirs):

@@ -80,7 +80,8 @@ WRITERS = {  # name: (call, fault points, where its output is, layouts its outpu
     "import": (_import, SAVE_POINTS, lambda out, s: out, ONE_RANK),
     "compose": (_cli("compose", "{out}", "--module", "images={src}", "--module", "language={src}"),
                 OFFLINE_POINTS, lambda out, s: out, LAYOUTS),
-    "export_hf": (_cli("export", "{src}", "--module", "language", "--to", "{out}", "--max-shard-size", "4K"),
+    "export_safetensors": (_cli("export", "{src}", "--module", "language", "--format", "safetensors", "--to", "{out}",
+                                 "--max-shard-size", "4K"),
                   OFFLINE_POINTS, lambda out, s: out, None),
     "export_torch_dist": (_cli("export", "{src}", "--format", "torch_dist", "--to", "{out}"),
                           OFFLINE_POINTS, lambda out, s: out, None),
@@ -125,7 +126,7 @@ def _check_export(writer, output, sources):
     from mimo_ckpt.interop.megatron_keys import megatron_key
     from examples.synthetic_state import global_tensors
 
-    if writer == "export_hf":
+    if writer == "export_safetensors":
         from safetensors.torch import load_file
 
         index = json.loads((output / "model.safetensors.index.json").read_text())

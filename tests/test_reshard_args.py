@@ -154,7 +154,8 @@ def test_workers_must_be_positive(tp2pp2, tmp_path, capsys, workers):
 
 @pytest.mark.parametrize("option", ["--include", "--exclude"])
 def test_a_bad_export_regex_is_a_one_line_error(tp2pp2, tmp_path, capsys, option):
-    err = _one_line_error(capsys, "export", tp2pp2, "--module", "language", "--to", tmp_path / "hf", option, "(")
+    err = _one_line_error(capsys, "export", tp2pp2, "--module", "language", "--format", "safetensors", "--to", tmp_path / "hf",
+                          option, "(")
     assert option in err and "'('" in err
     assert not (tmp_path / "hf").exists()
 

@@ -225,7 +225,7 @@ def test_reshard_output_has_the_block_checksums_a_save_writes(tmp_path, workers)
 
 @pytest.mark.parametrize("command", [
     ["reshard", "{src}", "{out}", "--module", "m=tp1"],
-    ["export", "{src}", "--module", "m", "--to", "{out}"],
+    ["export", "{src}", "--module", "m", "--format", "safetensors", "--to", "{out}"],
     ["diff", "{src}", "{twin}"],
 ])
 def test_offline_tools_refuse_a_corrupt_source_and_commit_nothing(tmp_path, capsys, command):

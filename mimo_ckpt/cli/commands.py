@@ -269,12 +269,15 @@ def _write_composed(sources: list[Any], args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     if args.format == "torch_dist":
         return _export_torch_dist(args)
-    from mimo_ckpt.offline.export import plan_export, run_export
+    if not args.module or len(args.module) != 1:
+        raise LayoutError(f"--format {args.format} exports one module: give exactly one --module")
+    if args.format == "hf":
+        return _export_hf(args)
     from mimo_ckpt.io.storage import LocalStorage
+    from mimo_ckpt.offline.export import run_export
+    from mimo_ckpt.plan.export import plain_tensors, plan_export_files
 
     storage, manifest = _open(args.src)
-    if not args.module or len(args.module) != 1:
-        raise LayoutError("--format hf exports one module: give exactly one --module")
     [module] = _modules(manifest, args.module)
     rename = {}
     if args.rename:
@@ -282,14 +285,49 @@ def _export(args: argparse.Namespace) -> int:
             rename = json.load(f)
         if not isinstance(rename, dict) or not all(isinstance(v, str) for v in rename.values()):
             raise LayoutError(f"--rename {args.rename}: must be a JSON object mapping old key to new key")
-    files = plan_export(module, manifest.modules[module], max_shard_bytes=args.max_shard_size,
-                        rename=rename, include=args.include, exclude=args.exclude)
+    tensors = plain_tensors(module, manifest.modules[module], rename=rename, include=args.include, exclude=args.exclude)
+    files = plan_export_files(tensors, args.max_shard_size)
     os.makedirs(args.to, exist_ok=True)
     index = run_export(storage, LocalStorage(args.to), module, manifest.modules[module], files,
                        _budget(args), progress=_progress(args), where=args.to)
     print(f"exported {len(index['weight_map'])} tensors, {human_bytes(index['metadata']['total_size'])} "
           f"in {len(files)} files to {args.to}")
     return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from mimo_ckpt.interop.hf import export_hf
+
+    for option in ("rename", "include", "exclude"):
+        if getattr(args, option):
+            raise LayoutError(f"--{option} applies to --format safetensors; --format hf maps names by its table")
+    os.makedirs(args.to, exist_ok=True)
+    config = export_hf(args.src, args.to, args.module[0], table=args.table, config=_config_fields(args),
+                       max_shard_bytes=args.max_shard_size, budget=_budget(args), progress=_progress(args))
+    print(f"exported module {args.module[0]} as {config.get('architectures', ['?'])[0]} to {args.to}")
+    return 0
+
+
+def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """--config FILE, then each --set FIELD=VALUE (VALUE as JSON where it parses, else text)."""
+    fields: dict[str, Any] = {}
+    if args.config:
+        try:
+            with open(args.config) as f:
+                fields = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise LayoutError(f"--config {args.config}: {exc}") from None
+        if not isinstance(fields, dict):
+            raise LayoutError(f"--config {args.config}: must be a JSON object of config.json fields")
+    for item in args.set or ():
+        field, sep, text = item.partition("=")
+        if not sep or not field:
+            raise LayoutError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            fields[field] = json.loads(text)
+        except ValueError:
+            fields[field] = text
+    return fields
 
 
 def _export_torch_dist(args: argparse.Namespace) -> int:
@@ -304,6 +342,8 @@ def _export_torch_dist(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        return _import_hf(args)
     from mimo_ckpt.interop.torch_dist import import_torch_dist  # imports torch
 
     report = import_torch_dist(args.src, args.dst, allow_pickle=args.allow_pickle, progress=_progress(args))
@@ -311,6 +351,20 @@ def _import(args: argparse.Namespace) -> int:
         print(f"dropped {line}")
     print(f"imported {report.tensors} tensor chunks ({human_bytes(report.bytes)}) and {report.objects} objects "
           f"to {args.dst}")
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from mimo_ckpt.interop.hf import import_hf
+
+    if not args.module:
+        raise LayoutError("--format hf imports one module: give --module NAME=tp2,pp2,... (the layout to write)")
+    name, layout = parse_layout_arg(args.module, None)
+    manifest = import_hf(args.src, args.dst, name, layout, table=args.table, vocab_multiple=args.vocab_multiple,
+                         ignore=args.ignore, budget=_budget(args), progress=_progress(args))
+    entry = manifest.modules[name]
+    print(f"imported module {name}: {len(entry.tensors)} tensors, {human_bytes(entry.nbytes)}, "
+          f"laid out for {layout.describe()}, to {args.dst}")
     return 0
 
 
@@ -381,25 +435,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak memory when files are copied across filesystems, e.g. 512M")
     p.set_defaults(run=_split)
 
-    p = command("export", "consolidated tensors: one module as Hugging Face style safetensors (--format hf), "
-                          "or modules as a megatron-core torch_dist checkpoint (--format torch_dist)")
+    p = command("export", "one module as a Hugging Face folder from_pretrained loads (--format hf, mapped by a "
+                          "table), one module's tensors as they are stored (--format safetensors), or modules as "
+                          "a megatron-core torch_dist checkpoint (--format torch_dist)")
     p.add_argument("src")
-    p.add_argument("--module", action="append", help="module to export (hf: exactly one; torch_dist: repeatable, default all)")
+    p.add_argument("--module", action="append",
+                   help="module to export (hf, safetensors: exactly one; torch_dist: repeatable, default all)")
     p.add_argument("--to", required=True, metavar="DIR")
-    p.add_argument("--format", choices=("hf", "torch_dist"), default="hf")
+    p.add_argument("--format", choices=("hf", "safetensors", "torch_dist"), default="hf")
+    p.add_argument("--table", metavar="NAME|FILE.json",
+                   help="hf: the mapping table, built-in (llama, gpt2) or a file (default: the one the module "
+                        "was imported with)")
+    p.add_argument("--config", metavar="FILE.json", help="hf: config.json fields to write (override what the "
+                                                          "checkpoint records and its shapes say)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="hf: one config.json field, e.g. num_attention_heads=32 (repeatable)")
     p.add_argument("--main-param-name", choices=("fp32_param", "param"), default="fp32_param",
                    help="torch_dist: name of fp32 main params, 'fp32_param' (Float16Optimizer) or 'param' "
                         "(DistributedOptimizer, fully_reshardable)")
     p.add_argument("--max-shard-size", type=parse_size, default=5 << 30, help="largest file, e.g. 2G (default 5G)")
-    p.add_argument("--rename", metavar="MAP.json", help="JSON object mapping checkpoint keys to exported names")
-    p.add_argument("--include", metavar="REGEX", type=regex, help="only keys matching")
-    p.add_argument("--exclude", metavar="REGEX", type=regex, help="skip keys matching (e.g. '^optimizer\\.')")
+    p.add_argument("--rename", metavar="MAP.json", help="safetensors: JSON object mapping checkpoint keys to exported names")
+    p.add_argument("--include", metavar="REGEX", type=regex, help="safetensors: only keys matching")
+    p.add_argument("--exclude", metavar="REGEX", type=regex, help="safetensors: skip keys matching (e.g. '^optimizer\\.')")
     p.add_argument("--max-memory", type=parse_size, default=default_max_memory(), help="peak memory, e.g. 512M")
     p.set_defaults(run=_export)
 
-    p = command("import", "a megatron-core torch_dist checkpoint of a MIMO model into mimo-ckpt's format")
-    p.add_argument("src", help="torch_dist checkpoint directory (written by megatron.core.dist_checkpointing.save)")
+    p = command("import", "a megatron-core torch_dist checkpoint of a MIMO model (--format torch_dist), or a "
+                          "Hugging Face folder as one module under any layout (--format hf)")
+    p.add_argument("src", help="torch_dist checkpoint directory (written by megatron.core.dist_checkpointing.save), "
+                               "or a Hugging Face folder (config.json and safetensors)")
     p.add_argument("dst")
+    p.add_argument("--format", choices=("torch_dist", "hf"), default="torch_dist")
+    p.add_argument("--module", metavar="NAME=tp2,pp2,...",
+                   help="hf: the module's name and the layout to write it for (sizes tpN cpN epN ppN dpN, offset=N)")
+    p.add_argument("--table", metavar="NAME|FILE.json",
+                   help="hf: the mapping table, built-in (llama, gpt2) or a file (default: by config.json's model_type)")
+    p.add_argument("--vocab-multiple", type=positive_int, default=128,
+                   help="hf: pad the vocabulary to a multiple of this x TP, as Megatron-LM's "
+                        "--make-vocab-size-divisible-by (default 128)")
+    p.add_argument("--ignore", metavar="REGEX", type=regex, help="hf: folder tensors that may go unmapped")
+    p.add_argument("--max-memory", type=parse_size, default=default_max_memory(), help="hf: peak memory, e.g. 512M")
     p.add_argument("--allow-pickle", action="store_true",
                    help="torch_dist stores objects (param_groups, common.pt) as pickles. By default only plain "
                         "data is read from them (torch.load weights_only) and anything else is an error; this "

@@ -14,9 +14,10 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from mimo_ckpt.errors import CorruptShardError
 from mimo_ckpt.model.dtypes import ITEMSIZE
 
-__all__ = ["FileEntry", "layout_file", "layout_files", "HEADER_ALIGN"]
+__all__ = ["FileEntry", "FileTensor", "layout_file", "layout_files", "parse_header", "HEADER_ALIGN", "MAX_HEADER_BYTES"]
 
 HEADER_ALIGN = 64
 """Data starts on a cache line. A read from the page cache is a copy into the caller's buffer,
@@ -104,3 +105,54 @@ def _with_prefix(header: str, relative: list[tuple[int, int]]) -> tuple[bytes, l
     prefix = struct.pack("<Q", len(text)) + text
     base = len(prefix)
     return prefix, [(base + b, base + e) for b, e in relative]
+
+
+MAX_HEADER_BYTES = 100 << 20
+"""safetensors' own limit on a header's length."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileTensor:
+    """A tensor of a safetensors file read by another program: its bytes are [begin, end)."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def parse_header(file: str, length_bytes: bytes, header: bytes, file_size: int, where: str = "") -> dict[str, FileTensor]:
+    """The tensors of safetensors file `file` (of folder `where`, for messages) from its first 8
+    bytes and its header, every field checked against the file's size."""
+    def bad(what: str) -> CorruptShardError:
+        return CorruptShardError(f"{where + '/' if where else ''}{file}: not a readable safetensors file: {what}")
+
+    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            raise bad("a name appears twice in the header")
+        return out
+
+    try:
+        doc = json.loads(header, object_pairs_hook=unique)
+    except ValueError as exc:
+        raise bad(f"header: {exc}") from None
+    if not isinstance(doc, dict):
+        raise bad("the header is not a JSON object")
+    base = len(length_bytes) + len(header)
+    out = {}
+    for name, t in doc.items():
+        if name == "__metadata__":
+            continue
+        if (not isinstance(t, dict) or t.get("dtype") not in ITEMSIZE or not isinstance(t.get("shape"), list)
+                or not all(type(d) is int and d >= 0 for d in t["shape"]) or not isinstance(t.get("data_offsets"), list)
+                or len(t["data_offsets"]) != 2 or not all(type(o) is int for o in t["data_offsets"])):
+            raise bad(f"tensor {name!r}: needs dtype (one of {sorted(ITEMSIZE)}), shape and data_offsets")
+        begin, end = (base + o for o in t["data_offsets"])
+        nbytes = math.prod(t["shape"], start=ITEMSIZE[t["dtype"]])
+        if end - begin != nbytes or begin < base or end > file_size:
+            raise bad(f"tensor {name!r}: bytes {begin}..{end} do not hold {t['dtype']} {t['shape']} "
+                      f"within the file's {file_size} bytes")
+        out[name] = FileTensor(file, t["dtype"], tuple(t["shape"]), begin, end)
+    return out

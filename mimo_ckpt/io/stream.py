@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import crc32c
 import numpy as np
@@ -26,7 +26,7 @@ from mimo_ckpt.io.progress import Progress
 from mimo_ckpt.io.read import execute_reads, raw_dtype
 from mimo_ckpt.io.storage import LocalStorage, Storage
 
-__all__ = ["Budget", "iter_box", "StreamItem", "write_streamed_file", "share_file", "current_rss"]
+__all__ = ["Budget", "iter_box", "StreamItem", "write_streamed_file", "write_file_of_pieces", "share_file", "current_rss"]
 
 MIN_BUFFER = 64 << 10
 
@@ -117,17 +117,27 @@ def write_streamed_file(
     src: Storage, dst: Storage, module: str, path: str, prefix: bytes, items: Sequence[StreamItem],
     budget: Budget, progress: Progress | None = None,
 ) -> list[ShardSums]:
-    """Write `prefix` then each item's bytes to `dst:path`; returns each item's checksums, whole
+    """Write `prefix` then each item's bytes, copied from stored tensors, to `dst:path`; returns
+    each item's checksums."""
+    buffer = np.empty(budget.chunk_bytes, dtype=np.uint8)
+    pieces = ((values for _, values in iter_box(src, module, i.key, i.stored, i.box, budget, buffer)) for i in items)
+    return write_file_of_pieces(dst, path, prefix, pieces, progress)
+
+
+def write_file_of_pieces(
+    dst: Storage, path: str, prefix: bytes, items: Iterable[Iterable[np.ndarray]], progress: Progress | None = None,
+) -> list[ShardSums]:
+    """Write `prefix` then each item's pieces (arrays in C order, each used before the next is
+    asked for, so they may share a buffer) to `dst:path`; returns each item's checksums, whole
     and per block, hashed as the pieces go by (the same as a save's: one writer contract)."""
     sums: list[ShardSums] = []
-    buffer = np.empty(budget.chunk_bytes, dtype=np.uint8)
 
     def chunks() -> Iterator[memoryview]:
         yield memoryview(prefix)
-        for item in items:
+        for pieces in items:
             hasher = BlockHasher()
-            for _, values in iter_box(src, module, item.key, item.stored, item.box, budget, buffer):
-                raw = values.reshape(-1).view(np.uint8)
+            for values in pieces:
+                raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
                 hasher.update(raw)
                 yield memoryview(raw)
                 if progress is not None:

@@ -22,6 +22,8 @@ __all__ = ["ModuleSource", "plan_compose", "run_compose", "COMPOSED_FROM"]
 
 COMPOSED_FROM = "composed_from"
 """Manifest metadata of a composed checkpoint: module -> the checkpoint it came from."""
+CARRIED_METADATA = ("hf",)
+"""Source metadata keyed by module that moves with the module (interop.hf's imported configs)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,13 @@ def plan_compose(sources: list[ModuleSource], manifests: Mapping[str, Manifest])
     if not modules:
         raise LayoutError("no module to compose")
     world = max(m.layout.rank_offset + m.layout.size for m in modules.values())
-    return Manifest(world_size=world, modules=modules, metadata={COMPOSED_FROM: origin})
+    metadata: dict = {COMPOSED_FROM: origin}
+    for field in CARRIED_METADATA:
+        carried = {m: by_module[m] for m, url in origin.items()
+                   if isinstance(by_module := manifests[url].metadata.get(field), dict) and m in by_module}
+        if carried:
+            metadata[field] = carried
+    return Manifest(world_size=world, modules=modules, metadata=metadata)
 
 
 def run_compose(sources: list[ModuleSource], dst_url: str, *, budget: Budget, progress: bool = True) -> Manifest:

@@ -1,0 +1,107 @@
+"""Planning of consolidated safetensors folders (Hugging Face style) made from stored tensors.
+
+Each exported tensor is a stack of row runs taken from stored tensors (one layer of a tensor
+stacked over layers, or all of it), possibly transposed: enough to unstack layers, split fused
+QKV or gate/up projections, cut vocabulary padding, and rename. Pure: no bytes move here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from mimo_ckpt.errors import ManifestError
+from mimo_ckpt.format.manifest import ModuleEntry
+from mimo_ckpt.format.safetensors import FileEntry, layout_file
+from mimo_ckpt.model.dtypes import ITEMSIZE
+
+__all__ = ["Run", "ExportPart", "ExportTensor", "ExportFile", "plain_tensors", "plan_export_files", "INDEX_NAME"]
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """`count` rows: the stored tensor's rows from `start` (within one layer) are the file
+    tensor's rows from `file_start` (its columns where the file tensor is transposed)."""
+
+    start: int
+    file_start: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportPart:
+    """Rows of stored tensor `key`: of layer `layer` of a tensor stacked over layers on dim 0, or
+    (None) of the tensor itself; `run` None takes the whole tensor (a scalar included)."""
+
+    key: str
+    layer: int | None
+    run: Run | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    transpose: bool
+    parts: tuple[ExportPart, ...]
+    """In the exported tensor's row order (column order where transposed)."""
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """The shape the parts stack to: the tensor's shape before transposing."""
+        return tuple(reversed(self.shape)) if self.transpose else self.shape
+
+    @property
+    def nbytes(self) -> int:
+        n = ITEMSIZE[self.dtype]
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True, slots=True)
+class ExportFile:
+    name: str
+    prefix: bytes
+    tensors: tuple[ExportTensor, ...]
+    nbytes: int
+
+
+def plain_tensors(module: str, entry: ModuleEntry, *, rename: Mapping[str, str] | None = None,
+                  include: str | None = None, exclude: str | None = None) -> list[ExportTensor]:
+    """Stored tensors as they are, selected by regexes and renamed by a map."""
+    rename = rename or {}
+    keys = [k for k in sorted(entry.tensors)
+            if (include is None or re.search(include, k)) and (exclude is None or not re.search(exclude, k))]
+    names = {k: rename.get(k, k) for k in keys}
+    seen: dict[str, int] = {}
+    for n in names.values():
+        seen[n] = seen.get(n, 0) + 1
+    clash = sorted(n for n, c in seen.items() if c > 1)
+    if clash:
+        raise ManifestError(f"module {module!r}: the renaming map gives several tensors the name(s) {clash}")
+    return [ExportTensor(names[k], entry.tensors[k].dtype, entry.tensors[k].global_shape, False,
+                         (ExportPart(k, None, None),)) for k in keys]
+
+
+def plan_export_files(tensors: Sequence[ExportTensor], max_shard_bytes: int) -> list[ExportFile]:
+    """Group whole tensors, in order, into files of at most `max_shard_bytes` (a bigger tensor
+    gets its own)."""
+    groups: list[list[ExportTensor]] = []
+    size = 0
+    for t in tensors:
+        if not groups or (size + t.nbytes > max_shard_bytes and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    files = []
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        prefix, ranges = layout_file([FileEntry(t.name, t.dtype, t.shape) for t in group], {"format": "pt"})
+        files.append(ExportFile(name, prefix, tuple(group), ranges[-1][1] if ranges else len(prefix)))
+    return files

@@ -1,0 +1,247 @@
+"""Hugging Face models in and out: a tiny transformers model (built from a config, no download) is
+imported with `mimo-ckpt import --format hf` under a layout, loaded by megatron-core's GPTModel
+under that layout on 4 gloo ranks (tests/hf_worlds.py), whose logits must match transformers'
+forward; trained one step there, saved, and exported with `mimo-ckpt export --format hf`:
+`from_pretrained` loads it with no missing or unexpected key, with logits matching megatron's."""
+
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from mimo_ckpt import CheckpointExistsError, ModuleLayout  # noqa: E402
+from mimo_ckpt.errors import MappingError  # noqa: E402
+from mimo_ckpt.interop.hf import export_hf, import_hf  # noqa: E402
+from mimo_ckpt.interop.hf_map import padded_rows  # noqa: E402
+from mimo_ckpt.io.commit import read_manifest  # noqa: E402
+from mimo_ckpt.io.storage import LocalStorage  # noqa: E402
+from mimo_ckpt.io.stream import Budget  # noqa: E402
+from mimo_ckpt.cli import main as cli  # noqa: E402
+from tests.harness.local_world import run_local_world  # noqa: E402
+
+TOL = 1e-5
+VOCAB_MULTIPLE = 8
+SIZES = {
+    "llama": {"hidden": 32, "heads": 4, "groups": 2, "layers": 2, "ffn": 64, "vocab": 70, "seq": 12},
+    "gpt2": {"hidden": 32, "heads": 4, "layers": 2, "vocab": 70, "seq": 12},
+}
+CASES = [  # (architecture, layout written by the import, train one step)
+    ("llama", "tp2,pp2", True),
+    ("llama", "tp2,dp2", False),
+    ("gpt2", "tp2,pp2", False),
+    ("gpt2", "tp4", True),
+]
+BUDGET = Budget(4 << 10, 4 << 10)  # small pieces: every tensor crosses several
+
+
+def hf_model(arch):
+    """A tiny model with weights far from their initialisation (so a wrong mapping shows)."""
+    s = SIZES[arch]
+    if arch == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=s["hidden"], num_attention_heads=s["heads"], num_key_value_heads=s["groups"],
+            num_hidden_layers=s["layers"], intermediate_size=s["ffn"], vocab_size=s["vocab"],
+            max_position_embeddings=s["seq"], rms_norm_eps=1e-5, tie_word_embeddings=False)
+        cls = transformers.LlamaForCausalLM
+    else:
+        config = transformers.GPT2Config(n_embd=s["hidden"], n_head=s["heads"], n_layer=s["layers"],
+                                         vocab_size=s["vocab"], n_positions=s["seq"], layer_norm_epsilon=1e-5,
+                                         bos_token_id=None, eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0,
+                                         attn_pdrop=0.0)
+        cls = transformers.GPT2LMHeadModel
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm = "norm" in name or ".ln_" in name
+            p.copy_((1.0 if norm and name.endswith("weight") else 0.0) + (0.1 if norm else 0.3) * torch.randn_like(p))
+    return model
+
+
+def tokens(arch):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, SIZES[arch]["vocab"], (3, SIZES[arch]["seq"]), generator=g)
+
+
+def hf_logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Every case's import (CLI), megatron forward, training step and save, in one 4-rank world."""
+    root = tmp_path_factory.mktemp("hf")
+    args, expected = [], {}
+    for arch in SIZES:
+        folder = root / f"{arch}-hf"
+        hf_model(arch).save_pretrained(folder)
+    for arch, layout, train in CASES:
+        name = f"{arch}-{layout}"
+        ckpt = root / f"{name}-imported"
+        assert cli(["import", str(root / f"{arch}-hf"), str(ckpt), "--format", "hf", "--module", f"language={layout}",
+                    "--vocab-multiple", str(VOCAB_MULTIPLE), "--quiet"]) == 0
+        parsed = ModuleLayout.from_json(read_manifest(LocalStorage(ckpt)).modules["language"].layout.to_json())
+        args.append({
+            "arch": arch, "layout": parsed.to_json(), "sizes": SIZES[arch], "ckpt": str(ckpt),
+            "padded_vocab": padded_rows(SIZES[arch]["vocab"], VOCAB_MULTIPLE, parsed.tp),
+            "tokens": tokens(arch).tolist(), "logits": str(root / f"{name}-logits.safetensors"), "train": train,
+            "trained_logits": str(root / f"{name}-trained-logits.safetensors"),
+            "trained_ckpt": str(root / f"{name}-trained"), "keep_metadata": arch == "llama",
+        })
+        expected[name] = args[-1]
+    example = {"steps": 2, "ckpt": str(root / "example"), "logits": str(root / "example-logits.safetensors"),
+               "tokens": tokens("llama").clamp(max=68).tolist()}  # 69 is the example's image token
+    results = run_local_world(4, "tests.hf_worlds:suite", {"cases": args, "example": example}, timeout=600)
+    expected["example"] = example
+    return root, expected, [r["cases"] for r in results]
+
+
+@pytest.mark.parametrize(("arch", "layout", "train"), CASES)
+def test_megatron_loads_the_import_and_matches_transformers_forward(world, arch, layout, train):
+    root, expected, results = world
+    case = expected[f"{arch}-{layout}"]
+    index = [a["ckpt"] for a in expected.values()].index(case["ckpt"])
+    for rank_results in results:
+        r = rank_results[index]
+        if r:
+            assert r["nan_params"] == 0
+            # objects of Transformer Engine layers; an import has none, and a local-spec model none to fill
+            assert all(k.endswith("._extra_state") for keys in r["not_loaded"].values() for k in keys)
+    megatron = load_file(case["logits"])["logits"]
+    reference = hf_logits(hf_model(arch), tokens(arch))
+    assert megatron.shape == reference.shape
+    assert (megatron - reference).abs().max().item() < TOL
+
+
+# The llama case saves the Hugging Face metadata its load returned, so the export needs no flags;
+# the gpt2 case saves none, like a model trained from scratch: the export is told the table and
+# the sizes shapes cannot give.
+EXPORT_FLAGS = {"llama": [], "gpt2": ["--table", "gpt2", "--set", "n_head=4", "--set", "vocab_size=70"]}
+
+
+@pytest.mark.parametrize(("arch", "layout"), [(a, l) for a, l, train in CASES if train])
+def test_a_trained_model_exports_as_a_folder_transformers_loads_with_megatrons_logits(world, arch, layout, capsys):
+    root, expected, _ = world
+    case = expected[f"{arch}-{layout}"]
+    out = root / f"{arch}-{layout}-exported"
+    export = ["export", case["trained_ckpt"], "--module", "language", "--to", str(out), "--quiet"]
+    if EXPORT_FLAGS[arch]:
+        assert cli(export) == 2
+        assert "records no mapping table" in capsys.readouterr().err
+        assert not (out / "model.safetensors.index.json").exists()
+    assert cli(export + EXPORT_FLAGS[arch]) == 0
+    cls = type(hf_model(arch))
+    model, info = cls.from_pretrained(out, output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    trained = load_file(case["trained_logits"])["logits"]
+    before = load_file(case["logits"])["logits"]
+    assert (trained - before).abs().max().item() > 100 * TOL  # the step changed the model
+    assert (hf_logits(model.eval(), tokens(arch)) - trained).abs().max().item() < TOL
+
+
+def test_the_mimo_examples_language_model_exports_as_llama_with_megatrons_logits(world):
+    """The example's language module, trained by MimoModel at TP2 x DP2 and saved by mimo_ckpt,
+    exported with the llama table: the folder transformers loads gives megatron's logits."""
+    root, expected, _ = world
+    example = expected["example"]
+    out = root / "example-hf"
+    assert cli(["export", example["ckpt"], "--module", "language", "--to", str(out), "--table", "llama",
+                "--set", "num_attention_heads=4", "--set", "vocab_size=70", "--quiet"]) == 0
+    model, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True,
+                                                                 attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    x = torch.tensor(example["tokens"])
+    megatron = load_file(example["logits"])["logits"]
+    assert (hf_logits(model.eval(), x) - megatron).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("arch", sorted(SIZES))
+def test_import_then_export_gives_back_every_tensor_bit_for_bit(tmp_path, arch):
+    model = hf_model(arch)
+    model.save_pretrained(tmp_path / "hf")
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(tp=2, pp=2),
+              vocab_multiple=VOCAB_MULTIPLE, budget=BUDGET, progress=False)
+    export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), "lm", budget=BUDGET, progress=False)
+    back, info = type(model).from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    original = model.state_dict()
+    assert set(back.state_dict()) == set(original)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in original.items())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vocab_size"] == SIZES[arch]["vocab"] and config["model_type"] == arch
+
+
+def test_qkv_rows_follow_megatrons_per_group_order(tmp_path):
+    """Independent reference: megatron's fused QKV stacks, per query group, the group's query
+    heads, then its key head, then its value head."""
+    model = hf_model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(), vocab_multiple=VOCAB_MULTIPLE,
+              budget=BUDGET, progress=False)
+    assert cli(["export", str(tmp_path / "ckpt"), "--module", "lm", "--format", "safetensors", "--to",
+                str(tmp_path / "raw"), "--quiet"]) == 0  # the stored tensors as they are
+    stored = load_file(tmp_path / "raw" / "model-00001-of-00001.safetensors")
+    s = SIZES["llama"]
+    hd, groups = s["hidden"] // s["heads"], s["groups"]
+    attn = model.model.layers[1].self_attn
+    q = attn.q_proj.weight.view(groups, -1, s["hidden"])
+    k = attn.k_proj.weight.view(groups, hd, s["hidden"])
+    v = attn.v_proj.weight.view(groups, hd, s["hidden"])
+    reference = torch.cat([q, k, v], dim=1).reshape(-1, s["hidden"])
+    assert torch.equal(stored["decoder.layers.self_attention.linear_qkv.weight"][1], reference)
+    mlp = model.model.layers[0].mlp
+    assert torch.equal(stored["decoder.layers.mlp.linear_fc1.weight"][0], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    embedding = stored["embedding.word_embeddings.weight"]
+    assert embedding.shape[0] == 72 and torch.equal(embedding[:70], model.model.embed_tokens.weight)
+    assert not embedding[70:].any()
+
+
+def test_import_refuses_a_folder_tensor_no_rule_takes(tmp_path):
+    model = hf_model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    extra = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(extra)
+    tensors["model.layers.0.self_attn.rotary.inv_freq"] = torch.ones(4)
+    from safetensors.torch import save_file
+    save_file(tensors, extra, metadata={"format": "pt"})
+    with pytest.raises(MappingError, match="inv_freq"):
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(), budget=BUDGET, progress=False)
+    assert not (tmp_path / "ckpt" / "manifest.json").exists()
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(), ignore="inv_freq$",
+              budget=BUDGET, progress=False)
+
+
+def test_import_names_the_missing_tensor_and_writes_nothing(tmp_path):
+    model = hf_model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    from safetensors.torch import save_file
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MappingError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(tp=2), budget=BUDGET, progress=False)
+    assert not (tmp_path / "ckpt").exists() or os.listdir(tmp_path / "ckpt") == []
+
+
+def test_a_layout_megatron_cannot_build_is_refused(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path / "hf")
+    with pytest.raises(MappingError, match="pp=4"):  # 2 layers in 4 stages
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(pp=4), budget=BUDGET, progress=False)
+    assert not (tmp_path / "ckpt" / "manifest.json").exists()
+
+
+def test_an_export_never_writes_into_a_committed_folder(tmp_path):
+    hf_model("gpt2").save_pretrained(tmp_path / "hf")
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(), budget=BUDGET, progress=False)
+    export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), "lm", budget=BUDGET, progress=False)
+    before = {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")}
+    with pytest.raises(CheckpointExistsError):
+        export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), "lm", budget=BUDGET, progress=False)
+    assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before
