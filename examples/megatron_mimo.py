@@ -1,10 +1,10 @@
 """A small megatron-core `MimoModel` on per-module `HyperCommGrid`s, trained with
 optim.MimoOptimizer and checkpointed with mimo_ckpt: the example to copy.
 
-The model: a vision encoder ("images": patch embedding, a TransformerBlock, an MLP projector, TP
-over its own grid) and a Llama-class GPTModel language model ("language": SwiGLU MLP, RMSNorm, no
-biases, a vocabulary padded as Megatron-LM pads it, local non-Transformer-Engine layer spec,
-TP/PP/DP over its own grid), on disjoint ranks (megatron's non-colocated mode) or on the same ranks
+The model, LLaVA-style: a vision module ("images": megatron-core's CLIP ViT and an MLP projector,
+TP over its own grid) and a Llama-class GPTModel language model ("language": rotary positions,
+SwiGLU MLP, RMSNorm, no biases, a vocabulary padded as Megatron-LM pads it, local
+non-Transformer-Engine layer spec, TP/PP/DP over its own grid), on disjoint ranks (megatron's non-colocated mode) or on the same ranks
 (colocated, PP 1).
 
     torchrun --nproc-per-node 4 -m examples.megatron_mimo --images tp2 --language pp2 --steps 3 --save /ckpt/a
@@ -59,14 +59,15 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.mimo import MimoModel, MimoModelConfig
 from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
+from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel import random as random_module
 from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mimo_ckpt import LayoutError, ModuleLayout
@@ -84,9 +85,18 @@ class Size:
     layers: int = 2
     encoder_hidden: int = 24
     encoder_layers: int = 1
-    image_tokens: int = 4  # image token positions per sample
-    patch_dim: int = 12
+    patch: int = 2  # CLIP's patch side, in pixels
+    grid: int = 2  # patches per image side: each image gives grid^2 + 1 rows (the class token kept)
     batch: int = 4  # global batch
+
+    @property
+    def image_tokens(self) -> int:
+        """Image token positions per sample: one per CLIP output row."""
+        return self.grid * self.grid + 1
+
+    @property
+    def image_side(self) -> int:
+        return self.patch * self.grid
 
     @property
     def image_token_id(self) -> int:
@@ -194,33 +204,18 @@ def _pg_collection(grid: Any) -> Any:
 
 
 def _config(layout: ModuleLayout, num_layers: int, hidden: int, heads: int, dtype: torch.dtype,
-            llama: bool = False, **extra: Any) -> Any:
+            llama: bool = False, ffn: int | None = None, **extra: Any) -> Any:
     """The encoder's config, or with `llama` the language model's: SwiGLU, RMSNorm, no biases."""
     style = dict(gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
                  normalization="RMSNorm") if llama else dict(add_bias_linear=True, normalization="LayerNorm")
     return TransformerConfig(
-        num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=2 * hidden,
+        num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=ffn or 2 * hidden,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         hidden_dropout=0.0, attention_dropout=0.0, gradient_accumulation_fusion=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, **style, **extra,
     )
-
-
-class PatchEncoder(MegatronModule):
-    """Image patches [b, n, patch_dim] -> one row per patch [b * n, encoder hidden]."""
-
-    def __init__(self, config: Any, pg_collection: Any, patch_dim: int) -> None:
-        super().__init__(config)
-        self.tp_group = pg_collection.tp  # megatron falls back to its global groups without it
-        self.patch_embed = torch.nn.Linear(patch_dim, config.hidden_size, dtype=config.params_dtype)
-        self.block = TransformerBlock(config, get_gpt_layer_local_spec(), pg_collection=pg_collection)
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        h = self.patch_embed(patches).transpose(0, 1).contiguous()  # [n, b, h]
-        h = self.block(h, attention_mask=causal_mask(h.shape[0], h.device))
-        return h.transpose(0, 1).reshape(-1, h.shape[-1])
 
 
 class _GatherColumns(torch.autograd.Function):
@@ -239,6 +234,27 @@ class _GatherColumns(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         columns = grad.chunk(dist.get_world_size(ctx.group), dim=-1)
         return columns[dist.get_rank(ctx.group)].contiguous(), None
+
+
+class ClipViT(CLIPViTModel):
+    """megatron-core's CLIP ViT on a module grid: it keeps its TP group, which its
+    `sharded_state_dict` otherwise takes from megatron's global parallel_state."""
+
+    def __init__(self, *args: Any, pg_collection: Any, **kwargs: Any) -> None:
+        super().__init__(*args, pg_collection=pg_collection, **kwargs)
+        self.tp_group = pg_collection.tp
+
+
+@contextlib.contextmanager
+def _cuda_free_construction() -> Any:
+    """CLIPViTModel puts its position ids on CUDA when it is built; without CUDA they stay put."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from unittest import mock
+
+    with mock.patch.object(torch.Tensor, "cuda", lambda self, *args, **kwargs: self):
+        yield
 
 
 def causal_mask(n: int, device: Any) -> torch.Tensor:
@@ -266,18 +282,20 @@ def build_model(layouts: dict[str, ModuleLayout], grids: dict[str, Any], dtype: 
         share_embeddings_and_output_weights=False, position_embedding_type="rope",
         pg_collection=lm_pg,
     ))
-    projector_config = _config(enc, 1, size.hidden, size.heads, dtype)
+    # the projector maps encoder rows to the language model's width in two linears (LLaVA's)
+    projector_config = _config(enc, 1, size.hidden, size.heads, dtype, ffn=size.hidden)
     images = ModuleSpec(module=VisionModalitySubmodules, params=dict(pg_collection=enc_pg), submodules={
-        "encoders": {"patches": ModuleSpec(module=PatchEncoder, params=dict(
-            config=_config(enc, size.encoder_layers, size.encoder_hidden, size.heads, dtype), pg_collection=enc_pg,
-            patch_dim=size.patch_dim))},
+        "encoders": {"clip": ModuleSpec(module=ClipViT, params=dict(
+            transformer_config=_config(enc, size.encoder_layers, size.encoder_hidden, size.heads, dtype),
+            transformer_layer_spec=get_vit_layer_with_local_spec(), ln_pre_impl=WrappedTorchNorm,
+            patch_dim=size.patch, img_h=size.image_side, img_w=size.image_side, pg_collection=enc_pg))},
         "input_projections": [ModuleSpec(
             module=MultimodalProjector,
             params=dict(config=projector_config, projector_type="mlp", input_size=size.encoder_hidden, pg_collection=enc_pg),
             submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
         )],
     })
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _cuda_free_construction():
         warnings.simplefilter("ignore", UserWarning)  # "MimoModel is experimental"
         return MimoModel(MimoModelConfig(
             language_model_spec=language, modality_submodules_spec={IMAGES: images},
@@ -375,7 +393,7 @@ def sharded_params(model: Any) -> dict[str, list[Any]]:
 
 def global_batch(step: int, device: Any = "cpu", size: Size = TINY) -> dict[str, torch.Tensor]:
     """Step `step`'s whole batch, the same on every rank: tokens with `image_tokens` image slots,
-    labels, a loss mask and the image patches."""
+    labels, a loss mask and the images."""
     g = torch.Generator().manual_seed(1000 + step)
     shape, image = (size.batch, size.seq), size.image_token_id
     tokens = torch.randint(0, image, shape, generator=g)
@@ -383,8 +401,8 @@ def global_batch(step: int, device: Any = "cpu", size: Size = TINY) -> dict[str,
     labels = torch.randint(0, image, shape, generator=g)
     loss_mask = torch.ones(shape)
     loss_mask[:, : 1 + size.image_tokens] = 0.0
-    patches = torch.randn(size.batch, size.image_tokens, size.patch_dim, generator=g)
-    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "patches": patches}
+    images = torch.randn(size.batch, 3, size.image_side, size.image_side, generator=g)
+    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "images": images}
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -597,7 +615,7 @@ class MegatronMimoRun:
         if enc.contains(r):
             lo, hi = samples(enc, r, size.batch)
             out = self.model(input_ids=batch["tokens"][lo:hi],
-                             modality_inputs={IMAGES: {"patches": {"patches": batch["patches"][lo:hi].to(self.dtype)}}})[0][IMAGES]
+                             modality_inputs=self._images(batch, lo, hi))[0][IMAGES]
             _exchange([(dst, out[(a - lo) * per : (b - lo) * per].detach().contiguous())
                        for src, dst, a, b in to_lm if src == r], [])
             grad = torch.zeros_like(out)
@@ -647,12 +665,15 @@ class MegatronMimoRun:
         logits, _ = self.model(
             input_ids=batch["tokens"][lo:hi], position_ids=torch.arange(seq, device=self.device).expand(hi - lo, seq),
             attention_mask=causal_mask(seq, self.device), loss_mask=batch["loss_mask"][lo:hi],
-            modality_inputs={IMAGES: {"patches": {"patches": batch["patches"][lo:hi].to(self.dtype)}}},
+            modality_inputs=self._images(batch, lo, hi),
         )
         losses = self._token_losses(logits, batch["labels"][lo:hi])
         objective = (losses * batch["loss_mask"][lo:hi]).sum() / batch["loss_mask"].sum()
         objective.backward()
         return objective.item() if lm.coords(self.rank)["tp"] == 0 else 0.0
+
+    def _images(self, batch: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, Any]:
+        return {IMAGES: {"clip": {"x": batch["images"][lo:hi].to(self.dtype)}}}
 
     def _token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross entropy per token over the real vocabulary: the TP-split logits are gathered and
@@ -690,10 +711,10 @@ class MegatronMimoRun:
             state[m]["rng"] = rng_state(self.layouts[m], self.rank, trackers)
         return state
 
-    def save(self, path: str, step: int) -> None:
+    def save(self, path: str, step: int, metadata: dict[str, Any] | None = None) -> None:
         import mimo_ckpt
 
-        mimo_ckpt.save(self.state(), path, layouts=self.layouts, metadata={"step": step})
+        mimo_ckpt.save(self.state(), path, layouts=self.layouts, metadata={**(metadata or {}), "step": step})
 
     def load(self, path: str) -> Any:
         import mimo_ckpt
@@ -704,6 +725,33 @@ class MegatronMimoRun:
             if name not in result.not_loaded:
                 random_module.get_cuda_rng_tracker().set_states(mimo_ckpt.restore_rng_state(s["rng"]))
         return result
+
+    def load_weights(self, path: str) -> Any:
+        """The model's weights only, before the first step: a start from pretrained weights (a
+        Hugging Face import) or from another run's; the optimizer starts fresh. The native AdamW
+        steps the parameters themselves; megatron's DistributedOptimizer keeps main copies made
+        at construction, so it is not used with this."""
+        import mimo_ckpt
+        from mimo_ckpt.interop.megatron_keys import from_megatron
+
+        if self.distributed_optimizer:
+            raise NotImplementedError("load_weights: the distributed optimizer keeps its own main params")
+        state = from_megatron(model_sharded_state_dict(self.model)) if self.model is not None else {}
+        return mimo_ckpt.load(state, path, layouts=self.layouts, strict="requested")
+
+    @torch.no_grad()
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The language model's logits over the real vocabulary for this rank's samples, with
+        both modules on this rank (colocated layouts); None on a rank outside them."""
+        lm, enc = self.layouts[LANGUAGE], self.layouts[IMAGES]
+        if not (lm.contains(self.rank) and enc.contains(self.rank)):
+            return None
+        lo, hi = samples(lm, self.rank, self.size.batch)
+        seq = self.size.seq
+        out, _ = self.model(
+            input_ids=batch["tokens"][lo:hi], position_ids=torch.arange(seq, device=self.device).expand(hi - lo, seq),
+            attention_mask=causal_mask(seq, self.device), modality_inputs=self._images(batch, lo, hi))
+        return _GatherColumns.apply(out, self.grids[LANGUAGE].get_pg("tp"))[..., : self.size.vocab]
 
 
 def megatron_state(run: MegatronMimoRun) -> dict[str, Any]:

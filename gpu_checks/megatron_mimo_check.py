@@ -195,7 +195,7 @@ def main() -> None:
 
     size = TINY if args.size == "tiny" else Size(
         vocab=32000, seq=1024, hidden=2048, heads=16, layers=8, encoder_hidden=1024, encoder_layers=4,
-        image_tokens=64, patch_dim=588, batch=8)
+        patch=14, grid=8, batch=8)
     if args.layers:
         size = dataclasses.replace(size, layers=args.layers)
     import torch

@@ -123,8 +123,10 @@ def _train_step(model: GPTModel, layout: ModuleLayout, stage: _Stage, tokens: to
 
 
 def _write_logits(path: str, logits: torch.Tensor | None, layout: ModuleLayout) -> None:
+    if logits is None:
+        return
     c = layout.coords(dist.get_rank())
-    if logits is not None and c["tp"] == 0 and c["dp"] == 0:
+    if c["tp"] == 0 and c["dp"] == 0:
         save_file({"logits": logits.detach().contiguous()}, path)
 
 
@@ -180,7 +182,33 @@ def example(args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def llava(args: dict[str, Any]) -> dict[str, Any]:
+    """The MimoModel example started from an imported Hugging Face LLaVA: its logits with the
+    imported weights; two training steps under the imported layouts (images TP2 on ranks 0-1,
+    language PP2 on ranks 2-3), saved with the import's Hugging Face metadata; the trained logits.
+    Logits are taken with both modules at TP2 on ranks 0-1 (colocated), loaded from each checkpoint."""
+    from examples.megatron_mimo import IMAGES, LANGUAGE, MegatronMimoRun, global_batch
+
+    saved = {IMAGES: ModuleLayout(tp=2), LANGUAGE: ModuleLayout(pp=2, rank_offset=2)}
+    colocated = {IMAGES: ModuleLayout(tp=2), LANGUAGE: ModuleLayout(tp=2)}
+    batch = global_batch(args["step"])
+
+    def logits(path: str, out: str) -> None:
+        run = MegatronMimoRun(colocated)
+        run.load_weights(path)
+        _write_logits(out, run.logits(batch), colocated[LANGUAGE])
+
+    logits(args["imported"], args["logits"])
+    run = MegatronMimoRun(saved)
+    result = run.load_weights(args["imported"])
+    losses = [run.train_step(step) for step in range(2)]
+    run.save(args["trained"], 2, metadata={"hf": result.metadata["hf"]})
+    logits(args["trained"], args["trained_logits"])
+    return {"losses": losses}
+
+
 def suite(args: dict[str, Any]) -> dict[str, Any]:
-    """Every case in one world (megatron's groups are made once per case), then the example."""
-    return {"cases": [case(a) for a in args["cases"]], "example": example(args["example"])}
+    """Every case in one world (megatron's groups are made once per case), then the examples."""
+    return {"cases": [case(a) for a in args["cases"]], "example": example(args["example"]),
+            "llava": llava(args["llava"])}
 

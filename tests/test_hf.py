@@ -6,6 +6,7 @@ forward; trained one step there, saved, and exported with `mimo-ckpt export --fo
 
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -74,6 +75,47 @@ def hf_logits(model, x):
         return model(x).logits
 
 
+def hf_llava():
+    """A LLaVA of the MimoModel example's sizes (examples/megatron_mimo.py, TINY): CLIP ViT of 4x4
+    images in 2x2 patches, features with the class token, Llama-class language model."""
+    vision = transformers.CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=4, patch_size=2, hidden_act="gelu",
+                                           layer_norm_eps=1e-5)
+    text = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+                                    intermediate_size=64, vocab_size=70, rms_norm_eps=1e-5, max_position_embeddings=16)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=69,
+                                      projector_hidden_act="gelu", vision_feature_layer=-1,
+                                      vision_feature_select_strategy="full")
+    config._attn_implementation = "eager"
+    torch.manual_seed(2)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm = "norm" in name or "layrnorm" in name or "layer_norm" in name
+            p.copy_((1.0 if norm and name.endswith("weight") else 0.0) + (0.1 if norm else 0.3) * torch.randn_like(p))
+    return model
+
+
+def _llava_case(root):
+    """An HF LLaVA imported as the example's two modules at different layouts (the example's
+    saved ones: images TP2 on ranks 0-1, language PP2 on ranks 2-3)."""
+    hf_llava().save_pretrained(root / "llava-hf")
+    imported = root / "llava-imported"
+    assert cli(["import", str(root / "llava-hf"), str(imported), "--format", "hf", "--module", "images=tp2",
+                "--module", "language=pp2,offset=2", "--vocab-multiple", str(VOCAB_MULTIPLE), "--quiet"]) == 0
+    return {"imported": str(imported), "trained": str(root / "llava-trained"), "step": 7,
+            "logits": str(root / "llava-logits.safetensors"),
+            "trained_logits": str(root / "llava-trained-logits.safetensors")}
+
+
+def llava_logits(model, step):
+    from examples.megatron_mimo import global_batch
+
+    batch = global_batch(step)
+    with torch.no_grad():
+        return model(input_ids=batch["tokens"], pixel_values=batch["images"]).logits
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Every case's import (CLI), megatron forward, training step and save, in one 4-rank world."""
@@ -95,11 +137,13 @@ def world(tmp_path_factory):
             "trained_logits": str(root / f"{name}-trained-logits.safetensors"),
             "trained_ckpt": str(root / f"{name}-trained"), "keep_metadata": arch == "llama",
         })
-        expected[name] = args[-1]
+        expected[name] = dict(args[-1], index=len(args) - 1)
     example = {"steps": 2, "ckpt": str(root / "example"), "logits": str(root / "example-logits.safetensors"),
                "tokens": tokens("llama").clamp(max=68).tolist()}  # 69 is the example's image token
-    results = run_local_world(4, "tests.hf_worlds:suite", {"cases": args, "example": example}, timeout=600)
-    expected["example"] = example
+    llava_args = _llava_case(root)
+    results = run_local_world(4, "tests.hf_worlds:suite", {"cases": args, "example": example, "llava": llava_args},
+                              timeout=600)
+    expected["example"], expected["llava"] = example, llava_args
     return root, expected, [r["cases"] for r in results]
 
 
@@ -107,9 +151,8 @@ def world(tmp_path_factory):
 def test_megatron_loads_the_import_and_matches_transformers_forward(world, arch, layout, train):
     root, expected, results = world
     case = expected[f"{arch}-{layout}"]
-    index = [a["ckpt"] for a in expected.values()].index(case["ckpt"])
     for rank_results in results:
-        r = rank_results[index]
+        r = rank_results[case["index"]]
         if r:
             assert r["nan_params"] == 0
             # objects of Transformer Engine layers; an import has none, and a local-spec model none to fill
@@ -134,7 +177,7 @@ def test_a_trained_model_exports_as_a_folder_transformers_loads_with_megatrons_l
     export = ["export", case["trained_ckpt"], "--module", "language", "--to", str(out), "--quiet"]
     if EXPORT_FLAGS[arch]:
         assert cli(export) == 2
-        assert "records no mapping table" in capsys.readouterr().err
+        assert "record no mapping table" in capsys.readouterr().err
         assert not (out / "model.safetensors.index.json").exists()
     assert cli(export + EXPORT_FLAGS[arch]) == 0
     cls = type(hf_model(arch))
@@ -162,13 +205,37 @@ def test_the_mimo_examples_language_model_exports_as_llama_with_megatrons_logits
     assert (hf_logits(model.eval(), x) - megatron).abs().max().item() < TOL
 
 
+def test_an_hf_llava_imported_as_two_modules_gives_transformers_logits_in_the_mimo_example(world):
+    """LLaVA's vision tower + projector and its language model, imported at two layouts: the
+    example's MimoModel (megatron's CLIP ViT, projector, GPTModel) gives transformers' logits."""
+    _, expected, _ = world
+    case = expected["llava"]
+    megatron = load_file(case["logits"])["logits"]
+    reference = llava_logits(hf_llava(), case["step"])
+    assert megatron.shape == reference.shape
+    assert (megatron - reference).abs().max().item() < TOL
+
+
+def test_the_llava_trained_in_the_mimo_example_exports_as_one_hf_vlm_with_megatrons_logits(world):
+    _, expected, _ = world
+    case = expected["llava"]
+    out = pathlib.Path(case["trained"] + "-hf")
+    assert cli(["export", case["trained"], "--to", str(out), "--quiet"]) == 0  # both modules, by the recorded table
+    model, info = transformers.LlavaForConditionalGeneration.from_pretrained(
+        out, output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    trained = load_file(case["trained_logits"])["logits"]
+    assert (trained - load_file(case["logits"])["logits"]).abs().max().item() > 100 * TOL
+    assert (llava_logits(model.eval(), case["step"]) - trained).abs().max().item() < TOL
+
+
 @pytest.mark.parametrize("arch", sorted(SIZES))
 def test_import_then_export_gives_back_every_tensor_bit_for_bit(tmp_path, arch):
     model = hf_model(arch)
     model.save_pretrained(tmp_path / "hf")
-    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(tp=2, pp=2),
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), {"lm": ModuleLayout(tp=2, pp=2)},
               vocab_multiple=VOCAB_MULTIPLE, budget=BUDGET, progress=False)
-    export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), "lm", budget=BUDGET, progress=False)
+    export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), ["lm"], budget=BUDGET, progress=False)
     back, info = type(model).from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     original = model.state_dict()
@@ -183,7 +250,7 @@ def test_qkv_rows_follow_megatrons_per_group_order(tmp_path):
     heads, then its key head, then its value head."""
     model = hf_model("llama")
     model.save_pretrained(tmp_path / "hf")
-    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(), vocab_multiple=VOCAB_MULTIPLE,
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), {"lm": ModuleLayout()}, vocab_multiple=VOCAB_MULTIPLE,
               budget=BUDGET, progress=False)
     assert cli(["export", str(tmp_path / "ckpt"), "--module", "lm", "--format", "safetensors", "--to",
                 str(tmp_path / "raw"), "--quiet"]) == 0  # the stored tensors as they are
@@ -212,9 +279,9 @@ def test_import_refuses_a_folder_tensor_no_rule_takes(tmp_path):
     from safetensors.torch import save_file
     save_file(tensors, extra, metadata={"format": "pt"})
     with pytest.raises(MappingError, match="inv_freq"):
-        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(), budget=BUDGET, progress=False)
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), {"lm": ModuleLayout()}, budget=BUDGET, progress=False)
     assert not (tmp_path / "ckpt" / "manifest.json").exists()
-    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(), ignore="inv_freq$",
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), {"lm": ModuleLayout()}, ignore="inv_freq$",
               budget=BUDGET, progress=False)
 
 
@@ -226,22 +293,22 @@ def test_import_names_the_missing_tensor_and_writes_nothing(tmp_path):
     from safetensors.torch import save_file
     save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MappingError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
-        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(tp=2), budget=BUDGET, progress=False)
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), {"lm": ModuleLayout(tp=2)}, budget=BUDGET, progress=False)
     assert not (tmp_path / "ckpt").exists() or os.listdir(tmp_path / "ckpt") == []
 
 
 def test_a_layout_megatron_cannot_build_is_refused(tmp_path):
     hf_model("llama").save_pretrained(tmp_path / "hf")
     with pytest.raises(MappingError, match="pp=4"):  # 2 layers in 4 stages
-        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(pp=4), budget=BUDGET, progress=False)
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), {"lm": ModuleLayout(pp=4)}, budget=BUDGET, progress=False)
     assert not (tmp_path / "ckpt" / "manifest.json").exists()
 
 
 def test_an_export_never_writes_into_a_committed_folder(tmp_path):
     hf_model("gpt2").save_pretrained(tmp_path / "hf")
-    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), "lm", ModuleLayout(), budget=BUDGET, progress=False)
-    export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), "lm", budget=BUDGET, progress=False)
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), {"lm": ModuleLayout()}, budget=BUDGET, progress=False)
+    export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), ["lm"], budget=BUDGET, progress=False)
     before = {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")}
     with pytest.raises(CheckpointExistsError):
-        export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), "lm", budget=BUDGET, progress=False)
+        export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), ["lm"], budget=BUDGET, progress=False)
     assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before

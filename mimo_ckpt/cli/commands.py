@@ -269,10 +269,10 @@ def _write_composed(sources: list[Any], args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     if args.format == "torch_dist":
         return _export_torch_dist(args)
-    if not args.module or len(args.module) != 1:
-        raise LayoutError(f"--format {args.format} exports one module: give exactly one --module")
     if args.format == "hf":
         return _export_hf(args)
+    if not args.module or len(args.module) != 1:
+        raise LayoutError("--format safetensors exports one module: give exactly one --module")
     from mimo_ckpt.io.storage import LocalStorage
     from mimo_ckpt.offline.export import run_export
     from mimo_ckpt.plan.export import plain_tensors, plan_export_files
@@ -288,7 +288,7 @@ def _export(args: argparse.Namespace) -> int:
     tensors = plain_tensors(module, manifest.modules[module], rename=rename, include=args.include, exclude=args.exclude)
     files = plan_export_files(tensors, args.max_shard_size)
     os.makedirs(args.to, exist_ok=True)
-    index = run_export(storage, LocalStorage(args.to), module, manifest.modules[module], files,
+    index = run_export(storage, LocalStorage(args.to), {module: manifest.modules[module]}, files,
                        _budget(args), progress=_progress(args), where=args.to)
     print(f"exported {len(index['weight_map'])} tensors, {human_bytes(index['metadata']['total_size'])} "
           f"in {len(files)} files to {args.to}")
@@ -302,9 +302,10 @@ def _export_hf(args: argparse.Namespace) -> int:
         if getattr(args, option):
             raise LayoutError(f"--{option} applies to --format safetensors; --format hf maps names by its table")
     os.makedirs(args.to, exist_ok=True)
-    config = export_hf(args.src, args.to, args.module[0], table=args.table, config=_config_fields(args),
+    config = export_hf(args.src, args.to, args.module, table=args.table, config=_config_fields(args),
                        max_shard_bytes=args.max_shard_size, budget=_budget(args), progress=_progress(args))
-    print(f"exported module {args.module[0]} as {config.get('architectures', ['?'])[0]} to {args.to}")
+    what = ", ".join(args.module) if args.module else "the table's modules"
+    print(f"exported {what} as {config.get('architectures', ['?'])[0]} to {args.to}")
     return 0
 
 
@@ -321,12 +322,19 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
             raise LayoutError(f"--config {args.config}: must be a JSON object of config.json fields")
     for item in args.set or ():
         field, sep, text = item.partition("=")
-        if not sep or not field:
-            raise LayoutError(f"--set {item!r}: expected FIELD=VALUE")
+        if not sep or not field or "" in field.split("."):
+            raise LayoutError(f"--set {item!r}: expected FIELD=VALUE (FIELD may be nested: text_config.vocab_size)")
         try:
-            fields[field] = json.loads(text)
+            value = json.loads(text)
         except ValueError:
-            fields[field] = text
+            value = text
+        *outer, last = field.split(".")
+        place = fields
+        for name in outer:
+            place = place.setdefault(name, {})
+            if not isinstance(place, dict):
+                raise LayoutError(f"--set {item!r}: {name} is not an object")
+        place[last] = value
     return fields
 
 
@@ -358,13 +366,16 @@ def _import_hf(args: argparse.Namespace) -> int:
     from mimo_ckpt.interop.hf import import_hf
 
     if not args.module:
-        raise LayoutError("--format hf imports one module: give --module NAME=tp2,pp2,... (the layout to write)")
-    name, layout = parse_layout_arg(args.module, None)
-    manifest = import_hf(args.src, args.dst, name, layout, table=args.table, vocab_multiple=args.vocab_multiple,
+        raise LayoutError("--format hf: give --module NAME=tp2,pp2,... for each module to write (its layout)")
+    layouts = dict(parse_layout_arg(text, None) for text in args.module)
+    if len(layouts) != len(args.module):
+        raise LayoutError("--module: a module is named twice")
+    manifest = import_hf(args.src, args.dst, layouts, table=args.table, vocab_multiple=args.vocab_multiple,
                          ignore=args.ignore, budget=_budget(args), progress=_progress(args))
-    entry = manifest.modules[name]
-    print(f"imported module {name}: {len(entry.tensors)} tensors, {human_bytes(entry.nbytes)}, "
-          f"laid out for {layout.describe()}, to {args.dst}")
+    for name, entry in manifest.modules.items():
+        print(f"imported module {name}: {len(entry.tensors)} tensors, {human_bytes(entry.nbytes)}, "
+              f"laid out for {entry.layout.describe()}")
+    print(f"wrote {args.dst}")
     return 0
 
 
@@ -440,16 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "a megatron-core torch_dist checkpoint (--format torch_dist)")
     p.add_argument("src")
     p.add_argument("--module", action="append",
-                   help="module to export (hf, safetensors: exactly one; torch_dist: repeatable, default all)")
+                   help="module to export (safetensors: exactly one; hf: one, or a composite table's, by default "
+                        "all of them; torch_dist: repeatable, default all)")
     p.add_argument("--to", required=True, metavar="DIR")
     p.add_argument("--format", choices=("hf", "safetensors", "torch_dist"), default="hf")
     p.add_argument("--table", metavar="NAME|FILE.json",
-                   help="hf: the mapping table, built-in (llama, gpt2) or a file (default: the one the module "
-                        "was imported with)")
+                   help="hf: the mapping table, built-in (llama, gpt2, clip_vision; llava for a vision and a "
+                        "language module as one model) or a file (default: the one the module was imported with)")
     p.add_argument("--config", metavar="FILE.json", help="hf: config.json fields to write (override what the "
                                                           "checkpoint records and its shapes say)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="hf: one config.json field, e.g. num_attention_heads=32 (repeatable)")
+                   help="hf: one config.json field, e.g. num_attention_heads=32 or "
+                        "text_config.vocab_size=32000 (repeatable)")
     p.add_argument("--main-param-name", choices=("fp32_param", "param"), default="fp32_param",
                    help="torch_dist: name of fp32 main params, 'fp32_param' (Float16Optimizer) or 'param' "
                         "(DistributedOptimizer, fully_reshardable)")
@@ -466,10 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "or a Hugging Face folder (config.json and safetensors)")
     p.add_argument("dst")
     p.add_argument("--format", choices=("torch_dist", "hf"), default="torch_dist")
-    p.add_argument("--module", metavar="NAME=tp2,pp2,...",
-                   help="hf: the module's name and the layout to write it for (sizes tpN cpN epN ppN dpN, offset=N)")
+    p.add_argument("--module", action="append", metavar="NAME=tp2,pp2,...",
+                   help="hf: a module's name and the layout to write it for (sizes tpN cpN epN ppN dpN, offset=N); "
+                        "once per module of the table (llava: images and language)")
     p.add_argument("--table", metavar="NAME|FILE.json",
-                   help="hf: the mapping table, built-in (llama, gpt2) or a file (default: by config.json's model_type)")
+                   help="hf: the mapping table, built-in (llama, gpt2, clip_vision, llava) or a file "
+                        "(default: by config.json's model_type)")
     p.add_argument("--vocab-multiple", type=positive_int, default=128,
                    help="hf: pad the vocabulary to a multiple of this x TP, as Megatron-LM's "
                         "--make-vocab-size-divisible-by (default 128)")

@@ -27,9 +27,10 @@ from mimo_ckpt.errors import CheckpointNotFoundError, LayoutError, MappingError
 from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest
 from mimo_ckpt.format.safetensors import MAX_HEADER_BYTES, FileTensor, parse_header
 from mimo_ckpt.interop.hf_map import (
-    MegatronPart, MegatronTensor, check_layout_fits, export_config, load_table, plan_hf_export,
-    plan_hf_import, table_names,
+    MegatronPart, MegatronTensor, check_all_taken, check_layout_fits, composite_export_config, export_config,
+    merge_config, plan_hf_export, plan_hf_import,
 )
+from mimo_ckpt.interop.hf_table import CompositeTable, Table, load_table, table_names
 from mimo_ckpt.io import commit
 from mimo_ckpt.io.commit import read_manifest
 from mimo_ckpt.io.faults import fault_point
@@ -53,28 +54,49 @@ HF_METADATA = "hf"
 CONFIG_NAME = "config.json"
 
 
-def export_hf(src_url: str, dst_url: str, module: str, *, table: str | None = None,
+def export_hf(src_url: str, dst_url: str, modules: list[str] | None = None, *, table: str | None = None,
               config: Mapping[str, Any] | None = None, max_shard_bytes: int = 5 << 30, budget: Budget,
               progress: bool = True) -> dict[str, Any]:
-    """Export `module`'s weights as a Hugging Face folder at `dst_url`; returns the config written.
-    `table` (a name or a file) defaults to the one the module was imported with; `config` fields
-    override what the checkpoint records and what its shapes say."""
+    """Export the weights of `modules` as a Hugging Face folder at `dst_url`; returns the config
+    written. `table` (a name or a file) defaults to the one the modules were imported with; a
+    composite table (llava) exports its modules as one model. `config` fields override what the
+    checkpoint records and what its shapes say."""
     src = open_storage(src_url)
     manifest = read_manifest(src, src_url)
-    entry = manifest.modules.get(module)
-    if entry is None:
-        raise LayoutError(f"module {module!r} is not in {src_url} (it has {sorted(manifest.modules)})")
-    recorded = manifest.metadata.get(HF_METADATA, {}).get(module, {}) if isinstance(manifest.metadata, dict) else {}
-    name = table or recorded.get("table")
-    if name is None:
-        raise MappingError(f"module {module!r} of {src_url} records no mapping table: name one "
-                           f"(--table, one of {table_names()} or a table file)")
-    mapping = load_table(name)
-    full = export_config(mapping, module, entry, recorded.get("config", {}), dict(config or {}))
-    plan = plan_hf_export(mapping, module, entry, full)
-    files = plan_export_files(plan.tensors, max_shard_bytes)
+    records = manifest.metadata.get(HF_METADATA, {}) if isinstance(manifest.metadata, dict) else {}
+    records = records if isinstance(records, dict) else {}
+    named = sorted({records[m].get("table") for m in modules or records if isinstance(records.get(m), dict)} - {None})
+    if table is None and len(named) != 1:
+        raise MappingError(f"{src_url}: modules {modules or sorted(manifest.modules)} record "
+                           f"{'no mapping table' if not named else f'several tables {named}'}: name one (--table, "
+                           f"one of {table_names()} or a table file)")
+    mapping = load_table(table or named[0])
+    if isinstance(mapping, CompositeTable):
+        modules = modules or list(mapping.modules)
+        if sorted(modules) != sorted(mapping.modules):
+            raise MappingError(f"table {mapping.name!r} exports modules {sorted(mapping.modules)} together, "
+                               f"not {sorted(modules)}")
+    elif not modules or len(modules) != 1:
+        raise MappingError(f"table {mapping.name!r} maps one module: name it (the checkpoint has "
+                           f"{sorted(manifest.modules)})")
+    entries = {}
+    for m in modules:
+        if m not in manifest.modules:
+            raise LayoutError(f"module {m!r} is not in {src_url} (it has {sorted(manifest.modules)})")
+        entries[m] = manifest.modules[m]
+    recorded = [r["config"] for m in modules if isinstance(r := records.get(m), dict)
+                and r.get("table") == mapping.name and isinstance(r.get("config"), dict)][:1]
+    if isinstance(mapping, CompositeTable):
+        full = composite_export_config(mapping, entries, *recorded, dict(config or {}))
+        tensors = [t for m, part in mapping.modules.items()
+                   for t in plan_hf_export(part.table, m, entries[m], full[part.config_field]).tensors]
+    else:
+        [m] = modules
+        full = export_config(mapping, m, entries[m], *recorded, dict(config or {}))
+        tensors = list(plan_hf_export(mapping, m, entries[m], full).tensors)
+    files = plan_export_files(tensors, max_shard_bytes)
     blob = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()
-    run_export(src, open_storage(dst_url), module, entry, files, budget, extras={CONFIG_NAME: blob},
+    run_export(src, open_storage(dst_url), entries, files, budget, extras={CONFIG_NAME: blob},
                progress=progress, where=dst_url)
     return full
 
@@ -156,52 +178,84 @@ def guess_table(config: Mapping[str, Any]) -> str:
                        f"{table_names()} or a table file)")
 
 
-def import_hf(src_url: str, dst_url: str, module: str, layout: ModuleLayout, *, table: str | None = None,
+def import_hf(src_url: str, dst_url: str, layouts: Mapping[str, ModuleLayout], *, table: str | None = None,
               vocab_multiple: int = 128, ignore: str | None = None, budget: Budget,
               progress: bool = True) -> Manifest:
-    """Write the Hugging Face folder at `src_url` as module `module` of a new checkpoint at
-    `dst_url`, laid out for `layout` (padded vocabularies: a multiple of `vocab_multiple` x TP,
-    Megatron-LM's `--make-vocab-size-divisible-by`). Folder tensors matching the regex `ignore`
-    may go unmapped. Returns the committed manifest."""
+    """Write the Hugging Face folder at `src_url` as a new checkpoint at `dst_url`: one module
+    per layout of `layouts` (one for a module table, each of a composite table's), each laid out
+    for its layout (padded vocabularies: a multiple of `vocab_multiple` x TP, Megatron-LM's
+    `--make-vocab-size-divisible-by`). Folder tensors matching the regex `ignore` may go
+    unmapped. Returns the committed manifest."""
     src = open_storage(src_url)
     folder = read_folder(src, src_url)
     mapping = load_table(table or guess_table(folder.config))
     headers = {n: (t.dtype, t.shape) for n, t in folder.tensors.items()}
-    tensors = plan_hf_import(mapping, folder.config, headers, tp=layout.tp, vocab_multiple=vocab_multiple,
-                             ignore=ignore)
-    check_layout_fits(tensors, layout.tp, layout.pp)
-    metas = {rank: [TensorMeta(k, t.dtype, t.shape, box_for_rank(t.split, t.shape, layout, rank), True)
-                    for k, t in tensors.items()] for rank in layout.ranks}
+    parts = _module_tables(mapping, layouts, folder.config)
+    plans = {m: plan_hf_import(t, c, headers, tp=layouts[m].tp, vocab_multiple=vocab_multiple)
+             for m, (t, c) in parts.items()}
+    check_all_taken(headers, (n for p in plans.values() for n in p.taken), ignore, mapping.name)
+    for m, plan in plans.items():
+        check_layout_fits(plan.tensors, layouts[m].tp, layouts[m].pp)
+    recorded = folder.config if isinstance(mapping, CompositeTable) else merge_config(mapping.config, folder.config)
     dst = open_storage(dst_url)
     save_id = commit.begin(dst, MANIFEST_PATH, dst_url)
     committed = False
     try:
-        plan = plan_module_save(module, layout, metas, {}, file_tag=save_id)
-        # the table's hints, also for dims of size 1 here, so a later reshard can cut them
-        plan = replace(plan, tensors={k: (d, s, tensors[k].split) for k, (d, s, _) in plan.tensors.items()})
+        saves = {m: _module_save_plan(m, layouts[m], plan.tensors, save_id) for m, plan in plans.items()}
         commit.announce(dst, save_id, [], dst_url)
         fault_point("offline.start", 0)
-        total = sum(i.end - i.begin for f in plan.files for i in f.items)
+        total = sum(i.end - i.begin for p in saves.values() for f in p.files for i in f.items)
         bar = Progress("import", total) if progress else None
         reader = _RowReader(src, folder.tensors, budget)
-        sums = {}
-        for i, f in enumerate(plan.files):
-            pieces = [_megatron_pieces(reader, tensors[item.key], item.box) for item in f.items]
-            sums[f.path] = write_file_of_pieces(dst, f.path, f.prefix, pieces, bar)
-            if i == 0:
-                fault_point("offline.write", 0)
+        entries, written = {}, 0
+        for m, save in saves.items():
+            sums = {}
+            for f in save.files:
+                pieces = [_megatron_pieces(reader, plans[m].tensors[item.key], item.box) for item in f.items]
+                sums[f.path] = write_file_of_pieces(dst, f.path, f.prefix, pieces, bar)
+                written += 1
+                if written == 1:
+                    fault_point("offline.write", 0)
+            entries[m] = save.module_entry(layouts[m], sums)
         if bar:
             bar.close()
-        config = {**mapping.config, **folder.config}
-        manifest = Manifest(world_size=layout.rank_offset + layout.size,
-                            modules={module: plan.module_entry(layout, sums)},
-                            metadata={HF_METADATA: {module: {"table": mapping.name, "config": config}}})
+        manifest = Manifest(world_size=max(layout.rank_offset + layout.size for layout in layouts.values()),
+                            modules=entries,
+                            metadata={HF_METADATA: {m: {"table": mapping.name, "config": recorded} for m in entries}})
         fault_point("offline.commit", 0)
         commit.publish_manifest(dst, save_id, manifest.to_bytes(), dst_url)
         committed = True
     finally:
         commit.finish(dst, save_id, committed)
     return manifest
+
+
+def _module_tables(mapping: Table | CompositeTable, layouts: Mapping[str, ModuleLayout],
+                   config: Mapping[str, Any]) -> dict[str, tuple[Table, Mapping[str, Any]]]:
+    """Each module's table and config."""
+    if isinstance(mapping, Table):
+        if len(layouts) != 1:
+            raise MappingError(f"table {mapping.name!r} maps one module; {len(layouts)} layouts were given")
+        return {next(iter(layouts)): (mapping, config)}
+    if sorted(layouts) != sorted(mapping.modules):
+        raise MappingError(f"table {mapping.name!r} makes modules {sorted(mapping.modules)}: give a layout for "
+                           f"each (got {sorted(layouts)})")
+    out = {}
+    for m, part in mapping.modules.items():
+        sub = config.get(part.config_field)
+        if not isinstance(sub, dict):
+            raise MappingError(f"config.json has no {part.config_field!r} object (module {m!r} of table "
+                               f"{mapping.name!r})")
+        out[m] = (part.table, sub)
+    return out
+
+
+def _module_save_plan(module: str, layout: ModuleLayout, tensors: Mapping[str, MegatronTensor], save_id: str) -> Any:
+    metas = {rank: [TensorMeta(k, t.dtype, t.shape, box_for_rank(t.split, t.shape, layout, rank), True)
+                    for k, t in tensors.items()] for rank in layout.ranks}
+    plan = plan_module_save(module, layout, metas, {}, file_tag=save_id)
+    # the table's hints, also for dims of size 1 here, so a later reshard can cut them
+    return replace(plan, tensors={k: (d, s, tensors[k].split) for k, (d, s, _) in plan.tensors.items()})
 
 
 class _RowReader:
@@ -233,14 +287,14 @@ class _RowReader:
 
 def _megatron_pieces(reader: _RowReader, t: MegatronTensor, box: Box) -> Iterator[np.ndarray]:
     """Box `box` of megatron tensor `t`, in C order, built from the folder's rows."""
-    skip = 1 if t.stacked else 0
-    layers = range(box.offset[0], box.offset[0] + box.shape[0]) if t.stacked else range(1)
-    first, count = box.offset[skip], box.shape[skip]
-    rest = tuple(slice(o, o + n) for o, n in zip(box.offset[skip + 1:], box.shape[skip + 1:]))
-    row_shape = t.shape[skip + 1:]
+    lead = t.lead
+    slots = range(box.offset[0], box.offset[0] + box.shape[0]) if t.stacked else range(1)
+    first, count = box.offset[lead], box.shape[lead]
+    rest = tuple(slice(o, o + n) for o, n in zip(box.offset[lead + 1:], box.shape[lead + 1:]))
+    row_shape = t.shape[lead + 1:]
     step = reader.rows_per_block(math.prod(row_shape, start=ITEMSIZE[t.dtype]))
-    for layer in layers:
-        for start, n, part in _segments(t.layers[layer], first, count):
+    for slot in slots:
+        for start, n, part in _segments(t.slots[slot], first, count):
             for a in range(start, start + n, step):
                 m = min(step, start + n - a)
                 if part is None:  # vocabulary padding

@@ -7,6 +7,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from mimo_ckpt.errors import MappingError
 from mimo_ckpt.format.manifest import ModuleEntry, StoredTensor
 from mimo_ckpt.io import commit
 from mimo_ckpt.io.faults import fault_point
@@ -15,12 +16,13 @@ from mimo_ckpt.io.read import raw_dtype
 from mimo_ckpt.io.storage import Storage
 from mimo_ckpt.io.stream import Budget, iter_box, write_file_of_pieces
 from mimo_ckpt.model.box import Box
+from mimo_ckpt.model.dtypes import NUMPY_NAMES
 from mimo_ckpt.plan.export import INDEX_NAME, ExportFile, ExportPart, ExportTensor
 
 __all__ = ["run_export"]
 
 
-def run_export(src: Storage, dst: Storage, module: str, entry: ModuleEntry, files: list[ExportFile],
+def run_export(src: Storage, dst: Storage, entries: Mapping[str, ModuleEntry], files: list[ExportFile],
                budget: Budget, *, extras: Mapping[str, bytes] | None = None, progress: bool = True,
                where: str = "the export folder") -> dict:
     """Write `extras` (config.json), the files, then the index, through the commit protocol: a
@@ -37,7 +39,7 @@ def run_export(src: Storage, dst: Storage, module: str, entry: ModuleEntry, file
         bar = Progress("export", sum(f.nbytes - len(f.prefix) for f in files)) if progress else None
         buffer = np.empty(budget.chunk_bytes, dtype=np.uint8)
         for f in files:
-            pieces = [_tensor_pieces(src, module, entry, t, budget, buffer) for t in f.tensors]
+            pieces = [_tensor_pieces(src, entries, t, budget, buffer) for t in f.tensors]
             write_file_of_pieces(dst, f.name, f.prefix, pieces, bar)
             fault_point("offline.write", 0)
         if bar:
@@ -53,33 +55,43 @@ def run_export(src: Storage, dst: Storage, module: str, entry: ModuleEntry, file
 
 
 def _part_box(part: ExportPart, stored: StoredTensor) -> Box:
-    shape = stored.global_shape
-    if part.layer is not None:  # one layer: dim 0 is the layer
-        rows = (part.run.start, part.run.count) if part.run else (0, shape[1])
-        return Box((part.layer, rows[0], *(0 for _ in shape[2:])), (1, rows[1], *shape[2:]))
+    shape, lead = stored.global_shape, len(part.index)
     if part.run is None:
-        return Box(tuple(0 for _ in shape), shape)
-    return Box((part.run.start, *(0 for _ in shape[1:])), (part.run.count, *shape[1:]))
+        return Box((*part.index, *(0 for _ in shape[lead:])), ((1,) * lead) + shape[lead:])
+    rest = shape[lead + 1:]
+    return Box((*part.index, part.run.start, *(0 for _ in rest)), ((1,) * lead) + (part.run.count, *rest))
 
 
-def _tensor_pieces(src: Storage, module: str, entry: ModuleEntry, t: ExportTensor, budget: Budget,
+def _tensor_pieces(src: Storage, entries: Mapping[str, ModuleEntry], t: ExportTensor, budget: Budget,
                    buffer: np.ndarray) -> Iterator[np.ndarray]:
     """The tensor's values in C order, read piece by piece under the budget (views into
     `buffer`); a transposed tensor is assembled whole first."""
+    if t.fill is not None:
+        yield np.full(t.shape, _fill_bits(t.dtype, t.fill), dtype=raw_dtype(t.dtype))
+        return
     if not t.transpose:
         for part in t.parts:
-            stored = entry.tensors[part.key]
-            for _, values in iter_box(src, module, part.key, stored, _part_box(part, stored), budget, buffer):
+            stored = entries[part.module].tensors[part.key]
+            for _, values in iter_box(src, part.module, part.key, stored, _part_box(part, stored), budget, buffer):
                 yield values
         return
     rows = np.empty(t.row_shape, dtype=raw_dtype(t.dtype))
     for part in t.parts:
-        stored = entry.tensors[part.key]
+        stored = entries[part.module].tensors[part.key]
         box = _part_box(part, stored)
-        skip = 1 if part.layer is not None else 0
+        skip = len(part.index)
         first = part.run.file_start if part.run else 0
-        for piece, values in iter_box(src, module, part.key, stored, box, budget, buffer):
+        for piece, values in iter_box(src, part.module, part.key, stored, box, budget, buffer):
             rel = [o - b for o, b in zip(piece.offset[skip:], box.offset[skip:])]
             shape = piece.shape[skip:]
             rows[first + rel[0]: first + rel[0] + shape[0], rel[1]: rel[1] + shape[1]] = values.reshape(shape)
     yield np.ascontiguousarray(rows.T)
+
+
+def _fill_bits(dtype: str, value: float) -> int:
+    """The bits of `value` in a floating-point dtype (exact for the 0 and 1 that tables use)."""
+    if dtype == "BF16":
+        return int(np.array(value, dtype=np.float32).view(np.uint32)) >> 16
+    if dtype not in NUMPY_NAMES:
+        raise MappingError(f"a constant tensor of dtype {dtype} cannot be written")
+    return int(np.array(value, dtype=NUMPY_NAMES[dtype]).view(raw_dtype(dtype)))

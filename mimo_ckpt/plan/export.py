@@ -33,11 +33,13 @@ class Run:
 
 @dataclass(frozen=True, slots=True)
 class ExportPart:
-    """Rows of stored tensor `key`: of layer `layer` of a tensor stacked over layers on dim 0, or
-    (None) of the tensor itself; `run` None takes the whole tensor (a scalar included)."""
+    """Rows of stored tensor `key` of `module`, below leading dims fixed at `index` (the layer
+    of a tensor stacked over layers, or size-1 dims; none: the tensor itself); `run` None takes
+    all of it (a scalar included)."""
 
+    module: str
     key: str
-    layer: int | None
+    index: tuple[int, ...]
     run: Run | None
 
 
@@ -49,6 +51,8 @@ class ExportTensor:
     transpose: bool
     parts: tuple[ExportPart, ...]
     """In the exported tensor's row order (column order where transposed)."""
+    fill: float | None = None
+    """A constant tensor (no parts): every element this value."""
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -85,7 +89,7 @@ def plain_tensors(module: str, entry: ModuleEntry, *, rename: Mapping[str, str] 
     if clash:
         raise ManifestError(f"module {module!r}: the renaming map gives several tensors the name(s) {clash}")
     return [ExportTensor(names[k], entry.tensors[k].dtype, entry.tensors[k].global_shape, False,
-                         (ExportPart(k, None, None),)) for k in keys]
+                         (ExportPart(module, k, (), None),)) for k in keys]
 
 
 def plan_export_files(tensors: Sequence[ExportTensor], max_shard_bytes: int) -> list[ExportFile]:
