@@ -229,6 +229,31 @@ def test_the_llava_trained_in_the_mimo_example_exports_as_one_hf_vlm_with_megatr
     assert (llava_logits(model.eval(), case["step"]) - trained).abs().max().item() < TOL
 
 
+def test_optimizer_state_exports_on_request_mapped_like_the_weights(world):
+    """`--optimizer`: Adam's moments beside the model, under the weights' Hugging Face names; the
+    q rows of the fused QKV's exp_avg, checked against megatron's per-group layout directly."""
+    root, expected, _ = world
+    trained = expected["llava"]["trained"]
+    out, raw = root / "llava-with-optimizer", root / "llava-raw"
+    assert cli(["export", trained, "--to", str(out), "--optimizer", "--quiet"]) == 0
+    assert cli(["export", trained, "--module", "language", "--format", "safetensors", "--to", str(raw), "--quiet"]) == 0
+    index = json.loads((out / "optimizer.safetensors.index.json").read_text())
+    weights = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any(n.startswith("optimizer.") for n in weights)
+    for state in ("exp_avg", "exp_avg_sq"):
+        assert {n for n in weights if "post_layernorm" not in n} == {
+            n.removeprefix(f"optimizer.{state}.") for n in index["weight_map"] if n.startswith(f"optimizer.{state}.")}
+    name = "optimizer.exp_avg.language_model.model.layers.1.self_attn.q_proj.weight"
+    got = load_file(out / index["weight_map"][name])[name]
+    stored = load_file(raw / "model-00001-of-00001.safetensors")
+    qkv = stored["optimizer.state.exp_avg.decoder.layers.self_attention.linear_qkv.weight"][1]
+    groups, hd = 4, 8  # the example's language model: 4 heads, no grouping, head dim 8
+    reference = qkv.view(groups, 3, hd, -1)[:, 0].reshape(-1, qkv.shape[-1])
+    assert got.abs().sum() > 0 and torch.equal(got, reference)
+    model, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
 @pytest.mark.parametrize("arch", sorted(SIZES))
 def test_import_then_export_gives_back_every_tensor_bit_for_bit(tmp_path, arch):
     model = hf_model(arch)
@@ -312,3 +337,72 @@ def test_an_export_never_writes_into_a_committed_folder(tmp_path):
     with pytest.raises(CheckpointExistsError):
         export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), ["lm"], budget=BUDGET, progress=False)
     assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before
+
+
+OFFLINE_POINTS = ["offline.start", "offline.write", "offline.commit"]
+
+
+@pytest.fixture(scope="module")
+def crash_sources(tmp_path_factory):
+    """A Hugging Face folder, its import, and the export of that import, each written once
+    without faults: the references a killed and re-run writer must reproduce."""
+    root = tmp_path_factory.mktemp("hf-crash")
+    hf_model("llama").save_pretrained(root / "hf")
+    import_hf(str(root / "hf"), str(root / "imported"), {"lm": ModuleLayout(tp=2, pp=2)}, budget=BUDGET,
+              progress=False)
+    export_hf(str(root / "imported"), str(root / "exported"), ["lm"], budget=BUDGET, progress=False)
+    return root
+
+
+def _folder_tensors(folder):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert sorted(os.listdir(folder)) == sorted({*index["weight_map"].values(), "model.safetensors.index.json",
+                                                 "config.json"})
+    out = {}
+    for name in set(index["weight_map"].values()):
+        out.update(load_file(folder / name))
+    return out
+
+
+@pytest.mark.parametrize("point", OFFLINE_POINTS)
+@pytest.mark.parametrize("signal", ["kill", "int"])
+@pytest.mark.parametrize("writer", ["import", "export"])
+def test_a_killed_hf_writer_reruns_to_the_same_result(crash_sources, tmp_path, writer, point, signal):
+    from tests.commit_cases import run_forked, tree_hashes
+
+    root, out = crash_sources, tmp_path / "out"
+    if writer == "import":
+        args = ["import", str(root / "hf"), str(out), "--format", "hf", "--module", "lm=tp2,pp2", "--quiet"]
+    else:
+        args = ["export", str(root / "imported"), "--module", "lm", "--to", str(out), "--max-shard-size", "8K",
+                "--quiet"]
+    before = tree_hashes(root)
+    code = run_forked(lambda: cli(args), fault=f"{point}@0{':int' if signal == 'int' else ''}")
+    assert code == (-9 if signal == "kill" else 130)
+    assert run_forked(lambda: cli(args)) == 0
+    assert tree_hashes(root) == before  # the sources and the references: not a byte changed
+    if writer == "import":
+        assert cli(["diff", str(root / "imported"), str(out), "--quiet"]) == 0
+        assert not [n for n in os.listdir(out) if n.startswith(".saving-")]
+    else:
+        got, want = _folder_tensors(out), _folder_tensors(root / "exported")
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_an_hf_import_composes_with_native_modules_and_keeps_its_mapping(world):
+    """A language model imported from Hugging Face and the example's trained vision module (a
+    native save), composed into one checkpoint with the files shared: the language module still
+    exports by itself, by the mapping recorded at import."""
+    root, expected, _ = world
+    imported, native = expected["llama-tp2,pp2"]["ckpt"], expected["example"]["ckpt"]
+    composed = root / "composed"
+    assert cli(["compose", str(composed), "--module", f"language={imported}", "--module", f"images={native}",
+                "--quiet"]) == 0
+    manifest = read_manifest(LocalStorage(composed))
+    assert sorted(manifest.metadata["hf"]) == ["language"] and manifest.metadata["hf"]["language"]["table"] == "llama"
+    shard = next(iter(manifest.modules["language"].tensors.values())).shards[0].file
+    assert os.path.samefile(composed / shard, pathlib.Path(imported) / shard)
+    assert cli(["export", str(composed), "--module", "language", "--to", str(root / "composed-hf"), "--quiet"]) == 0
+    assert cli(["export", imported, "--module", "language", "--to", str(root / "imported-hf"), "--quiet"]) == 0
+    got, want = _folder_tensors(root / "composed-hf"), _folder_tensors(root / "imported-hf")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

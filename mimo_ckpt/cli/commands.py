@@ -303,7 +303,8 @@ def _export_hf(args: argparse.Namespace) -> int:
             raise LayoutError(f"--{option} applies to --format safetensors; --format hf maps names by its table")
     os.makedirs(args.to, exist_ok=True)
     config = export_hf(args.src, args.to, args.module, table=args.table, config=_config_fields(args),
-                       max_shard_bytes=args.max_shard_size, budget=_budget(args), progress=_progress(args))
+                       optimizer=args.optimizer, max_shard_bytes=args.max_shard_size, budget=_budget(args),
+                       progress=_progress(args))
     what = ", ".join(args.module) if args.module else "the table's modules"
     print(f"exported {what} as {config.get('architectures', ['?'])[0]} to {args.to}")
     return 0
@@ -463,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="hf: one config.json field, e.g. num_attention_heads=32 or "
                         "text_config.vocab_size=32000 (repeatable)")
+    p.add_argument("--optimizer", action="store_true",
+                   help="hf: also the optimizer state per weight (exp_avg, ...), mapped like the weights, in "
+                        "optimizer-*.safetensors beside the model (weights only by default)")
     p.add_argument("--main-param-name", choices=("fp32_param", "param"), default="fp32_param",
                    help="torch_dist: name of fp32 main params, 'fp32_param' (Float16Optimizer) or 'param' "
                         "(DistributedOptimizer, fully_reshardable)")

@@ -28,7 +28,7 @@ from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest
 from mimo_ckpt.format.safetensors import MAX_HEADER_BYTES, FileTensor, parse_header
 from mimo_ckpt.interop.hf_map import (
     MegatronPart, MegatronTensor, check_all_taken, check_layout_fits, composite_export_config, export_config,
-    merge_config, plan_hf_export, plan_hf_import,
+    merge_config, optimizer_states, plan_hf_export, plan_hf_import,
 )
 from mimo_ckpt.interop.hf_table import CompositeTable, Table, load_table, table_names
 from mimo_ckpt.io import commit
@@ -44,7 +44,7 @@ from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.model.shard import TensorMeta
 from mimo_ckpt.model.split import box_for_rank
 from mimo_ckpt.offline.export import run_export
-from mimo_ckpt.plan.export import INDEX_NAME, plan_export_files
+from mimo_ckpt.plan.export import INDEX_NAME, index_document, plan_export_files
 from mimo_ckpt.plan.save import plan_module_save
 
 __all__ = ["HF_METADATA", "export_hf", "import_hf", "read_folder", "HfFolder", "guess_table"]
@@ -52,15 +52,18 @@ __all__ = ["HF_METADATA", "export_hf", "import_hf", "read_folder", "HfFolder", "
 HF_METADATA = "hf"
 """Manifest metadata: module -> {"table": name, "config": the imported config.json}."""
 CONFIG_NAME = "config.json"
+OPTIMIZER_INDEX = "optimizer.safetensors.index.json"
 
 
 def export_hf(src_url: str, dst_url: str, modules: list[str] | None = None, *, table: str | None = None,
-              config: Mapping[str, Any] | None = None, max_shard_bytes: int = 5 << 30, budget: Budget,
-              progress: bool = True) -> dict[str, Any]:
+              config: Mapping[str, Any] | None = None, optimizer: bool = False, max_shard_bytes: int = 5 << 30,
+              budget: Budget, progress: bool = True) -> dict[str, Any]:
     """Export the weights of `modules` as a Hugging Face folder at `dst_url`; returns the config
     written. `table` (a name or a file) defaults to the one the modules were imported with; a
     composite table (llava) exports its modules as one model. `config` fields override what the
-    checkpoint records and what its shapes say."""
+    checkpoint records and what its shapes say. With `optimizer`, each optimizer state per weight
+    (exp_avg, ...) goes beside the model, mapped like the weights, as
+    `optimizer-*.safetensors` indexed by `optimizer.safetensors.index.json`."""
     src = open_storage(src_url)
     manifest = read_manifest(src, src_url)
     records = manifest.metadata.get(HF_METADATA, {}) if isinstance(manifest.metadata, dict) else {}
@@ -88,16 +91,23 @@ def export_hf(src_url: str, dst_url: str, modules: list[str] | None = None, *, t
                 and r.get("table") == mapping.name and isinstance(r.get("config"), dict)][:1]
     if isinstance(mapping, CompositeTable):
         full = composite_export_config(mapping, entries, *recorded, dict(config or {}))
-        tensors = [t for m, part in mapping.modules.items()
-                   for t in plan_hf_export(part.table, m, entries[m], full[part.config_field]).tensors]
+        parts = [(part.table, m, full[part.config_field]) for m, part in mapping.modules.items()]
     else:
         [m] = modules
         full = export_config(mapping, m, entries[m], *recorded, dict(config or {}))
-        tensors = list(plan_hf_export(mapping, m, entries[m], full).tensors)
-    files = plan_export_files(tensors, max_shard_bytes)
-    blob = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()
-    run_export(src, open_storage(dst_url), entries, files, budget, extras={CONFIG_NAME: blob},
-               progress=progress, where=dst_url)
+        parts = [(mapping, m, full)]
+    tensors = [t for sub, m, c in parts for t in plan_hf_export(sub, m, entries[m], c).tensors]
+    extras = {CONFIG_NAME: (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()}
+    side: list[Any] = []
+    if optimizer:
+        states = [t for sub, m, c in parts for s in optimizer_states(entries[m])
+                  for t in plan_hf_export(sub, m, entries[m], c, state=s).tensors]
+        if not states:
+            raise MappingError(f"{src_url}: modules {modules} store no optimizer state to export")
+        side = plan_export_files(states, max_shard_bytes, stem="optimizer")
+        extras[OPTIMIZER_INDEX] = json.dumps(index_document(side), indent=2).encode()
+    run_export(src, open_storage(dst_url), entries, plan_export_files(tensors, max_shard_bytes), budget,
+               extras=extras, side_files=side, progress=progress, where=dst_url)
     return full
 
 

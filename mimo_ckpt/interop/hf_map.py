@@ -27,7 +27,7 @@ from mimo_ckpt.plan.export import ExportPart, ExportTensor, Run
 
 __all__ = [
     "HfExport", "MegatronPart", "MegatronTensor", "ImportPlan", "export_config", "composite_export_config",
-    "plan_hf_export", "plan_hf_import", "check_all_taken", "check_layout_fits", "padded_rows", "merge_config",
+    "plan_hf_export", "optimizer_states", "plan_hf_import", "check_all_taken", "check_layout_fits", "padded_rows", "merge_config",
 ]
 
 
@@ -157,10 +157,36 @@ def _leading_indexes(spec: MegatronSpec, shape: tuple[int, ...]) -> list[tuple[i
     return [(0,) * spec.lead]
 
 
-def plan_hf_export(table: Table, module: str, entry: ModuleEntry, config: Mapping[str, Any]) -> HfExport:
+OPTIMIZER_STATE = "optimizer.state."
+
+
+def optimizer_states(entry: ModuleEntry) -> list[str]:
+    """The optimizer state names a module stores per weight (exp_avg, exp_avg_sq, fp32_param)."""
+    return sorted({k[len(OPTIMIZER_STATE):].split(".", 1)[0] for k in entry.tensors if k.startswith(OPTIMIZER_STATE)})
+
+
+def plan_hf_export(table: Table, module: str, entry: ModuleEntry, config: Mapping[str, Any],
+                   state: str | None = None) -> HfExport:
     """Every Hugging Face tensor the table makes from `module`'s stored weights. Refuses a stored
     model tensor that no table entry covers (optimizer state aside): an export never drops a
-    weight silently."""
+    weight silently. With `state`, the same tensors of that optimizer state instead
+    (`optimizer.state.<state>.<weight key>`), named `optimizer.<state>.<Hugging Face name>`;
+    weights without it (frozen ones) are left out."""
+    if state is not None:
+        prefix = f"{OPTIMIZER_STATE}{state}."
+        view = ModuleEntry(entry.layout, {k[len(prefix):]: t for k, t in entry.tensors.items() if k.startswith(prefix)},
+                           {})
+        plan = _plan_export(table, module, view, config, optional=True)
+        renamed = []
+        for t in plan.tensors:
+            if t.fill is None:
+                parts = tuple(ExportPart(p.module, prefix + p.key, p.index, p.run) for p in t.parts)
+                renamed.append(ExportTensor(f"optimizer.{state}.{t.name}", t.dtype, t.shape, t.transpose, parts))
+        return HfExport(plan.config, tuple(renamed))
+    return _plan_export(table, module, entry, config, optional=False)
+
+
+def _plan_export(table: Table, module: str, entry: ModuleEntry, config: Mapping[str, Any], optional: bool) -> HfExport:
     facts = _facts_of(table, config)
     by_hf: dict[str, list[ExportPart]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -173,7 +199,7 @@ def plan_hf_export(table: Table, module: str, entry: ModuleEntry, config: Mappin
         spec = table.megatron[rule.megatron]
         key = _stored_key(spec, entry.tensors)
         if key is None:
-            if spec.unless and facts.get(spec.unless):
+            if optional or (spec.unless and facts.get(spec.unless)):
                 continue
             names = " or ".join(repr(k) for k in (spec.key, *spec.aliases))
             raise MappingError(f"module {module!r}: tensor {names} is not in the checkpoint; table "
@@ -196,7 +222,7 @@ def plan_hf_export(table: Table, module: str, entry: ModuleEntry, config: Mappin
             by_hf.setdefault(name, []).extend(ExportPart(module, key, index, r) for r in runs)
             shapes[name], rules[name] = shape, rule
     unmapped = sorted(k for k in entry.tensors if k not in used and not k.startswith("optimizer."))
-    if unmapped:
+    if unmapped and not optional:
         raise MappingError(f"module {module!r}: table {table.name!r} maps no Hugging Face tensor from "
                            f"{unmapped[:6]}{' and more' if len(unmapped) > 6 else ''}; extend the table "
                            f"({table.source}) or exclude them")

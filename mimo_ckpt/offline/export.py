@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -17,35 +17,36 @@ from mimo_ckpt.io.storage import Storage
 from mimo_ckpt.io.stream import Budget, iter_box, write_file_of_pieces
 from mimo_ckpt.model.box import Box
 from mimo_ckpt.model.dtypes import NUMPY_NAMES
-from mimo_ckpt.plan.export import INDEX_NAME, ExportFile, ExportPart, ExportTensor
+from mimo_ckpt.plan.export import INDEX_NAME, ExportFile, ExportPart, ExportTensor, index_document
 
 __all__ = ["run_export"]
 
 
 def run_export(src: Storage, dst: Storage, entries: Mapping[str, ModuleEntry], files: list[ExportFile],
-               budget: Budget, *, extras: Mapping[str, bytes] | None = None, progress: bool = True,
-               where: str = "the export folder") -> dict:
-    """Write `extras` (config.json), the files, then the index, through the commit protocol: a
-    folder that holds an index already is refused, and an export that died there is cleaned up
-    first. Returns the index."""
+               budget: Budget, *, extras: Mapping[str, bytes] | None = None, side_files: Sequence[ExportFile] = (),
+               progress: bool = True, where: str = "the export folder") -> dict:
+    """Write `extras` (config.json), the side files (which the index does not list: optimizer
+    state), the files, then their index, through the commit protocol: a folder that holds an
+    index already is refused, and an export that died there is cleaned up first. Returns the
+    index."""
     extras = dict(extras or {})
+    every = [*side_files, *files]
     save_id = commit.begin(dst, INDEX_NAME, where)
     committed = False
     try:
-        commit.announce(dst, save_id, [*extras, *(f.name for f in files)], where)
+        commit.announce(dst, save_id, [*extras, *(f.name for f in every)], where)
         fault_point("offline.start", 0)
         for name, blob in extras.items():
             dst.write_file(name, [blob])
-        bar = Progress("export", sum(f.nbytes - len(f.prefix) for f in files)) if progress else None
+        bar = Progress("export", sum(f.nbytes - len(f.prefix) for f in every)) if progress else None
         buffer = np.empty(budget.chunk_bytes, dtype=np.uint8)
-        for f in files:
+        for f in every:
             pieces = [_tensor_pieces(src, entries, t, budget, buffer) for t in f.tensors]
             write_file_of_pieces(dst, f.name, f.prefix, pieces, bar)
             fault_point("offline.write", 0)
         if bar:
             bar.close()
-        index = {"metadata": {"total_size": sum(t.nbytes for f in files for t in f.tensors)},
-                 "weight_map": dict(sorted((t.name, f.name) for f in files for t in f.tensors))}
+        index = index_document(files)
         fault_point("offline.commit", 0)
         commit.publish(dst, save_id, INDEX_NAME, json.dumps(index, indent=2).encode(), where)
         committed = True

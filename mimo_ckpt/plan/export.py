@@ -16,7 +16,8 @@ from mimo_ckpt.format.manifest import ModuleEntry
 from mimo_ckpt.format.safetensors import FileEntry, layout_file
 from mimo_ckpt.model.dtypes import ITEMSIZE
 
-__all__ = ["Run", "ExportPart", "ExportTensor", "ExportFile", "plain_tensors", "plan_export_files", "INDEX_NAME"]
+__all__ = ["Run", "ExportPart", "ExportTensor", "ExportFile", "plain_tensors", "plan_export_files", "index_document",
+           "INDEX_NAME"]
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -92,9 +93,9 @@ def plain_tensors(module: str, entry: ModuleEntry, *, rename: Mapping[str, str] 
                          (ExportPart(module, k, (), None),)) for k in keys]
 
 
-def plan_export_files(tensors: Sequence[ExportTensor], max_shard_bytes: int) -> list[ExportFile]:
-    """Group whole tensors, in order, into files of at most `max_shard_bytes` (a bigger tensor
-    gets its own)."""
+def plan_export_files(tensors: Sequence[ExportTensor], max_shard_bytes: int, stem: str = "model") -> list[ExportFile]:
+    """Group whole tensors, in order, into files `<stem>-0000i-of-0000n.safetensors` of at most
+    `max_shard_bytes` (a bigger tensor gets its own)."""
     groups: list[list[ExportTensor]] = []
     size = 0
     for t in tensors:
@@ -105,7 +106,13 @@ def plan_export_files(tensors: Sequence[ExportTensor], max_shard_bytes: int) -> 
         size += t.nbytes
     files = []
     for i, group in enumerate(groups):
-        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        name = f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         prefix, ranges = layout_file([FileEntry(t.name, t.dtype, t.shape) for t in group], {"format": "pt"})
         files.append(ExportFile(name, prefix, tuple(group), ranges[-1][1] if ranges else len(prefix)))
     return files
+
+
+def index_document(files: Sequence[ExportFile]) -> dict:
+    """The `*.safetensors.index.json` of some files: total size and each tensor's file."""
+    return {"metadata": {"total_size": sum(t.nbytes for f in files for t in f.tensors)},
+            "weight_map": dict(sorted((t.name, f.name) for f in files for t in f.tensors))}
