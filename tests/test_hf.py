@@ -322,10 +322,12 @@ def test_import_names_the_missing_tensor_and_writes_nothing(tmp_path):
     assert not (tmp_path / "ckpt").exists() or os.listdir(tmp_path / "ckpt") == []
 
 
-def test_a_layout_megatron_cannot_build_is_refused(tmp_path):
+@pytest.mark.parametrize(("layout", "message"), [(ModuleLayout(pp=4), "pp=4"),  # 2 layers in 4 stages
+                                                  (ModuleLayout(tp=4), "2 groups")])  # 2 key/value heads
+def test_a_layout_megatron_cannot_build_is_refused(tmp_path, layout, message):
     hf_model("llama").save_pretrained(tmp_path / "hf")
-    with pytest.raises(MappingError, match="pp=4"):  # 2 layers in 4 stages
-        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), {"lm": ModuleLayout(pp=4)}, budget=BUDGET, progress=False)
+    with pytest.raises(MappingError, match=message):
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), {"lm": layout}, budget=BUDGET, progress=False)
     assert not (tmp_path / "ckpt" / "manifest.json").exists()
 
 
@@ -406,3 +408,37 @@ def test_an_hf_import_composes_with_native_modules_and_keeps_its_mapping(world):
     assert cli(["export", imported, "--module", "language", "--to", str(root / "imported-hf"), "--quiet"]) == 0
     got, want = _folder_tensors(root / "composed-hf"), _folder_tensors(root / "imported-hf")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_users_own_table_extends_llama_to_qwen2_without_code(tmp_path):
+    """Qwen2 is Llama-class with q/k/v biases: a copy of the llama table with three more rows
+    (and its model_type) imports and exports it."""
+    from mimo_ckpt.interop.hf_table import TABLES_DIR
+
+    table = json.loads(pathlib.Path(TABLES_DIR, "llama.json").read_text())
+    table["name"] = "qwen2"
+    table["config"].update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    table["megatron"]["decoder.layers.self_attention.linear_qkv.bias"] = {"layers": True, "tp": 0}
+    table["tensors"] += [{"hf": f"model.layers.{{layer}}.self_attn.{r}_proj.bias", "rows": r,
+                          "megatron": "decoder.layers.self_attention.linear_qkv.bias"} for r in "qkv"]
+    (tmp_path / "qwen2.json").write_text(json.dumps(table))
+    s = SIZES["llama"]
+    config = transformers.Qwen2Config(hidden_size=s["hidden"], num_attention_heads=s["heads"],
+                                      num_key_value_heads=s["groups"], num_hidden_layers=s["layers"],
+                                      intermediate_size=s["ffn"], vocab_size=s["vocab"], tie_word_embeddings=False)
+    torch.manual_seed(3)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(MappingError, match="q_proj.bias"):  # the llama table does not take the biases
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "refused"), {"lm": ModuleLayout(tp=2)}, table="llama",
+                  budget=BUDGET, progress=False)
+    user_table = str(tmp_path / "qwen2.json")
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), {"lm": ModuleLayout(tp=2, pp=2)}, table=user_table,
+              budget=BUDGET, progress=False)
+    export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), ["lm"], table=user_table, budget=BUDGET, progress=False)
+    back = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = tokens("llama")
+    assert torch.equal(hf_logits(back, x), hf_logits(model, x))

@@ -1,15 +1,15 @@
-"""Hugging Face folders in and out, per module, mapped by the tables of interop.hf_map.
+"""Hugging Face folders in and out, mapped by the tables of interop.hf_table (docs/huggingface.md).
 
-`export_hf` writes one module's weights as a folder `from_pretrained` loads (config.json,
-safetensors files, their index last, through the commit protocol). `import_hf` writes a Hugging
-Face folder as one module of a mimo checkpoint under any layout: every rank's file is cut
-straight from the folder's tensors, so no per-layout conversion exists and no GPU is used. Both
-stream under a memory budget: an export holds one piece at a time (a whole tensor only where it
-must transpose), an import one row block of one Hugging Face tensor (a whole one where it
-transposes).
+`export_hf` writes a module's weights (or, through a composite table such as llava, several
+modules' as one model) as a folder `from_pretrained` loads: config.json, safetensors files, their
+index last, through the commit protocol. `import_hf` writes a Hugging Face folder as modules of a
+new checkpoint, each under any layout: every rank's file is cut straight from the folder's
+tensors, so no per-layout conversion exists and no GPU is used. Both stream under a memory
+budget: an export holds one piece at a time (a whole tensor only where it must transpose), an
+import one row block of one Hugging Face tensor (a whole one where it transposes).
 
 The config an import read is kept in the checkpoint's metadata (`hf.<module>`) together with
-the table's name, so the module exports back without being told either; compose and split carry
+the table's name, so the modules export back without being told either; compose and split carry
 it with the module.
 """
 
@@ -66,27 +66,10 @@ def export_hf(src_url: str, dst_url: str, modules: list[str] | None = None, *, t
     `optimizer-*.safetensors` indexed by `optimizer.safetensors.index.json`."""
     src = open_storage(src_url)
     manifest = read_manifest(src, src_url)
-    records = manifest.metadata.get(HF_METADATA, {}) if isinstance(manifest.metadata, dict) else {}
+    records = manifest.metadata.get(HF_METADATA) if isinstance(manifest.metadata, dict) else None
     records = records if isinstance(records, dict) else {}
-    named = sorted({records[m].get("table") for m in modules or records if isinstance(records.get(m), dict)} - {None})
-    if table is None and len(named) != 1:
-        raise MappingError(f"{src_url}: modules {modules or sorted(manifest.modules)} record "
-                           f"{'no mapping table' if not named else f'several tables {named}'}: name one (--table, "
-                           f"one of {table_names()} or a table file)")
-    mapping = load_table(table or named[0])
-    if isinstance(mapping, CompositeTable):
-        modules = modules or list(mapping.modules)
-        if sorted(modules) != sorted(mapping.modules):
-            raise MappingError(f"table {mapping.name!r} exports modules {sorted(mapping.modules)} together, "
-                               f"not {sorted(modules)}")
-    elif not modules or len(modules) != 1:
-        raise MappingError(f"table {mapping.name!r} maps one module: name it (the checkpoint has "
-                           f"{sorted(manifest.modules)})")
-    entries = {}
-    for m in modules:
-        if m not in manifest.modules:
-            raise LayoutError(f"module {m!r} is not in {src_url} (it has {sorted(manifest.modules)})")
-        entries[m] = manifest.modules[m]
+    mapping, modules = _export_table(src_url, manifest, records, modules, table)
+    entries = {m: manifest.modules[m] for m in modules}
     recorded = [r["config"] for m in modules if isinstance(r := records.get(m), dict)
                 and r.get("table") == mapping.name and isinstance(r.get("config"), dict)][:1]
     if isinstance(mapping, CompositeTable):
@@ -109,6 +92,29 @@ def export_hf(src_url: str, dst_url: str, modules: list[str] | None = None, *, t
     run_export(src, open_storage(dst_url), entries, plan_export_files(tensors, max_shard_bytes), budget,
                extras=extras, side_files=side, progress=progress, where=dst_url)
     return full
+
+
+def _export_table(src_url: str, manifest: Manifest, records: Mapping[str, Any], modules: list[str] | None,
+                  table: str | None) -> tuple[Table | CompositeTable, list[str]]:
+    """The table to export by (named, or the one the modules record) and the modules it takes."""
+    named = sorted({records[m].get("table") for m in modules or records if isinstance(records.get(m), dict)} - {None})
+    if table is None and len(named) != 1:
+        raise MappingError(f"{src_url}: modules {modules or sorted(manifest.modules)} record "
+                           f"{'no mapping table' if not named else f'several tables {named}'}: name one (--table, "
+                           f"one of {table_names()} or a table file)")
+    mapping = load_table(table or named[0])
+    if isinstance(mapping, CompositeTable):
+        modules = modules or list(mapping.modules)
+        if sorted(modules) != sorted(mapping.modules):
+            raise MappingError(f"table {mapping.name!r} exports modules {sorted(mapping.modules)} together, "
+                               f"not {sorted(modules)}")
+    elif not modules or len(modules) != 1:
+        raise MappingError(f"table {mapping.name!r} maps one module: name it (the checkpoint has "
+                           f"{sorted(manifest.modules)})")
+    missing = [m for m in modules if m not in manifest.modules]
+    if missing:
+        raise LayoutError(f"module(s) {missing} not in {src_url} (it has {sorted(manifest.modules)})")
+    return mapping, modules
 
 
 # -- reading a Hugging Face folder ---------------------------------------------------------------
@@ -208,11 +214,8 @@ def import_hf(src_url: str, dst_url: str, layouts: Mapping[str, ModuleLayout], *
         check_layout_fits(plan.tensors, layouts[m].tp, layouts[m].pp)
     recorded = folder.config if isinstance(mapping, CompositeTable) else merge_config(mapping.config, folder.config)
     dst = open_storage(dst_url)
-    save_id = commit.begin(dst, MANIFEST_PATH, dst_url)
-    committed = False
-    try:
-        saves = {m: _module_save_plan(m, layouts[m], plan.tensors, save_id) for m, plan in plans.items()}
-        commit.announce(dst, save_id, [], dst_url)
+    with commit.Write(dst, MANIFEST_PATH, dst_url) as write:
+        saves = {m: _module_save_plan(m, layouts[m], plan.tensors, write.save_id) for m, plan in plans.items()}
         fault_point("offline.start", 0)
         total = sum(i.end - i.begin for p in saves.values() for f in p.files for i in f.items)
         bar = Progress("import", total) if progress else None
@@ -233,10 +236,7 @@ def import_hf(src_url: str, dst_url: str, layouts: Mapping[str, ModuleLayout], *
                             modules=entries,
                             metadata={HF_METADATA: {m: {"table": mapping.name, "config": recorded} for m in entries}})
         fault_point("offline.commit", 0)
-        commit.publish_manifest(dst, save_id, manifest.to_bytes(), dst_url)
-        committed = True
-    finally:
-        commit.finish(dst, save_id, committed)
+        write.publish_manifest(manifest.to_bytes())
     return manifest
 
 

@@ -27,7 +27,8 @@ from mimo_ckpt.plan.export import ExportPart, ExportTensor, Run
 
 __all__ = [
     "HfExport", "MegatronPart", "MegatronTensor", "ImportPlan", "export_config", "composite_export_config",
-    "plan_hf_export", "optimizer_states", "plan_hf_import", "check_all_taken", "check_layout_fits", "padded_rows", "merge_config",
+    "plan_hf_export", "optimizer_states", "plan_hf_import", "check_all_taken", "check_layout_fits", "padded_rows",
+    "merge_config",
 ]
 
 
@@ -301,6 +302,9 @@ def plan_hf_import(table: Table, config: Mapping[str, Any], headers: Mapping[str
     config = merge_config(table.config, config)
     facts = _facts_of(table, config)
     layers = _fact(facts, "layers", f"table {table.name!r}") if any(s.layers for s in table.megatron.values()) else 0
+    if any(r.rows in ("q", "k", "v", "qkv") for r in table.tensors) and facts.get("groups", 1) % tp:
+        raise MappingError(f"table {table.name!r}: megatron splits attention by query group, and the "
+                           f"{facts['groups']} groups of this model do not divide by tp={tp}")
     parts: dict[str, list[list[MegatronPart]]] = {}
     dims: dict[str, tuple[str, tuple[int, ...]]] = {}  # megatron key -> (dtype, per-layer shape past rows)
     rows_of: dict[str, int] = {}

@@ -349,10 +349,8 @@ def _write_torch_dist(dst: str, out: dict[str, Any], common: dict[str, Any] | No
 
     os.makedirs(dst, exist_ok=True)
     folder = LocalStorage(dst)
-    save_id = commit.begin(folder, MEGATRON_CONFIG, dst)
-    committed = False
-    try:
-        commit.announce(folder, save_id, _DCP_FILES, dst)  # DCP writes through names: they must be free
+    with commit.Write(folder, MEGATRON_CONFIG, dst) as write:
+        write.announce(_DCP_FILES)  # DCP writes through names: they must be free
         fault_point("offline.start", 0)
         if common:
             blob = io.BytesIO()
@@ -366,7 +364,4 @@ def _write_torch_dist(dst: str, out: dict[str, Any], common: dict[str, Any] | No
         fault_point("offline.write", 0)
         fault_point("offline.commit", 0)
         config = json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}).encode()
-        commit.publish(folder, save_id, MEGATRON_CONFIG, config, dst)
-        committed = True
-    finally:
-        commit.finish(folder, save_id, committed)
+        write.publish(config)

@@ -30,7 +30,7 @@ from mimo_ckpt.format.paths import check_relpath
 from mimo_ckpt.io.storage import Storage, read_small_file
 
 __all__ = ["read_manifest", "read_manifest_bytes", "SAVING_MARKER_PREFIX", "new_save_id", "begin", "announce", "publish",
-           "publish_manifest", "finish", "created_by"]
+           "publish_manifest", "finish", "created_by", "Write"]
 
 SAVING_MARKER_PREFIX = ".saving-"
 """A write in progress: `.saving-<save id>`, holding the files it creates that do not carry the id."""
@@ -92,6 +92,39 @@ def publish_manifest(storage: Storage, save_id: str, blob: bytes, where: str) ->
     never commits a manifest its own loader would refuse."""
     Manifest.from_bytes(blob, source="manifest being written")
     publish(storage, save_id, MANIFEST_PATH, blob, where)
+
+
+class Write:
+    """One single-process write from `begin` to `finish`, as a context: the offline writers'
+    skeleton. `finish` runs on leaving, and removes what the write created unless it published.
+
+        with commit.Write(dst, MANIFEST_PATH, url) as write:
+            write.announce(names)
+            ...                         # files named with write.save_id, or announced
+            write.publish_manifest(blob)
+    """
+
+    def __init__(self, storage: Storage, index: str, where: str, save_id: str | None = None) -> None:
+        self.storage, self.index, self.where = storage, index, where
+        self.save_id = begin(storage, index, where, save_id)
+        self.committed = False
+
+    def __enter__(self) -> "Write":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        finish(self.storage, self.save_id, self.committed)
+
+    def announce(self, names: Iterable[str]) -> None:
+        announce(self.storage, self.save_id, names, self.where)
+
+    def publish(self, blob: bytes) -> None:
+        publish(self.storage, self.save_id, self.index, blob, self.where)
+        self.committed = True
+
+    def publish_manifest(self, blob: bytes) -> None:
+        publish_manifest(self.storage, self.save_id, blob, self.where)
+        self.committed = True
 
 
 def _need_marker(storage: Storage, save_id: str, where: str) -> None:

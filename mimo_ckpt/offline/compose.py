@@ -67,10 +67,8 @@ def run_compose(sources: list[ModuleSource], dst_url: str, *, budget: Budget, pr
     files = [(src.url, path) for src in sources
              for path in sorted({s.file for t in result.modules[src.module].tensors.values() for s in t.shards})]
     dst = open_storage(dst_url)
-    save_id = commit.begin(dst, MANIFEST_PATH, dst_url)
-    committed = False
-    try:
-        commit.announce(dst, save_id, [path for _, path in files], dst_url)  # source names, not ours
+    with commit.Write(dst, MANIFEST_PATH, dst_url) as write:
+        write.announce([path for _, path in files])  # source names, not ours
         fault_point("offline.start", 0)
         total = sum(m.nbytes for m in result.modules.values())
         bar = Progress("compose", total) if progress else None
@@ -83,8 +81,5 @@ def run_compose(sources: list[ModuleSource], dst_url: str, *, budget: Budget, pr
         if bar:
             bar.close()
         fault_point("offline.commit", 0)
-        commit.publish_manifest(dst, save_id, result.to_bytes(), dst_url)
-        committed = True
-    finally:
-        commit.finish(dst, save_id, committed)
+        write.publish_manifest(result.to_bytes())
     return result

@@ -31,10 +31,8 @@ def run_export(src: Storage, dst: Storage, entries: Mapping[str, ModuleEntry], f
     index."""
     extras = dict(extras or {})
     every = [*side_files, *files]
-    save_id = commit.begin(dst, INDEX_NAME, where)
-    committed = False
-    try:
-        commit.announce(dst, save_id, [*extras, *(f.name for f in every)], where)
+    with commit.Write(dst, INDEX_NAME, where) as write:
+        write.announce([*extras, *(f.name for f in every)])
         fault_point("offline.start", 0)
         for name, blob in extras.items():
             dst.write_file(name, [blob])
@@ -48,10 +46,7 @@ def run_export(src: Storage, dst: Storage, entries: Mapping[str, ModuleEntry], f
             bar.close()
         index = index_document(files)
         fault_point("offline.commit", 0)
-        commit.publish(dst, save_id, INDEX_NAME, json.dumps(index, indent=2).encode(), where)
-        committed = True
-    finally:
-        commit.finish(dst, save_id, committed)
+        write.publish(json.dumps(index, indent=2).encode())
     return index
 
 

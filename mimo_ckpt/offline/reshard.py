@@ -178,9 +178,7 @@ def run_reshard(
     (committed) manifest. New files carry `save_id` in their names (plan with
     `file_tag=save_id`); the untouched modules' files are shared under their source names."""
     src, dst = open_storage(src_url), open_storage(dst_url)
-    save_id = commit.begin(dst, MANIFEST_PATH, dst_url, save_id)
-    committed = False
-    try:
+    with commit.Write(dst, MANIFEST_PATH, dst_url, save_id) as write:
         for name, rp in plans.items():
             untagged = [f.path for f in rp.plan.files if not commit.created_by(f.path, save_id)]
             if untagged:
@@ -188,7 +186,7 @@ def run_reshard(
                                    f"{save_id} (plan with file_tag=save_id)")
         shared = sorted({s.file for name, entry in manifest.modules.items() if name not in plans
                          for t in entry.tensors.values() for s in t.shards})
-        commit.announce(dst, save_id, shared, dst_url)
+        write.announce(shared)
         fault_point("offline.start", 0)
         for path in shared:
             share_file(src, dst, path, budget)
@@ -197,10 +195,7 @@ def run_reshard(
         world = max([manifest.world_size] + [m.layout.rank_offset + m.layout.size for m in modules.values()])
         result = Manifest(world_size=world, modules=modules, metadata=manifest.metadata)
         fault_point("offline.commit", 0)
-        commit.publish_manifest(dst, save_id, result.to_bytes(), dst_url)
-        committed = True
-    finally:
-        commit.finish(dst, save_id, committed)
+        write.publish_manifest(result.to_bytes())
     return result
 
 

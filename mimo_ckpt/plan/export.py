@@ -7,6 +7,7 @@ QKV or gate/up projections, cut vocabulary padding, and rename. Pure: no bytes m
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -62,10 +63,7 @@ class ExportTensor:
 
     @property
     def nbytes(self) -> int:
-        n = ITEMSIZE[self.dtype]
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape, start=ITEMSIZE[self.dtype])
 
 
 @dataclass(frozen=True, slots=True)
