@@ -6,15 +6,20 @@ Writes a Llama-class Hugging Face folder of about `--gb` GB (bf16, grouped-query
 values) in files of at most 1 GB, then, in `--rounds` rounds (commands in an order shuffled per
 round), times whole commands run as separate processes:
 
-- `raw_copy`: a Python process reads every file of the folder and writes a copy, fsync'd: the
-  same bytes in and out as an import, with no mapping (the machine's limit for this job);
+- `raw_read`: a process reads every file of the folder (cold) into one reused 64 MiB buffer;
+- `raw_write`: a process writes as many bytes from a buffer into 1 GB files, each fsync'd;
+- `raw_copy`: a process reads every file and writes a copy, fsync'd, chunk after chunk: the same
+  bytes in and out as an import, with no mapping and no overlap of reads and writes;
 - `import_tp1`: `mimo-ckpt import --format hf` for one rank's layout;
 - `import_tp2_pp2`: the same for TP2 x PP2 (4 files, QKV and gate/up rows split four ways);
 - `export`: `mimo-ckpt export --format hf` of the TP2 x PP2 import back to a folder.
 
 Before each command: `sync`, and with root `drop_caches`, so every read is cold. Times include
 the interpreter's start (`startup`: `mimo-ckpt --help`, timed the same way). GB/s counts the bytes
-written. Peak memory is the command's max RSS (wait4). Every command gets `--max-memory`.
+written. The machine's floor for moving the bytes is `raw_read` + `raw_write` done one after the
+other, and max(`raw_read`, `raw_write`) done fully overlapped; each command's median time is
+given against both. Peak memory is the command's max RSS (wait4); every mimo-ckpt command gets
+`--max-memory`.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def llama_config(gb: float) -> dict[str, Any]:
     hidden, heads, groups, ffn, vocab = 2048, 16, 4, 5632, 32000
     head_dim = hidden // heads
     per_layer = 2 * (hidden * (heads + 2 * groups) * head_dim + hidden * hidden + 3 * hidden * ffn + 2 * hidden)
-    layers = max(2, round((gb * 1e9 - 4 * vocab * hidden) / per_layer))
+    layers = max(4, 4 * round((gb * 1e9 - 4 * vocab * hidden) / per_layer / 4))  # PP2 and PP4 split it
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
             "num_attention_heads": heads, "num_key_value_heads": groups, "intermediate_size": ffn,
             "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
@@ -117,6 +122,35 @@ for name in sorted(os.listdir(src)):
 """
 
 
+RAW_READ = r"""
+import os, sys
+src = sys.argv[1]
+view = memoryview(bytearray(64 << 20))
+for name in sorted(os.listdir(src)):
+    fd = os.open(os.path.join(src, name), os.O_RDONLY)
+    while os.readv(fd, [view]):
+        pass
+    os.close(fd)
+"""
+
+RAW_WRITE = r"""
+import os, sys
+dst, total = sys.argv[1], int(sys.argv[2])
+os.makedirs(dst)
+view = memoryview(os.urandom(64 << 20))
+i = 0
+while total > 0:
+    fd = os.open(os.path.join(dst, f"part-{i}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    left = min(total, 1 << 30)
+    total -= left
+    while left:
+        left -= os.write(fd, view[: min(left, len(view))])
+    os.fsync(fd)
+    os.close(fd)
+    i += 1
+"""
+
+
 def settle() -> None:
     os.sync()
     if os.geteuid() == 0:
@@ -158,6 +192,8 @@ def main() -> None:
                    check=True)
     commands = {
         "startup": lambda out: CLI + ["--help"],
+        "raw_read": lambda out: [sys.executable, "-c", RAW_READ, folder],
+        "raw_write": lambda out: [sys.executable, "-c", RAW_WRITE, out, str(dir_bytes(folder))],
         "raw_copy": lambda out: [sys.executable, "-c", RAW_COPY, folder, out],
         "import_tp1": lambda out: CLI + ["import", folder, out, "--format", "hf", "--module", "language=tp1"] + mem,
         "import_tp2_pp2": lambda out: CLI + ["import", folder, out, "--format", "hf", "--module",
@@ -175,16 +211,18 @@ def main() -> None:
             runs[name].append({"seconds": seconds, "peak_rss": rss, "written": written})
             shutil.rmtree(out, ignore_errors=True)
     summary = {}
-    raw = statistics.median(x["seconds"] for x in runs["raw_copy"])
+    med = {name: statistics.median(x["seconds"] for x in xs) for name, xs in runs.items()}
+    serial, overlapped = med["raw_read"] + med["raw_write"], max(med["raw_read"], med["raw_write"])
     for name, xs in runs.items():
-        median = statistics.median(x["seconds"] for x in xs)
         summary[name] = {
-            "best_s": min(x["seconds"] for x in xs), "median_s": median,
-            "gb_per_s": xs[0]["written"] / median / 1e9 if xs[0]["written"] else None,
-            "raw_copy_over_this": raw / median, "peak_rss_mib": max(x["peak_rss"] for x in xs) / 2**20,
+            "best_s": min(x["seconds"] for x in xs), "median_s": med[name],
+            "gb_per_s": xs[0]["written"] / med[name] / 1e9 if xs[0]["written"] else None,
+            "serial_raw_over_this": serial / med[name], "overlapped_raw_over_this": overlapped / med[name],
+            "peak_rss_mib": max(x["peak_rss"] for x in xs) / 2**20,
         }
-        print(f"{name:16s} median {median:6.2f} s  best {summary[name]['best_s']:6.2f} s  "
-              f"raw/this {raw / median:5.2f}  peak {summary[name]['peak_rss_mib']:7.1f} MiB")
+        print(f"{name:16s} median {med[name]:6.2f} s  best {summary[name]['best_s']:6.2f} s  "
+              f"read+write/this {serial / med[name]:5.2f}  max(read,write)/this {overlapped / med[name]:5.2f}  "
+              f"peak {summary[name]['peak_rss_mib']:7.1f} MiB")
     shutil.rmtree(root, ignore_errors=True)
     write_json({"tensor_bytes": total, "config": llama_config(args.gb), "max_memory": args.max_memory,
                 "rounds": args.rounds, "summary": summary, "runs": runs}, args.out)
