@@ -31,6 +31,7 @@ _LAZY = {
     "Comm": "run.comm",
     "TorchComm": "run.comm",
     "ThreadWorld": "run.comm",
+    "SoloComm": "run.comm",
     "CheckpointManager": "run.manager",
     "AsyncSaver": "run.async_save",
     "AsyncSave": "run.async_save",

@@ -18,13 +18,13 @@ import logging
 import threading
 import weakref
 import time
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 
 from mimo_ckpt.run.save import SaveJob, finish_save, start_save
 from mimo_ckpt.format.checksums import ShardSums
-from mimo_ckpt.run.comm import Comm, TorchComm
+from mimo_ckpt.run.comm import Comm, SoloComm, TorchComm
 from mimo_ckpt.errors import MimoCkptError
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.plan.options import SaveOptions
@@ -100,7 +100,7 @@ class AsyncSave:
         if self._error is not None:
             raise self._error
 
-    def _run(self, job: SaveJob, images: Mapping[str, torch.Tensor]) -> None:
+    def _run(self, job: SaveJob, images: Mapping[str, torch.Tensor], after_commit: Callable[[], None] | None) -> None:
         start = time.perf_counter()
         try:
             crcs: dict[str, dict[str, list[ShardSums]]] = {}  # module -> file -> its items' checksums
@@ -112,6 +112,8 @@ class AsyncSave:
                 except (MimoCkptError, OSError) as exc:
                     job.run.fail(exc)
             finish_save(job, crcs)
+            if after_commit is not None:
+                after_commit()
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
             self._error = exc
         finally:
@@ -119,12 +121,19 @@ class AsyncSave:
             self._finished.set()
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 class AsyncSaver:
     """Runs saves in the background, one at a time, reusing host buffers. Collective to create:
-    it makes a gloo group (with `timeout_s`) for its own collectives, unless `comm` is given."""
+    it makes a gloo group (with `timeout_s`) for its own collectives, unless `comm` is given (in a
+    process without torch.distributed it needs none)."""
 
     def __init__(self, comm: Comm | None = None, *, timeout_s: float = 1800.0, pin: bool | None = None) -> None:
-        self.comm = comm or TorchComm.with_timeout(timeout_s)
+        self.comm = comm or (TorchComm.with_timeout(timeout_s) if _distributed() else SoloComm())
         self.stager = HostStager(pin)
         self.pending: AsyncSave | None = None
         atexit.register(_warn_if_pending, weakref.ref(self))
@@ -133,9 +142,11 @@ class AsyncSaver:
         self, state: Mapping[str, Any], path: str, *, layouts: Mapping[str, ModuleLayout],
         storage: Storage | None = None, metadata: Mapping[str, Any] | None = None,
         if_pending: Literal["wait", "raise"] = "wait", replicas: Literal["main", "spread"] = "main",
-        options: SaveOptions = SaveOptions(),
+        options: SaveOptions = SaveOptions(), after_commit: Callable[[], None] | None = None,
     ) -> AsyncSave:
-        """Collective like `mimo_ckpt.save`; returns once this rank's state sits in host buffers."""
+        """Collective like `mimo_ckpt.save`; returns once this rank's state sits in host buffers.
+        `after_commit` runs on every rank in the background thread once the checkpoint is
+        committed (it may use this saver's comm: CheckpointManager moves `latest` there)."""
         start = time.perf_counter()
         self._settle_pending(if_pending)
         job = start_save(state, path, layouts=layouts, comm=self.comm, storage=storage, metadata=metadata,
@@ -153,7 +164,8 @@ class AsyncSaver:
             except (MimoCkptError, RuntimeError) as exc:
                 job.run.fail(exc if isinstance(exc, MimoCkptError) else MimoCkptError(f"staging: {exc}"))
         handle = AsyncSave(job.path, time.perf_counter() - start)
-        handle._thread = threading.Thread(target=handle._run, args=(job, images), name="mimo-ckpt-async-save", daemon=True)
+        handle._thread = threading.Thread(target=handle._run, args=(job, images, after_commit),
+                                          name="mimo-ckpt-async-save", daemon=True)
         handle._thread.start()
         self.pending = handle
         return handle

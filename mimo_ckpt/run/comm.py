@@ -14,7 +14,7 @@ from typing import Any, Protocol, Sequence
 
 from mimo_ckpt.errors import RemoteRankError
 
-__all__ = ["Comm", "TorchComm", "ThreadWorld"]
+__all__ = ["Comm", "TorchComm", "ThreadWorld", "SoloComm", "default_comm"]
 
 
 class Comm(Protocol):
@@ -168,6 +168,37 @@ class TorchComm:
             group = self._dist.new_group(global_ranks, **same_timeout)
             self._subgroups[ranks] = TorchComm(group, self.timeout) if self.rank in ranks else None
         return self._subgroups[ranks]
+
+
+class SoloComm:
+    """The only rank of a process that runs without torch.distributed: every collective hands
+    back what it was given. Saves and loads need no process group in one process (the layouts
+    must then fit one rank)."""
+
+    rank = 0
+    size = 1
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        return [data]
+
+    def gather_bytes(self, data: bytes, root: int) -> list[bytes] | None:
+        return [data]
+
+    def broadcast_bytes(self, data: bytes | None, root: int) -> bytes:
+        return data or b""
+
+    def subgroup(self, ranks: Sequence[int]) -> "SoloComm | None":
+        return self if tuple(ranks) == (0,) else None
+
+
+def default_comm() -> Comm:
+    """What save, load and the manager use when given no comm: the default process group's, or,
+    in a process without one, `SoloComm`."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return TorchComm.default()
+    return SoloComm()
 
 
 class _Rendezvous:

@@ -32,7 +32,7 @@ from mimo_ckpt.model.tree import rebuild
 from mimo_ckpt.plan.options import ReadOptions
 from mimo_ckpt.plan.load import KeyReport, check_keys, padded_region, plan_module_load, stored_object_value
 from mimo_ckpt.run.collective import Collective, check_layouts, flatten_state, root_decides
-from mimo_ckpt.run.comm import Comm, TorchComm
+from mimo_ckpt.run.comm import Comm, default_comm
 
 __all__ = ["load", "LoadResult"]
 
@@ -93,7 +93,7 @@ def load(
     file order, issuing reads as `read_options` say. Floating-point tensors are cast from the
     stored dtype; see docs/megatron.md for factories, flat slices and padded vocabularies.
     """
-    comm = comm or TorchComm.default()
+    comm = comm or default_comm()
     storage = storage or open_storage(path)
     check_layouts(layouts, comm.size)
     source = f"{os.fspath(path)}/{MANIFEST_PATH}"

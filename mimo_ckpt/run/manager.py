@@ -17,19 +17,22 @@ import os
 import re
 import time
 import uuid
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from mimo_ckpt.run.collective import root_decides
 from mimo_ckpt.run.load import LoadResult, load
 from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.run.save import save
 from mimo_ckpt.io.commit import SAVING_MARKER_PREFIX
-from mimo_ckpt.run.comm import Comm, TorchComm
+from mimo_ckpt.run.comm import Comm, default_comm
 from mimo_ckpt.errors import ManifestError, MimoCkptError, StorageError
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.format.manifest import MANIFEST_PATH, READING_MARKER_PREFIX
 from mimo_ckpt.io.commit import read_manifest
 from mimo_ckpt.io.storage import LocalStorage, Storage, open_storage, read_small_file
+
+if TYPE_CHECKING:
+    from mimo_ckpt.run.async_save import AsyncSave, AsyncSaver
 
 __all__ = ["CheckpointManager", "LATEST_PATH"]
 
@@ -54,7 +57,7 @@ class CheckpointManager:
     @property
     def comm(self) -> Comm:
         if self._comm is None:
-            self._comm = TorchComm.default()
+            self._comm = default_comm()
         return self._comm
 
     def path_for(self, step: int) -> str:
@@ -103,17 +106,32 @@ class CheckpointManager:
         path = self.path_for(step)
         save(state, path, layouts=layouts, comm=self.comm, metadata={**(metadata or {}), "step": step},
              replicas=replicas, options=options)
+        self._after_commit(step, self.comm)
+        return path
 
+    def async_save(
+        self, state: Mapping[str, Any], step: int, *, layouts: Mapping[str, ModuleLayout], saver: "AsyncSaver",
+        metadata: Mapping[str, Any] | None = None, **kwargs: Any,
+    ) -> "AsyncSave":
+        """`save` in the background through `saver` (see `AsyncSaver.save`): returns once this
+        rank's state is staged; `latest` and retention move when the commit lands, in the
+        saver's thread, on its comm. A save that dies before its commit leaves both as they
+        were. Wait on the handle (or save again, which waits) before reading `latest`."""
+        return saver.save(state, self.path_for(step), layouts=layouts, metadata={**(metadata or {}), "step": step},
+                          after_commit=lambda: self._after_commit(step, saver.comm), **kwargs)
+
+    def _after_commit(self, step: int, comm: Comm) -> None:
+        """Rank 0 points `latest` at the committed `step` and applies retention; every rank of
+        `comm` hears how that went."""
         def point_latest() -> bytes:
             try:
                 self._storage(self.root).commit_file(LATEST_PATH, f"step_{step:09d}\n".encode())
                 self._apply_retention(step)
             except (MimoCkptError, OSError) as exc:
-                raise StorageError(f"rank 0 after committing {path}: {exc}") from exc
+                raise StorageError(f"rank 0 after committing {self.path_for(step)}: {exc}") from exc
             return b""
 
-        root_decides(self.comm, point_latest, otherwise=StorageError)
-        return path
+        root_decides(comm, point_latest, otherwise=StorageError)
 
     def load_latest(
         self, state: Mapping[str, Any], *, layouts: Mapping[str, ModuleLayout], **kwargs: Any,

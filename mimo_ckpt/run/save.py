@@ -30,7 +30,7 @@ from mimo_ckpt.model.shard import ModuleShards, ObjectMeta, TensorMeta
 from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.plan.save import FilePlan, ModuleSavePlan, encode_objects, plan_module_save
 from mimo_ckpt.run.collective import Collective, check_layouts, flatten_state, root_decides, json_bytes
-from mimo_ckpt.run.comm import Comm, TorchComm
+from mimo_ckpt.run.comm import Comm, default_comm
 from mimo_ckpt.run.gc_pause import collector_paused
 
 __all__ = ["save", "SaveJob", "start_save", "finish_save"]
@@ -115,7 +115,7 @@ def start_save(
     replicas: Literal["main", "spread"] = "main", options: SaveOptions = SaveOptions(),
 ) -> SaveJob:
     """The collective first half of a save: agree on a save id, flatten, plan every module."""
-    comm = comm or TorchComm.default()
+    comm = comm or default_comm()
     storage = storage or open_storage(path)
     check_layouts(layouts, comm.size)
     where = os.fspath(path)
