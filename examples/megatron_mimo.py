@@ -46,31 +46,41 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.fusions import fused_softmax
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.models.mimo import MimoModel, MimoModelConfig
-from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
-from megatron.core.models.vision.clip_vit_model import CLIPViTModel
-from megatron.core.models.vision.multimodal_projector import MultimodalProjector
-from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
-from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel import random as random_module
-from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
-from megatron.core.transformer.transformer_config import TransformerConfig
+# megatron-core warns, on import and while building, about optional accelerations this example
+# does not use (Transformer Engine, Apex, absl), an API it uses on purpose (MimoModel is
+# experimental) and CUDA tuning; none of them asks anything of a reader of this example.
+for _message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                 "absl.logging is not installed", "MimoModelConfig is experimental", "full scope is deprecated",
+                 "When using async grad allreduce"):
+    warnings.filterwarnings("ignore", message=_message)
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU
 
-from mimo_ckpt import LayoutError, ModuleLayout
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.fusions import fused_softmax  # noqa: E402
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.models.mimo import MimoModel, MimoModelConfig  # noqa: E402
+from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules  # noqa: E402
+from megatron.core.models.vision.clip_vit_model import CLIPViTModel  # noqa: E402
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector  # noqa: E402
+from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec  # noqa: E402
+from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from megatron.core.tensor_parallel import random as random_module  # noqa: E402
+from megatron.core.transformer.mlp import MLPSubmodules  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+from mimo_ckpt import LayoutError, ModuleLayout  # noqa: E402
 
 
 @dataclass(frozen=True)

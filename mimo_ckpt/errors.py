@@ -59,7 +59,9 @@ class KeyMismatchError(MimoCkptError, ValueError):
     """Strict load: keys missing, unexpected, or with another shape or dtype, listed per module."""
 
     def __init__(self, report: object) -> None:
-        super().__init__(str(report))
+        # a report (plan.load.KeyReport), or the message of one raised on another rank
+        text = report if isinstance(report, str) else f"checkpoint keys do not match the state to load:\n{report.details()}"
+        super().__init__(text)
         self.report = report
 
 

@@ -1,6 +1,7 @@
 """The mimo-ckpt CLI, run as a subprocess on checkpoints written by several gloo ranks."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -60,7 +61,10 @@ def test_inspect_lists_modules_layouts_and_tensors(src):
     assert t == {"dtype": "F32", "shape": [6, 4, 6, 10], "shards": 4, "bytes": 6 * 4 * 6 * 10 * 4}
     assert "rank_state.rng" in summary["modules"]["images"]["objects"]
     text = cli("inspect", src, "--module", "images", check=0).stdout
-    assert "module images: tp2" in text and "vision.norm/bias" in text and "language" not in text
+    assert "module images [tp2 @ranks 0-1]" in text and "vision.norm/bias" in text and "language" not in text
+    # grouped: the model's tensors, then the optimizer's, then rank-bound state; one object a line
+    assert text.index("  model:") < text.index("  optimizer:") < text.index("  rank-bound state: 1 object")
+    assert "    rank_state.rng" in text and " shards" in text and " 1 shard\n" in text
 
 
 def test_inspect_tensor_values_match_reference(src):
@@ -78,6 +82,14 @@ def test_layout_picture(src, tmp_path):
     labels = [t.text for t in ET.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}text")]
     assert {"rank 2", "rank 3", "rank 4", "rank 5"} <= set(labels)
     assert any("dim 0 (cut by pp)" in text and "dim 3 (cut by tp)" in text for text in labels)
+    # the colour is the writer's rank, read from the file name (not from the save id's hex digits)
+    from mimo_ckpt.offline.picture import _PALETTE
+    rects = [r for r in ET.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}rect") if r.find("{*}title") is not None]
+    writers = {int(re.search(r"/r(\d{5})", r.find("{*}title").text).group(1)) for r in rects}
+    assert len(writers) > 1
+    for r in rects:
+        rank = int(re.search(r"/r(\d{5})", r.find("{*}title").text).group(1))
+        assert r.get("fill") == _PALETTE[rank % len(_PALETTE)]
     assert cli("inspect", src, "--picture", tmp_path / "x.gif").returncode == 2
 
 

@@ -17,13 +17,27 @@ find_python() {
 }
 
 if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $(find_python)" >&2
   "$(find_python)" -m venv .venv
 fi
 stamp=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
+  started=$SECONDS
+  echo "setup: installing mimo-ckpt with torch, megatron-core, tensorstore and the test tools into .venv" >&2
+  echo "setup: (a few minutes on first use; one line per package pip fetches)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
+  set +e
+  .venv/bin/python -m pip install --progress-bar off -e '.[test]' 2>&1 | tee .venv/install.log \
+    | grep --line-buffered '^Collecting' | cut -c1-100 >&2
+  status=${PIPESTATUS[0]}
+  set -e
+  if [ "$status" != 0 ]; then
+    tail -n 20 .venv/install.log >&2
+    echo "setup: pip failed (the whole log: .venv/install.log)" >&2
+    exit 1
+  fi
   echo "$stamp" > .venv/.installed
+  echo "setup: done in $((SECONDS - started)) s; .venv/bin has mimo-ckpt, torchrun and python (source .venv/bin/activate)" >&2
 fi
 
 what=${1:-}

@@ -15,6 +15,7 @@ import signal
 import sys
 from typing import Any, NoReturn
 
+from mimo_ckpt import __version__
 from mimo_ckpt.io.commit import new_save_id
 from mimo_ckpt.errors import LayoutError, MimoCkptError
 from mimo_ckpt.format.manifest import Manifest
@@ -129,25 +130,73 @@ def _inspect(args: argparse.Namespace) -> int:
             print(json.dumps(values, indent=1))
         else:
             print(f"module {values['module']}, tensor {values['key']}: {values['dtype']} {values['shape']}, "
-                  f"{len(values['shards'])} shards")
+                  f"{plural(len(values['shards']), 'shard')}")
             for k in ("count", "min", "max", "mean", "norm", "nan", "inf"):
                 print(f"  {k:<5} {values[k]}")
         return 0
+    if args.object:
+        return _print_object(manifest, modules, args.object, args.json)
     summary = _summary(manifest, modules)
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
-    print(f"{args.ckpt}: format v{summary['version']}, saved by {summary['world_size']} ranks")
+    print(f"{args.ckpt}: format v{summary['version']}, saved by {plural(summary['world_size'], 'rank')}")
     if summary["metadata"]:
         print(f"metadata: {json.dumps(summary['metadata'])}")
-    for name, m in summary["modules"].items():
-        lay = m["layout"]
-        sizes = " ".join(f"{d}{lay[d]}" for d in lay["order"])
-        print(f"\nmodule {name}: {sizes}, ranks {m['ranks'][0]}-{m['ranks'][1]}, "
-              f"{len(m['tensors'])} tensors, {human_bytes(m['bytes'])}, objects: {', '.join(m['objects']) or '-'}")
-        width = max((len(k) for k in m["tensors"]), default=3)
-        for key, t in m["tensors"].items():
-            print(f"  {key:<{width}}  {t['dtype']:<7} {str(t['shape']):<20} {human_bytes(t['bytes']):>10}  {t['shards']} shards")
+    for name in modules:
+        _print_module(name, manifest.modules[name])
+    return 0
+
+
+_GROUPS = (("model", ""), ("optimizer", "optimizer."), ("rank-bound state", "rank_state."))
+"""How inspect groups a module's keys: by prefix, the first that matches from the end."""
+
+
+def _group(key: str) -> str:
+    return next(name for name, prefix in reversed(_GROUPS) if key.startswith(prefix))
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _print_module(name: str, entry: Any) -> None:
+    print(f"\nmodule {name} {entry.layout.describe()}: {plural(len(entry.tensors), 'tensor')}, "
+          f"{human_bytes(entry.nbytes)}; {plural(len(entry.objects), 'object')}")
+    width = max((len(k) for k in (*entry.tensors, *entry.objects)), default=3)
+    for group, _ in _GROUPS:
+        tensors = sorted(k for k in entry.tensors if _group(k) == group)
+        objects = sorted(k for k in entry.objects if _group(k) == group)
+        if not tensors and not objects:
+            continue
+        size = sum(entry.tensors[k].nbytes for k in tensors)
+        counts = ([f"{plural(len(tensors), 'tensor')}, {human_bytes(size)}"] if tensors else []) + (
+            [plural(len(objects), "object")] if objects else [])
+        print(f"  {group}: {'; '.join(counts)}")
+        for key in tensors:
+            t = entry.tensors[key]
+            print(f"    {key:<{width}}  {t.dtype:<7} {str(list(t.global_shape)):<20} {human_bytes(t.nbytes):>10}  "
+                  f"{plural(len(t.shards), 'shard')}")
+        for key in objects:
+            o = entry.objects[key]
+            grid = f"one per rank of {list(o.global_shape)}" if o.global_shape and o.global_shape != (1,) else "one value"
+            print(f"    {key:<{width}}  object  {grid}")
+
+
+def _print_object(manifest: Manifest, modules: list[str], key: str, as_json: bool) -> int:
+    """An object's stored value(s), as encoded in the manifest (tagged JSON: docs/format.md)."""
+    hits = {m: manifest.modules[m].objects[key] for m in modules if key in manifest.modules[m].objects}
+    if not hits:
+        raise LayoutError(f"no object {key!r} in module(s) {modules}")
+    out = {m: {",".join(map(str, offset)) or "-": value for offset, value in sorted(o.values.items())}
+           for m, o in hits.items()}
+    if as_json:
+        print(json.dumps(out, indent=1))
+        return 0
+    for m, values in out.items():
+        for offset, value in values.items():
+            where = f" at {offset}" if offset != "-" else ""
+            print(f"module {m}, object {key}{where}: {json.dumps(value)}")
     return 0
 
 
@@ -167,7 +216,7 @@ def _verify(args: argparse.Namespace) -> int:
     for b in bad:
         print(f"BAD {b}")
     shards = sum(len(t.shards) for m in manifest.modules.values() for t in m.tensors.values())
-    print(f"{'FAILED' if bad else 'OK'}: {len(bad)} bad of {shards} shards checked")
+    print(f"{'FAILED' if bad else 'OK'}: {len(bad)} bad of {plural(shards, 'shard')} checked")
     return 1 if bad else 0
 
 
@@ -386,6 +435,7 @@ def _import_hf(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="mimo-ckpt", description="Inspect, verify, compare, reshard, compose, split, "
                                      "import and export mimo-ckpt checkpoints offline (no GPU, no process group).")
+    parser.add_argument("--version", action="version", version=f"mimo-ckpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -398,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="checkpoint directory or tensorstore URL")
     p.add_argument("--module", action="append", help="only this module (repeatable)")
     p.add_argument("--tensor", metavar="KEY", help="summarise this tensor's values (min/max/mean/norm), box by box")
+    p.add_argument("--object", metavar="KEY", help="show this object's stored value (per rank for rank-bound ones)")
     p.add_argument("--picture", metavar="FILE.svg", type=svg_path, help="draw which ranks hold which boxes, per module")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_inspect)
@@ -502,11 +553,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SOURCES = {"inspect": ("ckpt",), "verify": ("ckpt",), "diff": ("a", "b"), "reshard": ("src",), "split": ("src",),
+            "export": ("src",)}
+"""The arguments that name a checkpoint to read: a run root or its `latest` stands for the newest
+committed step."""
+
+
+def _resolve_sources(args: argparse.Namespace) -> None:
+    from mimo_ckpt.io.runs import resolve_checkpoint
+
+    for name in _SOURCES.get(args.command, ()):
+        given = getattr(args, name)
+        found = resolve_checkpoint(given)
+        if found != given.rstrip("/"):
+            print(f"{given}: reading its latest committed step, {found}", file=sys.stderr)
+        setattr(args, name, found)
+    if args.command == "compose":
+        args.module = [f"{n}={resolve_checkpoint(u)}" if sep and u else text
+                       for text in args.module for n, sep, u in [text.partition("=")]]
+
+
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `mimo-ckpt inspect X | head` ends quietly
     args = build_parser().parse_args(argv)
     try:
+        _resolve_sources(args)
         return args.run(args)
     except (MimoCkptError, OSError) as exc:
         print(f"mimo-ckpt {args.command}: error: {exc}", file=sys.stderr)

@@ -18,7 +18,8 @@ def human_bytes(n: float) -> str:
 
 
 class Progress:
-    """Call `advance(nbytes)` as work is done and `close()` at the end."""
+    """Call `advance(nbytes)` as work is done and `close()` once it is all done (the last line
+    then reads 100%, whatever headers or rounding the advances left out)."""
 
     def __init__(self, label: str, total: int, stream: TextIO | None = None, interval: float = 0.2) -> None:
         self.label, self.total = label, total
@@ -39,7 +40,7 @@ class Progress:
         elapsed = max(now - self.start, 1e-9)
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        pct = 100.0 * self.done / self.total if self.total else 100.0
+        pct = min(100.0, 100.0 * self.done / self.total) if self.total else 100.0
         eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
         self.stream.write(
             f"\r{self.label}: {human_bytes(self.done)}/{human_bytes(self.total)} ({pct:.0f}%) "
@@ -48,6 +49,7 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
+        self.done = self.total
         if self.enabled:
             self._draw(time.monotonic())
             self.stream.write("\n")

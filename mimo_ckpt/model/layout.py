@@ -90,8 +90,11 @@ class ModuleLayout:
         return self.rank_offset + index
 
     def describe(self) -> str:
-        sizes = ",".join(f"{dim}{getattr(self, dim)}" for dim in self.order)
-        return f"[{sizes} @ranks {self.rank_offset}-{self.rank_offset + self.size - 1}]"
+        """`[tp2 pp2 @ranks 4-7]`: the sizes above 1 in order (fastest first), and the ranks."""
+        sizes = " ".join(f"{dim}{getattr(self, dim)}" for dim in self.order if getattr(self, dim) > 1) or "tp1"
+        last = self.rank_offset + self.size - 1
+        ranks = f"rank {last}" if self.size == 1 else f"ranks {self.rank_offset}-{last}"
+        return f"[{sizes} @{ranks}]"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {dim: getattr(self, dim) for dim in PARALLEL_DIMS}

@@ -6,6 +6,7 @@ from html import escape
 
 from mimo_ckpt.format.manifest import Manifest, ModuleEntry, StoredTensor
 from mimo_ckpt.model.split import box_for_rank
+from mimo_ckpt.plan.save import writer_of
 
 __all__ = ["write_picture", "render_svg"]
 
@@ -38,11 +39,6 @@ def _axes(t: StoredTensor) -> tuple[int | None, int | None]:
     return a, b
 
 
-def _writer(file: str) -> int:
-    digits = "".join(ch for ch in file.rsplit("/", 1)[-1] if ch.isdigit())
-    return int(digits) if digits else 0
-
-
 def _module_svg(name: str, entry: ModuleEntry, key: str, y0: int) -> list[str]:
     t = entry.tensors[key]
     out = [f'<text x="10" y="{y0 + 18}" font-size="15" font-weight="bold">module {escape(name)}: '
@@ -59,7 +55,8 @@ def _module_svg(name: str, entry: ModuleEntry, key: str, y0: int) -> list[str]:
             return extent * s.box.offset[axis] / shape[axis], extent * s.box.shape[axis] / shape[axis]
         x, w = span(cols, _W)
         y, h = span(rows, _H)
-        colour = _PALETTE[_writer(s.file) % len(_PALETTE)]
+        writer = writer_of(s.file)
+        colour = _PALETTE[writer % len(_PALETTE)] if writer is not None else "#ffffff"
         ranks = holders[i]
         label = (("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))) if ranks \
             else f"written by {s.file.rsplit('/', 1)[-1]}"
@@ -74,7 +71,7 @@ def _module_svg(name: str, entry: ModuleEntry, key: str, y0: int) -> list[str]:
     axis_text = f"rows: {name(rows)}, columns: {name(cols)}" if rows is not None else f"columns: {name(cols)}"
     out.append(f'<text x="10" y="{top + _H + 16}" font-size="11" fill="#555">{axis_text}</text>')
     out.append(f'<text x="10" y="{top + _H + 30}" font-size="11" fill="#555">label: ranks holding the box; '
-               f'colour: rank that wrote it</text>')
+               f'colour: rank that wrote it (white: a file not named by rank)</text>')
     return out
 
 

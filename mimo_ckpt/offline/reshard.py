@@ -222,7 +222,7 @@ def _write_modules(
     src_url: str, dst_url: str, src: Storage, dst: Storage, manifest: Manifest, plans: Mapping[str, ModuleReshard],
     budget: Budget, workers: int, progress: bool,
 ) -> dict[str, ModuleEntry]:
-    total = sum(p.write_bytes for p in plans.values())
+    total = sum(i.end - i.begin for p in plans.values() for f in p.plan.files for i in f.items)  # as advanced
     bar = Progress("reshard", total) if progress else None
     out = {}
     written = 0

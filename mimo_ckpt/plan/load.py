@@ -69,7 +69,13 @@ class KeyReport:
                 mine.setdefault(module, []).extend(k for k in keys if k not in mine.get(module, []))
 
     def __str__(self) -> str:
-        lines = ["checkpoint keys do not match the state to load:"]
+        if not self:
+            return "the checkpoint's keys match the state"
+        return "key differences between the checkpoint and the state:\n" + self.details()
+
+    def details(self) -> str:
+        """The differences, per module, one a line."""
+        lines = []
         modules = sorted(set(self.missing) | set(self.unexpected) | set(self.mismatched))
         for module in modules:
             lines.append(f"  module {module!r}:")

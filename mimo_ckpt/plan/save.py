@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
@@ -93,6 +94,16 @@ def shard_file_path(module: str, rank: int, tag: str = "", part: int = 0) -> str
     """`<module>/r<rank>[.<part>][-<tag>].safetensors`; the tag (a save id) keeps concurrent
     saves apart."""
     return f"{module}/r{rank:05d}{f'.{part}' if part else ''}{'-' + tag if tag else ''}.safetensors"
+
+
+_SHARD_FILE = re.compile(r"r(\d+)(?:\.\d+)?(?:-[^/]*)?\.safetensors")
+
+
+def writer_of(path: str) -> int | None:
+    """The rank that wrote a file named by `shard_file_path`; None for other names (files are
+    found through the manifest, and other writers name theirs as they like)."""
+    m = _SHARD_FILE.fullmatch(path.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
 
 
 def tensor_name(key: str, box: Box) -> str:

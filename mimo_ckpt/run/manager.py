@@ -14,7 +14,6 @@ import errno
 import json
 import logging
 import os
-import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Literal, Mapping
@@ -29,6 +28,7 @@ from mimo_ckpt.errors import ManifestError, MimoCkptError, StorageError
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.format.manifest import MANIFEST_PATH, READING_MARKER_PREFIX
 from mimo_ckpt.io.commit import read_manifest
+from mimo_ckpt.io.runs import LATEST_PATH, committed_steps, step_name
 from mimo_ckpt.io.storage import LocalStorage, Storage, open_storage, read_small_file
 
 if TYPE_CHECKING:
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckpointManager", "LATEST_PATH"]
 
-LATEST_PATH = "latest"
-_STEP_DIR = re.compile(r"step_(\d{9})")
 log = logging.getLogger("mimo_ckpt")
 
 
@@ -61,7 +59,7 @@ class CheckpointManager:
         return self._comm
 
     def path_for(self, step: int) -> str:
-        return f"{self.root}/step_{step:09d}"
+        return f"{self.root}/{step_name(step)}"
 
     def _storage(self, path: str) -> Storage:
         return open_storage(path)
@@ -70,23 +68,7 @@ class CheckpointManager:
 
     def committed_steps(self) -> list[int]:
         """Steps whose checkpoint is committed, ascending."""
-        if "://" in self.root:
-            names = {name.split("/", 1)[0] for name in self._storage(self.root).list_files()}
-        else:
-            names = set(os.listdir(self.root)) if os.path.isdir(self.root) else set()
-        steps = []
-        for name in names:
-            m = _STEP_DIR.fullmatch(name)
-            if m and self._is_committed(f"{self.root}/{name}"):
-                steps.append(int(m.group(1)))
-        return sorted(steps)
-
-    def _is_committed(self, path: str) -> bool:
-        try:
-            return self._storage(path).size(MANIFEST_PATH) is not None
-        except StorageError as exc:  # a manifest that is a directory or a FIFO commits nothing
-            log.warning("%s: %s", path, exc)  # a query: no rank (it needs no process group)
-            return False
+        return committed_steps(self.root)
 
     def latest_step(self) -> int | None:
         """The newest committed step. `latest` names it too, except when a save died between its
@@ -125,7 +107,7 @@ class CheckpointManager:
         `comm` hears how that went."""
         def point_latest() -> bytes:
             try:
-                self._storage(self.root).commit_file(LATEST_PATH, f"step_{step:09d}\n".encode())
+                self._storage(self.root).commit_file(LATEST_PATH, f"{step_name(step)}\n".encode())
                 self._apply_retention(step)
             except (MimoCkptError, OSError) as exc:
                 raise StorageError(f"rank 0 after committing {self.path_for(step)}: {exc}") from exc
