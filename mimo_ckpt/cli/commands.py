@@ -49,6 +49,16 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _spec_json(text: str) -> dict:
+    try:
+        spec = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object of kvstore spec fields")
+    return spec
+
+
 def svg_path(text: str) -> str:
     if not text.endswith(".svg"):
         raise argparse.ArgumentTypeError(f"{text!r}: pictures are written as SVG; name the file *.svg")
@@ -441,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+        p.add_argument("--storage-spec", metavar="JSON", type=_spec_json,
+                       help="tensorstore kvstore spec fields for every URL with a scheme: endpoint, aws_region, "
+                            "aws_credentials, context (e.g. {\"endpoint\": \"http://127.0.0.1:9000\"}); "
+                            "the same as MIMO_CKPT_STORAGE_SPEC")
         p.add_argument("--chunk", type=parse_size, default=16 << 20, help=argparse.SUPPRESS)
         return p
 
@@ -577,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `mimo-ckpt inspect X | head` ends quietly
     args = build_parser().parse_args(argv)
+    if getattr(args, "storage_spec", None) is not None:  # read by every storage this command opens
+        os.environ["MIMO_CKPT_STORAGE_SPEC"] = json.dumps(args.storage_spec)
     try:
         _resolve_sources(args)
         return args.run(args)

@@ -14,7 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from mimo_ckpt.errors import CheckpointExistsError, StorageError
 from mimo_ckpt.format.paths import check_relpath
@@ -76,6 +76,8 @@ def read_small_file(storage: Storage, path: str) -> bytes | None:
 
 class LocalStorage:
     """A directory on a local or shared POSIX filesystem, written with plain write(2) and fsync."""
+
+    process_local = False
 
     def __init__(self, root: str | os.PathLike[str], io_threads: int = IO_THREADS, *,
                  write_piece_bytes: int = WRITE_PIECE_BYTES) -> None:
@@ -253,15 +255,26 @@ def _preadv_exact(fd: int, offset: int, buffers: list[memoryview], name: str) ->
 
 
 class TensorStoreStorage:
-    """Any tensorstore KvStore (`memory://`, `file://`, `gs://`, ...).
+    """Any tensorstore KvStore (`memory://`, `file://`, `s3://`, `gs://`, ...).
+
+    The kvstore spec is the URL's, then the JSON object in `MIMO_CKPT_STORAGE_SPEC`, then `spec`
+    (endpoint, region, credentials, context: any field of tensorstore's kvstore specs); the URL
+    keeps its bucket and path. For `s3://`, `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` and
+    `AWS_REGION` / `AWS_DEFAULT_REGION` fill an endpoint and region the spec does not name, and the
+    index is created with S3's own conditional write (io.s3_commit). Remote requests are retried
+    a few times (`REMOTE_RETRIES`, unless the spec's context says otherwise), and every call gives
+    up after `timeout_s` (`MIMO_CKPT_REMOTE_TIMEOUT_S`, default `REMOTE_TIMEOUT_S`) with an error
+    naming the URL.
 
     `memory://` stores live in a tensorstore Context: pass the same `context` to share one between
-    storages of the same process (a default one per process is used otherwise).
+    storages of the same process (a default one per process is used otherwise). They exist in one
+    process only (`process_local`).
     """
 
     _default_context: Any = None
 
-    def __init__(self, url: str, context: Any = None) -> None:
+    def __init__(self, url: str, context: Any = None, *, spec: Mapping[str, Any] | None = None,
+                 timeout_s: float | None = None) -> None:
         import tensorstore as ts
 
         if context is None:
@@ -269,13 +282,22 @@ class TensorStoreStorage:
                 TensorStoreStorage._default_context = ts.Context()
             context = TensorStoreStorage._default_context
         self.url = url if url.endswith("/") else url + "/"
-        self._kv = _call(f"opening tensorstore kvstore {url!r}", ts.KvStore.open, self.url, context=context)
+        self.spec = kvstore_spec(self.url, spec)
+        self.process_local = self.spec.get("driver") == "memory"
+        self.timeout_s = timeout_s if timeout_s is not None else float(
+            os.environ.get("MIMO_CKPT_REMOTE_TIMEOUT_S", REMOTE_TIMEOUT_S))
+        if self.spec.get("driver") == "s3" and "aws_credentials" not in self.spec:
+            _need_aws_credentials(self.url)
+        self._kv = self._call(f"opening tensorstore kvstore {url!r}", ts.KvStore.open, self.spec, context=context)
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return _call(what, fn, *args, timeout=None if self.process_local else self.timeout_s, **kwargs)
 
     def exists(self, path: str) -> bool:
         return self.size(path) is not None
 
     def size(self, path: str) -> int | None:
-        result = _call(f"reading {self.url}{path}", self._kv.read, check_relpath(path))
+        result = self._call(f"reading {self.url}{path}", self._kv.read, check_relpath(path))
         return None if result.state == "missing" else len(result.value)
 
     def write_file(self, path: str, chunks: Iterable[Any]) -> None:
@@ -286,14 +308,14 @@ class TensorStoreStorage:
     def _create(self, path: str, data: bytes) -> bool:
         """Write `data` under a key that must not exist yet (a conditional write where the driver
         has them); False when it exists."""
-        stamp = _call(f"writing {self.url}{path}", self._kv.write, check_relpath(path), data, if_equal=_NO_VALUE)
+        stamp = self._call(f"writing {self.url}{path}", self._kv.write, check_relpath(path), data, if_equal=_NO_VALUE)
         return stamp.generation != b""
 
     def read_into(self, path: str, offset: int, *out: memoryview) -> None:
         views = [b.cast("B") for b in out]
         size = sum(len(v) for v in views)
-        result = _call(f"reading {self.url}{path}", self._kv.read, check_relpath(path),
-                       byte_range=slice(offset, offset + size))
+        result = self._call(f"reading {self.url}{path}", self._kv.read, check_relpath(path),
+                            byte_range=slice(offset, offset + size))
         if result.state == "missing":
             raise StorageError(f"{self.url}{path}: file is missing")
         if len(result.value) != size:
@@ -311,24 +333,85 @@ class TensorStoreStorage:
 
     def commit_file(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
         if exclusive:
-            if not self._create(path, data):
+            if self.spec.get("driver") == "s3":
+                from mimo_ckpt.io.s3_commit import put_if_absent
+
+                created = put_if_absent(self.spec, check_relpath(path), data, self.timeout_s)
+            else:
+                created = self._create(path, data)
+            if not created:
                 raise CheckpointExistsError(f"{self.url}{path} already exists: another save committed first")
             return
-        _call(f"writing {self.url}{path}", self._kv.write, check_relpath(path), data)
+        self._call(f"writing {self.url}{path}", self._kv.write, check_relpath(path), data)
 
     def list_files(self) -> list[str]:
-        keys = _call(f"listing {self.url}", self._kv.list)
+        keys = self._call(f"listing {self.url}", self._kv.list)
         return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
 
     def remove(self, path: str) -> None:
-        _call(f"removing {self.url}{path}", self._kv.delete_range, _key_range(check_relpath(path)))
+        self._call(f"removing {self.url}{path}", self._kv.delete_range, _key_range(check_relpath(path)))
 
 
-def _call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs).result()`: a tensorstore call and its wait, with the ValueError and
-    RuntimeError variants tensorstore raises turned into StorageError naming `what`."""
+def _need_aws_credentials(url: str) -> None:
+    """Fail at once, naming the URL, where AWS's credential chain finds nothing (requests would
+    be refused one by one, or sent unsigned). Checked with boto3 when it is installed."""
     try:
-        return fn(*args, **kwargs).result()
+        import boto3
+    except ImportError:
+        return
+    if boto3.session.Session().get_credentials() is None:
+        raise StorageError(f"{url}: no AWS credentials found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                           f"AWS_PROFILE, ~/.aws/credentials); for a public bucket give "
+                           f"'aws_credentials': {{'type': 'anonymous'}} in the storage spec")
+
+
+REMOTE_TIMEOUT_S = 120.0
+"""How long one remote storage call may take before it fails (MIMO_CKPT_REMOTE_TIMEOUT_S)."""
+REMOTE_RETRIES = {"max_retries": 4, "initial_delay": "0.5s", "max_delay": "4s"}
+"""tensorstore's retries of a failed S3 or GCS request, unless the spec's context sets its own
+(its default, 32 with backoff, holds an unreachable store for many minutes)."""
+
+
+def kvstore_spec(url: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The tensorstore kvstore spec for `url` (see TensorStoreStorage)."""
+    import json
+
+    import tensorstore as ts
+
+    try:
+        base = ts.KvStore.Spec(url).to_json()
+    except ValueError as exc:
+        raise StorageError(f"{url}: not a tensorstore kvstore URL ({exc})") from None
+    env = os.environ.get("MIMO_CKPT_STORAGE_SPEC")
+    try:
+        from_env = json.loads(env) if env else {}
+    except ValueError as exc:
+        raise StorageError(f"MIMO_CKPT_STORAGE_SPEC is not JSON: {exc}") from None
+    own = {k: base[k] for k in ("driver", "bucket", "path") if k in base}
+    spec = {**base, **from_env, **(overrides or {}), **own}
+    driver = spec.get("driver")
+    if driver == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if endpoint and "endpoint" not in spec:
+            spec["endpoint"] = endpoint
+        if region and "aws_region" not in spec:
+            spec["aws_region"] = region
+    if driver in ("s3", "gcs"):
+        context = dict(spec.get("context") or {})
+        context.setdefault(f"{driver}_request_retries", dict(REMOTE_RETRIES))
+        spec["context"] = context
+    return spec
+
+
+def _call(what: str, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs).result()`: a tensorstore call and its wait (at most `timeout` seconds),
+    with the ValueError and RuntimeError variants tensorstore raises turned into StorageError
+    naming `what`."""
+    try:
+        return fn(*args, **kwargs).result(timeout=timeout)
+    except TimeoutError:
+        raise StorageError(f"{what}: no answer within {timeout:g} s (MIMO_CKPT_REMOTE_TIMEOUT_S)") from None
     except Exception as exc:  # noqa: BLE001 - tensorstore's error types are not one family
         raise StorageError(f"{what}: {exc}") from exc
 
@@ -344,7 +427,8 @@ def _key_range(key: str) -> object:
 
 
 def open_storage(path: str | os.PathLike[str]) -> Storage:
-    """LocalStorage for plain paths, TensorStoreStorage for URLs with a scheme."""
+    """LocalStorage for plain paths, TensorStoreStorage for URLs with a scheme (its spec from the
+    URL and the environment: see TensorStoreStorage)."""
     text = os.fspath(path)
     if "://" in text:
         return TensorStoreStorage(text)

@@ -8,14 +8,14 @@ import json
 from typing import Any, Callable, Mapping
 
 from mimo_ckpt import errors as error_types
-from mimo_ckpt.errors import LayoutError, MimoCkptError, RemoteRankError, ShardError
+from mimo_ckpt.errors import LayoutError, MimoCkptError, RemoteRankError, ShardError, StorageError
 from mimo_ckpt.format.manifest import check_module_name
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.model.shard import ModuleShards
 from mimo_ckpt.model.tree import flatten_module_state
 from mimo_ckpt.run.comm import Comm
 
-__all__ = ["Collective", "root_decides", "json_bytes", "check_layouts", "flatten_state"]
+__all__ = ["Collective", "root_decides", "json_bytes", "check_layouts", "check_storage_serves", "flatten_state"]
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -76,6 +76,15 @@ def root_decides(comm: Comm, decide: Callable[[], bytes], *, otherwise: type[Mim
     if failure is not None and type(failure).__name__ == doc["type"]:
         raise failure
     raise getattr(error_types, doc["type"])(doc["message"]) from failure
+
+
+def check_storage_serves(storage: Any, comm: Comm, where: str) -> None:
+    """Refuse, on every rank alike, a store that lives in one process (`memory://`) for ranks
+    that are processes: each would write and read a checkpoint of its own."""
+    if comm.size > 1 and getattr(storage, "process_local", False) and getattr(comm, "spans_processes", False):
+        raise StorageError(f"{where}: this store lives in one process's memory, and the {comm.size} ranks are "
+                           f"processes, each of which would hold its own part of the checkpoint; use a "
+                           f"filesystem path or a shared object store (or ranks as threads: ThreadWorld)")
 
 
 def check_layouts(layouts: Mapping[str, ModuleLayout], world: int) -> None:

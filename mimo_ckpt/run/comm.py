@@ -43,6 +43,9 @@ the process ("terminate called without an active exception")."""
 class TorchComm:
     """A torch.distributed process group (gloo on CPU, NCCL on GPU)."""
 
+    spans_processes = True
+    """Its ranks are processes: storage that lives in one process's memory cannot serve them."""
+
     def __init__(self, group: Any = None, timeout: float | None = None) -> None:
         import torch.distributed as dist
 

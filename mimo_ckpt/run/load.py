@@ -31,7 +31,7 @@ from mimo_ckpt.model.shard import FactoryLeaf, Leaves, ModuleShards, TensorMeta,
 from mimo_ckpt.model.tree import rebuild
 from mimo_ckpt.plan.options import ReadOptions
 from mimo_ckpt.plan.load import KeyReport, check_keys, padded_region, plan_module_load, stored_object_value
-from mimo_ckpt.run.collective import Collective, check_layouts, flatten_state, root_decides
+from mimo_ckpt.run.collective import Collective, check_layouts, check_storage_serves, flatten_state, root_decides
 from mimo_ckpt.run.comm import Comm, default_comm
 
 __all__ = ["load", "LoadResult"]
@@ -96,6 +96,7 @@ def load(
     comm = comm or default_comm()
     storage = storage or open_storage(path)
     check_layouts(layouts, comm.size)
+    check_storage_serves(storage, comm, os.fspath(path))
     source = f"{os.fspath(path)}/{MANIFEST_PATH}"
     blob = root_decides(comm, lambda: _checked_manifest(storage, os.fspath(path)), otherwise=ManifestError)
     manifest = Manifest.from_bytes(blob, source=source)

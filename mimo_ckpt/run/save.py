@@ -29,7 +29,9 @@ from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.model.shard import ModuleShards, ObjectMeta, TensorMeta
 from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.plan.save import FilePlan, ModuleSavePlan, encode_objects, plan_module_save
-from mimo_ckpt.run.collective import Collective, check_layouts, flatten_state, root_decides, json_bytes
+from mimo_ckpt.run.collective import (
+    Collective, check_layouts, check_storage_serves, flatten_state, json_bytes, root_decides,
+)
 from mimo_ckpt.run.comm import Comm, default_comm
 from mimo_ckpt.run.gc_pause import collector_paused
 
@@ -118,6 +120,7 @@ def start_save(
     comm = comm or default_comm()
     storage = storage or open_storage(path)
     check_layouts(layouts, comm.size)
+    check_storage_serves(storage, comm, os.fspath(path))
     where = os.fspath(path)
     save_id = root_decides(comm, lambda: commit.begin(storage, MANIFEST_PATH, where).encode(),
                            otherwise=StorageError).decode()
