@@ -58,7 +58,7 @@ def resolve_checkpoint(path: str) -> str:
     elif os.path.isfile(path) and os.path.basename(path) == LATEST_PATH:
         root = os.path.dirname(path) or "."
     elif not os.path.isdir(path):
-        raise CheckpointNotFoundError(f"{path}: no such checkpoint")
+        raise CheckpointNotFoundError(f"{path}: no {MANIFEST_PATH}; not a committed checkpoint (no such directory)")
     elif os.path.lexists(os.path.join(path, MANIFEST_PATH)):
         return path  # readers check what the manifest is
     else:

@@ -33,6 +33,9 @@ class Comm(Protocol):
     def subgroup(self, ranks: Sequence[int]) -> "Comm | None":
         """A comm over `ranks` (ranks of this comm), or None on ranks outside it."""
 
+    def broadcast_tensor(self, tensor: Any, root: int) -> None:
+        """Overwrite `tensor` (contiguous, the same size on every rank) with `root`'s."""
+
 
 _DEFAULT_COMMS: dict[int, tuple[Any, "TorchComm"]] = {}
 """id(default process group) -> (it, its comm): see `TorchComm.default`. Emptied at exit, before
@@ -157,6 +160,16 @@ class TorchComm:
         self._dist.broadcast(buf, src=src, group=self.group)
         return bytes(buf.cpu().numpy()[: int(n.item())])
 
+    def broadcast_tensor(self, tensor: Any, root: int) -> None:
+        src = self._dist.get_global_rank(self.group, root) if self.group is not None else root
+        moved = tensor if tensor.device == self._device else tensor.to(self._device)
+        try:
+            self._dist.broadcast(moved, src=src, group=self.group)
+        except RuntimeError as exc:
+            raise self._failed("broadcast", exc) from exc
+        if moved is not tensor:
+            tensor.copy_(moved)
+
     def subgroup(self, ranks: Sequence[int]) -> "TorchComm | None":
         ranks = tuple(ranks)
         if ranks == tuple(range(self.size)):
@@ -192,6 +205,9 @@ class SoloComm:
 
     def subgroup(self, ranks: Sequence[int]) -> "SoloComm | None":
         return self if tuple(ranks) == (0,) else None
+
+    def broadcast_tensor(self, tensor: Any, root: int) -> None:
+        return None
 
 
 def default_comm() -> Comm:
@@ -264,6 +280,12 @@ class _ThreadComm:
 
     def broadcast_bytes(self, data: bytes | None, root: int) -> bytes:
         return self._rv.exchange(self.rank, bytes(data or b""))[root]
+
+    def broadcast_tensor(self, tensor: Any, root: int) -> None:
+        source = self._rv.exchange(self.rank, tensor if self.rank == root else None)[root]
+        if self.rank != root:
+            tensor.copy_(source)
+        self._rv.exchange(self.rank, None)  # the root's tensor may change once every copy is made
 
     def subgroup(self, ranks: Sequence[int]) -> "_ThreadComm | None":
         members = tuple(self._members[r] for r in ranks)

@@ -30,6 +30,7 @@ from mimo_ckpt.model.rank_state import LayoutChangedWarning, is_layout_bound, sa
 from mimo_ckpt.model.shard import FactoryLeaf, Leaves, ModuleShards, TensorMeta, TensorShard
 from mimo_ckpt.model.tree import rebuild
 from mimo_ckpt.plan.options import ReadOptions
+from mimo_ckpt.plan.shared_reads import Message, Request, plan_shared_reads
 from mimo_ckpt.plan.load import KeyReport, check_keys, padded_region, plan_module_load, stored_object_value
 from mimo_ckpt.run.collective import Collective, check_layouts, check_storage_serves, flatten_state, root_decides
 from mimo_ckpt.run.comm import Comm, default_comm
@@ -143,9 +144,11 @@ def _load_module(run: Collective, mc: Comm, name: str, layout: ModuleLayout, ent
                 f"under another layout than {layout.describe()} (or dropped by a reshard)",
                 LayoutChangedWarning, stacklevel=3,
             )
+    sharing = reading.read_options.share_bytes > 0 and mc.size > 1
     asked = {
         "tensors": sorted({(t.key, t.meta().dtype, t.global_shape, t.allow_shape_mismatch) for t in shards.tensors}),
         "objects": sorted({(o.key, o.global_shape) for o in shards.objects}),
+        "boxes": sorted({_request(t) for t in shards.tensors}) if sharing else [],
     }
     gathered = run.unpack(mc.all_gather_bytes(run.payload(asked)))
     if gathered is None:
@@ -161,11 +164,51 @@ def _load_module(run: Collective, mc: Comm, name: str, layout: ModuleLayout, ent
         run.fail(KeyMismatchError(module_report))
     if run.failure is not None or entry is None:
         return
+    requests = {r: [(k, tuple(o), tuple(s), d, n) for k, o, s, d, n in g["boxes"] if k not in skipped]
+                for r, g in enumerate(gathered)}
+    messages = plan_shared_reads(requests, reading.read_options.share_bytes) if sharing else []
+    received = {box for m in messages if mc.rank in m.members and m.owner != mc.rank for box in m.boxes}
     try:
         fault_point("load.read", run.comm.rank)
-        reading.bytes_read += _read_module(name, entry, shards, skipped, reading)
+        reading.bytes_read += _read_module(name, entry, shards, skipped, reading, received)
     except (MimoCkptError, OSError) as exc:
         run.fail(exc)
+    if messages and run.unpack(mc.all_gather_bytes(run.payload(None))) is not None:  # every owner read its part
+        _share(mc, messages, shards)
+    with torch.no_grad():
+        for twin, loaded in shards.twins:
+            if loaded.key not in skipped:
+                twin.data.copy_(loaded.data)
+
+
+def _request(t: TensorShard) -> Request:
+    """What identifies a box a rank loads, among its module's ranks."""
+    return (t.key, tuple(t.box.offset), tuple(t.box.shape), str(t.data.dtype), t.data.numel() * t.data.element_size())
+
+
+@torch.no_grad()
+def _share(mc: Comm, messages: list[Message], shards: ModuleShards) -> None:
+    """Each message's boxes, packed by its owner and broadcast over the module's ranks (a group
+    every one of them has; ranks outside the message's members take no copy), unpacked into place."""
+    mine: dict[Request, list[TensorShard]] = {}
+    for t in shards.tensors:
+        mine.setdefault(_request(t), []).append(t)
+    device = next((t.data.device for t in shards.tensors), torch.device("cpu"))
+    for m in messages:
+        buf = torch.empty(m.nbytes, dtype=torch.uint8, device=device)
+        if mc.rank == m.owner:
+            pos = 0
+            for box in m.boxes:
+                buf[pos: pos + box[4]].copy_(mine[box][0].data.contiguous().reshape(-1).view(torch.uint8))
+                pos += box[4]
+        mc.broadcast_tensor(buf, m.owner)
+        if mc.rank == m.owner or mc.rank not in m.members:
+            continue
+        pos = 0
+        for box in m.boxes:
+            for t in mine[box]:
+                t.data.copy_(buf[pos: pos + box[4]].view(t.data.dtype).view(t.data.shape))
+            pos += box[4]
 
 
 def _loaded_state(state: Any, leaves: Leaves, name: str, loaded_objects: dict[tuple[str, int], Any]) -> Any:
@@ -211,12 +254,14 @@ def _without_unusable_optional(
 
 
 @torch.no_grad()  # the targets may be parameters (megatron's shards hold them, not their .data)
-def _read_module(name: str, entry: ModuleEntry, shards: ModuleShards, bad: set[str], reading: _Reading) -> int:
-    """Fill this rank's boxes of one module (and its objects); returns the bytes read."""
+def _read_module(name: str, entry: ModuleEntry, shards: ModuleShards, bad: set[str], reading: _Reading,
+                 received: set[Request] = frozenset()) -> int:  # type: ignore[assignment]
+    """Fill this rank's boxes of one module (but those another rank reads and sends: `received`)
+    and its objects; returns the bytes read."""
     storage, verify, io_threads, loaded_objects = reading.storage, reading.verify, reading.io_threads, reading.objects
     metas, targets, casts = [], [], []
     for t in shards.tensors:
-        if t.key in bad:
+        if t.key in bad or (received and _request(t) in received):
             continue
         stored = entry.tensors[t.key]
         box = t.box if stored.global_shape == t.global_shape else padded_region(t.box, stored.global_shape)
@@ -236,9 +281,6 @@ def _read_module(name: str, entry: ModuleEntry, shards: ModuleShards, bad: set[s
     nbytes = fill_tensors(storage, items, targets, verify=verify, threads=io_threads, options=reading.read_options)
     for scratch, view in casts:
         view.copy_(scratch)
-    for twin, loaded in shards.twins:
-        if loaded.key not in bad:
-            twin.data.copy_(loaded.data)
     for obj in shards.objects:
         if obj.key in bad:
             continue
