@@ -4,7 +4,7 @@
 
 One module of `--mb` MiB of fp32 weights (TP on dim 0) is saved under TP2 and loaded under
 TP1 x DP`ranks` (every rank loads the whole module) and under TP2 x DP`ranks/2`, each load with
-`ReadOptions(share_bytes=0)` ("own": each rank reads its boxes) and with the default ("shared":
+the default ("own": each rank reads its boxes) and with `ReadOptions(share_bytes=64 MiB)` ("shared":
 one rank of each replica group reads, gloo broadcasts), in alternating order per round. Before
 each load: `sync` and, with root, `drop_caches`, so reads are cold. Reported per load: the slowest
 rank's time from a barrier, and the bytes all ranks read (`rchar` of /proc/self/io) as a multiple
@@ -23,6 +23,8 @@ from typing import Any
 from bench.report import write_json
 
 LAYOUTS = {"tp1_dpN": lambda n: {"tp": 1, "dp": n}, "tp2_dpN/2": lambda n: {"tp": 2, "dp": n // 2}}
+
+SHARE_BYTES = 64 << 20
 
 
 def _rchar() -> int:
@@ -73,7 +75,7 @@ def world(args: dict[str, Any]) -> dict[str, Any]:
                 dist.barrier()
                 before, start = _rchar(), time.perf_counter()
                 mimo_ckpt.load(targets, path, layouts={"m": layout},
-                               read_options=ReadOptions() if share else ReadOptions(share_bytes=0))
+                               read_options=ReadOptions(share_bytes=SHARE_BYTES) if share else ReadOptions())
                 dist.barrier()
                 seconds, read = time.perf_counter() - start, _rchar() - before
                 ok = all(_holds_saved(s["weight"], shape[0]) for s in targets.values())

@@ -2,7 +2,7 @@
 
 A checkpoint of two modules, each a few MB of weights cut by TP on dim 0, is saved once, then
 loaded under layouts with DP replicas, each load twice: every rank reading what it loads
-(`ReadOptions(share_bytes=0)`) and replicas sharing reads (the default), in alternating order.
+(the default) and replicas sharing reads (`ReadOptions(share_bytes=64 MiB)`), in alternating order.
 Per load and rank: bytes read by the process (`rchar` of /proc/self/io, all reads of files), the
 time from a barrier to the last rank's return, and the differences from the full-tensor reference.
 """
@@ -24,6 +24,8 @@ LOADS = {  # name: layouts on the 4 ranks
     "images_dp4_language_tp2dp2": {"images": ModuleLayout(dp=4), "language": ModuleLayout(tp=2, dp=2)},
     "images_tp2dp2_language_dp2pp2": {"images": ModuleLayout(tp=2, dp=2), "language": ModuleLayout(pp=2, dp=2)},
 }
+
+SHARE_BYTES = 64 << 20
 
 
 def _rchar() -> int:
@@ -59,7 +61,7 @@ def _problems(layouts: dict[str, ModuleLayout], rank: int, loaded: dict[str, Any
 def _load(path: str, layouts: dict[str, ModuleLayout], share: bool) -> dict[str, Any]:
     rank = dist.get_rank()
     targets = _state(layouts, rank, fill=float("nan"))
-    options = ReadOptions() if share else ReadOptions(share_bytes=0)
+    options = ReadOptions(share_bytes=SHARE_BYTES) if share else ReadOptions()
     dist.barrier()
     before, start = _rchar(), time.perf_counter()
     mimo_ckpt.load(targets, path, layouts=layouts, read_options=options)

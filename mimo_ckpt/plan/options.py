@@ -47,10 +47,12 @@ class ReadOptions:
     """Scratch for the gaps of one read (and for the bytes a verified read reads only to hash them)."""
     max_iov: int = 1024
     """The most buffers one scattered read fills."""
-    share_bytes: int = 64 << 20
-    """Boxes that several ranks of a module load (DP replicas) are read from storage by one of
-    them and broadcast to the others, in messages of up to this many bytes; 0: every rank reads
-    what it loads (plan.shared_reads)."""
+    share_bytes: int = 0
+    """With a positive value, boxes that several ranks of a module load (DP replicas) are read from
+    storage by one of them and broadcast to the others, in messages of up to this many bytes
+    (plan.shared_reads), so each stored byte is read once. For storage where reads cost: an object
+    store, a network filesystem read from many nodes. Off by default: on one node the page cache
+    already serves repeated reads, and the broadcast is slower (docs/performance.md)."""
     checked_read_bytes: int = 1 << 20
     """Verified direct reads go in pieces of about this size (whole checksum blocks), each hashed
     right after its read while its bytes are still in the CPU's cache; 0: one read, then one pass
