@@ -12,7 +12,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Mapping
+from typing import Any, Collection, Literal, Mapping
 
 import torch
 
@@ -29,9 +29,9 @@ from mimo_ckpt.model.megatron_leaves import kind as megatron_kind
 from mimo_ckpt.model.rank_state import LayoutChangedWarning, is_layout_bound, same_grid
 from mimo_ckpt.model.shard import FactoryLeaf, Leaves, ModuleShards, TensorMeta, TensorShard
 from mimo_ckpt.model.tree import rebuild
+from mimo_ckpt.plan.load import KeyReport, check_keys, padded_region, plan_module_load, stored_object_value
 from mimo_ckpt.plan.options import ReadOptions
 from mimo_ckpt.plan.shared_reads import Message, Request, plan_shared_reads
-from mimo_ckpt.plan.load import KeyReport, check_keys, padded_region, plan_module_load, stored_object_value
 from mimo_ckpt.run.collective import Collective, check_layouts, check_storage_serves, flatten_state, root_decides
 from mimo_ckpt.run.comm import Comm, default_comm
 
@@ -255,7 +255,7 @@ def _without_unusable_optional(
 
 @torch.no_grad()  # the targets may be parameters (megatron's shards hold them, not their .data)
 def _read_module(name: str, entry: ModuleEntry, shards: ModuleShards, bad: set[str], reading: _Reading,
-                 received: set[Request] = frozenset()) -> int:  # type: ignore[assignment]
+                 received: Collection[Request] = ()) -> int:
     """Fill this rank's boxes of one module (but those another rank reads and sends: `received`)
     and its objects; returns the bytes read."""
     storage, verify, io_threads, loaded_objects = reading.storage, reading.verify, reading.io_threads, reading.objects
