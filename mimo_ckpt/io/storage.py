@@ -397,6 +397,9 @@ def kvstore_spec(url: str, overrides: Mapping[str, Any] | None = None) -> dict[s
             spec["endpoint"] = endpoint
         if region and "aws_region" not in spec:
             spec["aws_region"] = region
+        keys = os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if keys and "aws_credentials" not in spec:  # tensorstore's default chain logs each file it lacks
+            spec["aws_credentials"] = {"type": "environment"}
     if driver in ("s3", "gcs"):
         context = dict(spec.get("context") or {})
         context.setdefault(f"{driver}_request_retries", dict(REMOTE_RETRIES))
