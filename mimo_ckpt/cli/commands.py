@@ -22,6 +22,7 @@ from mimo_ckpt.format.manifest import Manifest
 from mimo_ckpt.io.commit import read_manifest
 from mimo_ckpt.io.progress import human_bytes
 from mimo_ckpt.io.storage import open_storage
+from mimo_ckpt.model.rank_state import RANK_STATE_PREFIX
 from mimo_ckpt.cli.args import parse_layout_arg, parse_size
 
 __all__ = ["main"]
@@ -158,7 +159,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-_GROUPS = (("model", ""), ("optimizer", "optimizer."), ("rank-bound state", "rank_state."))
+_GROUPS = (("model", ""), ("optimizer", "optimizer."), ("rank-bound state", RANK_STATE_PREFIX))
 """How inspect groups a module's keys: by prefix, the first that matches from the end."""
 
 

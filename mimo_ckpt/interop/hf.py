@@ -79,12 +79,12 @@ def export_hf(src_url: str, dst_url: str, modules: list[str] | None = None, *, t
         [m] = modules
         full = export_config(mapping, m, entries[m], *recorded, dict(config or {}))
         parts = [(mapping, m, full)]
-    tensors = [t for sub, m, c in parts for t in plan_hf_export(sub, m, entries[m], c).tensors]
+    tensors = [t for sub, m, c in parts for t in plan_hf_export(sub, m, entries[m], c)]
     extras = {CONFIG_NAME: (json.dumps(full, indent=2, sort_keys=True) + "\n").encode()}
     side: list[Any] = []
     if optimizer:
         states = [t for sub, m, c in parts for s in optimizer_states(entries[m])
-                  for t in plan_hf_export(sub, m, entries[m], c, state=s).tensors]
+                  for t in plan_hf_export(sub, m, entries[m], c, state=s)]
         if not states:
             raise MappingError(f"{src_url}: modules {modules} store no optimizer state to export")
         side = plan_export_files(states, max_shard_bytes, stem="optimizer")

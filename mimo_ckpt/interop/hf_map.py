@@ -22,11 +22,13 @@ from typing import Any, Iterable, Mapping
 from mimo_ckpt.errors import MappingError
 from mimo_ckpt.format.manifest import ModuleEntry
 from mimo_ckpt.interop.hf_table import LAYER, CompositeTable, MegatronSpec, Table, TensorRule
+from mimo_ckpt.interop.megatron_keys import OPTIMIZER_STATE
+from mimo_ckpt.model.dtypes import TORCH_NAMES
 from mimo_ckpt.model.split import SplitSpec
 from mimo_ckpt.plan.export import ExportPart, ExportTensor, Run
 
 __all__ = [
-    "HfExport", "MegatronPart", "MegatronTensor", "ImportPlan", "export_config", "composite_export_config",
+    "MegatronPart", "MegatronTensor", "ImportPlan", "export_config", "composite_export_config",
     "plan_hf_export", "optimizer_states", "plan_hf_import", "check_all_taken", "check_layout_fits", "padded_rows",
     "merge_config",
 ]
@@ -79,12 +81,6 @@ def _facts_of(table: Table, config: Mapping[str, Any]) -> dict[str, Any]:
 # -- export -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class HfExport:
-    config: dict[str, Any]
-    tensors: tuple[ExportTensor, ...]
-
-
 def _stored_key(spec: MegatronSpec, stored: Mapping[str, Any]) -> str | None:
     return next((k for k in (spec.key, *spec.aliases) if k in stored), None)
 
@@ -112,7 +108,7 @@ def export_config(table: Table, module: str, entry: ModuleEntry, *given: Mapping
     dtypes = sorted({entry.tensors[k].dtype for spec in table.megatron.values()
                      if (k := _stored_key(spec, entry.tensors)) is not None})
     if dtypes:
-        derived["dtype"] = _TORCH_DTYPE.get(dtypes[0], "float32")
+        derived["dtype"] = TORCH_NAMES[dtypes[0]] if dtypes[0] in _CONFIG_DTYPES else "float32"
     config = merge_config(table.config, derived, *given)
     groups_field = table.facts.get("groups")
     if groups_field and groups_field not in config:
@@ -148,7 +144,8 @@ def _groups_from_qkv(table: Table, module: str, entry: ModuleEntry, facts: Mappi
     return groups
 
 
-_TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_CONFIG_DTYPES = ("F64", "F32", "F16", "BF16")
+"""Stored dtypes a config.json names by their torch name; any other is written as float32."""
 
 
 def _leading_indexes(spec: MegatronSpec, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -158,16 +155,13 @@ def _leading_indexes(spec: MegatronSpec, shape: tuple[int, ...]) -> list[tuple[i
     return [(0,) * spec.lead]
 
 
-OPTIMIZER_STATE = "optimizer.state."
-
-
 def optimizer_states(entry: ModuleEntry) -> list[str]:
     """The optimizer state names a module stores per weight (exp_avg, exp_avg_sq, fp32_param)."""
     return sorted({k[len(OPTIMIZER_STATE):].split(".", 1)[0] for k in entry.tensors if k.startswith(OPTIMIZER_STATE)})
 
 
 def plan_hf_export(table: Table, module: str, entry: ModuleEntry, config: Mapping[str, Any],
-                   state: str | None = None) -> HfExport:
+                   state: str | None = None) -> tuple[ExportTensor, ...]:
     """Every Hugging Face tensor the table makes from `module`'s stored weights. Refuses a stored
     model tensor that no table entry covers (optimizer state aside): an export never drops a
     weight silently. With `state`, the same tensors of that optimizer state instead
@@ -177,17 +171,17 @@ def plan_hf_export(table: Table, module: str, entry: ModuleEntry, config: Mappin
         prefix = f"{OPTIMIZER_STATE}{state}."
         view = ModuleEntry(entry.layout, {k[len(prefix):]: t for k, t in entry.tensors.items() if k.startswith(prefix)},
                            {})
-        plan = _plan_export(table, module, view, config, optional=True)
         renamed = []
-        for t in plan.tensors:
+        for t in _plan_export(table, module, view, config, optional=True):
             if t.fill is None:
                 parts = tuple(ExportPart(p.module, prefix + p.key, p.index, p.run) for p in t.parts)
                 renamed.append(ExportTensor(f"optimizer.{state}.{t.name}", t.dtype, t.shape, t.transpose, parts))
-        return HfExport(plan.config, tuple(renamed))
+        return tuple(renamed)
     return _plan_export(table, module, entry, config, optional=False)
 
 
-def _plan_export(table: Table, module: str, entry: ModuleEntry, config: Mapping[str, Any], optional: bool) -> HfExport:
+def _plan_export(table: Table, module: str, entry: ModuleEntry, config: Mapping[str, Any],
+                 optional: bool) -> tuple[ExportTensor, ...]:
     facts = _facts_of(table, config)
     by_hf: dict[str, list[ExportPart]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -245,7 +239,7 @@ def _plan_export(table: Table, module: str, entry: ModuleEntry, config: Mapping[
             if like is not None:
                 name = table.hf_name(rule)
                 tensors[name] = ExportTensor(name, like.dtype, like.shape, False, (), fill=rule.fill)
-    return HfExport(dict(config), tuple(tensors.values()))
+    return tuple(tensors.values())
 
 
 def _check_cover(what: str, spans: list[tuple[int, int]], total: int) -> None:

@@ -27,14 +27,14 @@ from mimo_ckpt.errors import ShardError
 from mimo_ckpt.model.megatron_leaves import kind, to_shards
 
 __all__ = [
-    "LANGUAGE_MODULE", "COMMON_METADATA", "split_key", "megatron_key", "from_megatron", "to_megatron", "split_common",
+    "LANGUAGE_MODULE", "COMMON_METADATA", "OPTIMIZER_STATE", "split_key", "megatron_key", "from_megatron", "to_megatron", "split_common",
     "with_common", "iter_leaves",
 ]
 
 LANGUAGE_MODULE = "language"  # megatron's MIMO_LANGUAGE_MODULE_KEY
 _LANGUAGE_PREFIX = "language_model."
 _MODALITY_PREFIX = "modality_submodules."
-_OPTIMIZER_STATE = "optimizer.state."
+OPTIMIZER_STATE = "optimizer.state."
 _MAIN_PARAM_NAMES = {"param": "fp32_param", "fp32_param": "fp32_param"}
 
 
@@ -61,31 +61,31 @@ def split_key(key: str) -> tuple[str, str]:
     stripped = _strip_wrappers(key)
     if stripped.startswith("mimo."):  # megatron MimoOptimizer: mimo.<name>.<optimizer key>
         module, _, rest = stripped[len("mimo."):].partition(".")
-        if rest.startswith(_OPTIMIZER_STATE):
-            name, _, model_key = rest[len(_OPTIMIZER_STATE):].partition(".")
+        if rest.startswith(OPTIMIZER_STATE):
+            name, _, model_key = rest[len(OPTIMIZER_STATE):].partition(".")
             inner_module, local = _split_model_key(model_key)
             if inner_module != module:
                 raise ShardError(f"key {key!r}: optimizer of module {module!r} holds state of module {inner_module!r}")
-            return module, f"{_OPTIMIZER_STATE}{_MAIN_PARAM_NAMES.get(name, name)}.{local}"
+            return module, f"{OPTIMIZER_STATE}{_MAIN_PARAM_NAMES.get(name, name)}.{local}"
         for marker in (f"optimizer.mimo.{module}.", "optimizer.mimo."):
             if rest.startswith(marker):  # param_groups etc. moved into ShardedObjects
                 return module, "optimizer." + rest[len(marker):]
         return module, rest
-    if stripped.startswith(_OPTIMIZER_STATE):
-        name, _, model_key = stripped[len(_OPTIMIZER_STATE):].partition(".")
+    if stripped.startswith(OPTIMIZER_STATE):
+        name, _, model_key = stripped[len(OPTIMIZER_STATE):].partition(".")
         module, local = _split_model_key(model_key)
-        return module, f"{_OPTIMIZER_STATE}{_MAIN_PARAM_NAMES.get(name, name)}.{local}"
+        return module, f"{OPTIMIZER_STATE}{_MAIN_PARAM_NAMES.get(name, name)}.{local}"
     return _split_model_key(stripped)
 
 
 def megatron_key(module: str, key: str, *, main_param_name: str = "fp32_param", optimizer_prefix: bool = True) -> str:
     """The megatron MIMO key for one of our canonical keys (the inverse of `split_key`)."""
     prefix = _LANGUAGE_PREFIX if module == LANGUAGE_MODULE else f"{_MODALITY_PREFIX}{module}."
-    if key.startswith(_OPTIMIZER_STATE):
-        name, _, local = key[len(_OPTIMIZER_STATE):].partition(".")
+    if key.startswith(OPTIMIZER_STATE):
+        name, _, local = key[len(OPTIMIZER_STATE):].partition(".")
         if name == "fp32_param":
             name = main_param_name
-        out = f"{_OPTIMIZER_STATE}{name}.{prefix}{local}"
+        out = f"{OPTIMIZER_STATE}{name}.{prefix}{local}"
         return f"mimo.{module}.{out}" if optimizer_prefix else out
     if key.startswith("optimizer."):
         rest = key[len("optimizer."):]

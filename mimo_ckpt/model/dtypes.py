@@ -7,7 +7,7 @@ from typing import Any
 
 from mimo_ckpt.errors import ShardError
 
-__all__ = ["ITEMSIZE", "FLOATS", "NUMPY_NAMES", "RAW_BY_ITEMSIZE", "castable", "from_torch", "to_torch"]
+__all__ = ["ITEMSIZE", "FLOATS", "NUMPY_NAMES", "TORCH_NAMES", "RAW_BY_ITEMSIZE", "castable", "from_torch", "to_torch"]
 
 _TABLE: tuple[tuple[str, int, str, str | None], ...] = (
     # code, itemsize, torch name, numpy name (None: numpy has no such type; read through its bits)
@@ -24,7 +24,7 @@ NUMPY_NAMES: dict[str, str] = {code: np_name for code, _, _, np_name in _TABLE i
 """Codes numpy reads directly (BOOL as its bytes)."""
 RAW_BY_ITEMSIZE: dict[int, str] = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 """The unsigned type of each itemsize: how every dtype moves as bits (numpy and torch names)."""
-_TORCH_NAMES: dict[str, str] = {code: torch_name for code, _, torch_name, _ in _TABLE}
+TORCH_NAMES: dict[str, str] = {code: torch_name for code, _, torch_name, _ in _TABLE}
 
 
 def castable(stored: str, wanted: str) -> bool:
@@ -35,15 +35,15 @@ def castable(stored: str, wanted: str) -> bool:
 
 def from_torch(dtype: Any, *, key: str = "?") -> str:
     name = str(dtype).removeprefix("torch.")
-    for code, torch_name in _TORCH_NAMES.items():
+    for code, torch_name in TORCH_NAMES.items():
         if torch_name == name:
             return code
-    raise ShardError(f"tensor {key!r}: dtype {dtype} cannot be stored (supported: {sorted(_TORCH_NAMES.values())})")
+    raise ShardError(f"tensor {key!r}: dtype {dtype} cannot be stored (supported: {sorted(TORCH_NAMES.values())})")
 
 
 def to_torch(code: str, *, key: str = "?") -> Any:
     import torch
 
-    if code not in _TORCH_NAMES:
+    if code not in TORCH_NAMES:
         raise ShardError(f"tensor {key!r}: stored dtype {code!r} has no torch equivalent")
-    return getattr(torch, _TORCH_NAMES[code])
+    return getattr(torch, TORCH_NAMES[code])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -81,10 +82,7 @@ def plain_tensors(module: str, entry: ModuleEntry, *, rename: Mapping[str, str] 
     keys = [k for k in sorted(entry.tensors)
             if (include is None or re.search(include, k)) and (exclude is None or not re.search(exclude, k))]
     names = {k: rename.get(k, k) for k in keys}
-    seen: dict[str, int] = {}
-    for n in names.values():
-        seen[n] = seen.get(n, 0) + 1
-    clash = sorted(n for n, c in seen.items() if c > 1)
+    clash = sorted(n for n, c in Counter(names.values()).items() if c > 1)
     if clash:
         raise ManifestError(f"module {module!r}: the renaming map gives several tensors the name(s) {clash}")
     return [ExportTensor(names[k], entry.tensors[k].dtype, entry.tensors[k].global_shape, False,
