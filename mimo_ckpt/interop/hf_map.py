@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 from mimo_ckpt.errors import MappingError
 from mimo_ckpt.format.manifest import ModuleEntry
-from mimo_ckpt.interop.hf_table import LAYER, CompositeTable, MegatronSpec, Table, TensorRule
+from mimo_ckpt.interop.hf_table import CompositeTable, MegatronSpec, Table, TensorRule
 from mimo_ckpt.interop.megatron_keys import OPTIMIZER_STATE
 from mimo_ckpt.model.dtypes import TORCH_NAMES
 from mimo_ckpt.model.split import SplitSpec

@@ -24,7 +24,7 @@ import torch
 
 from mimo_ckpt.run.save import SaveJob, finish_save, start_save
 from mimo_ckpt.format.checksums import ShardSums
-from mimo_ckpt.run.comm import Comm, SoloComm, TorchComm
+from mimo_ckpt.run.comm import Comm, SoloComm, TorchComm, distributed
 from mimo_ckpt.errors import MimoCkptError
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.plan.options import SaveOptions
@@ -121,19 +121,13 @@ class AsyncSave:
             self._finished.set()
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
 class AsyncSaver:
     """Runs saves in the background, one at a time, reusing host buffers. Collective to create:
     it makes a gloo group (with `timeout_s`) for its own collectives, unless `comm` is given (in a
     process without torch.distributed it needs none)."""
 
     def __init__(self, comm: Comm | None = None, *, timeout_s: float = 1800.0, pin: bool | None = None) -> None:
-        self.comm = comm or (TorchComm.with_timeout(timeout_s) if _distributed() else SoloComm())
+        self.comm = comm or (TorchComm.with_timeout(timeout_s) if distributed() else SoloComm())
         self.stager = HostStager(pin)
         self.pending: AsyncSave | None = None
         atexit.register(_warn_if_pending, weakref.ref(self))

@@ -14,7 +14,7 @@ from typing import Any, Protocol, Sequence
 
 from mimo_ckpt.errors import RemoteRankError
 
-__all__ = ["Comm", "TorchComm", "ThreadWorld", "SoloComm", "default_comm"]
+__all__ = ["Comm", "TorchComm", "ThreadWorld", "SoloComm", "default_comm", "distributed"]
 
 
 class Comm(Protocol):
@@ -210,14 +210,17 @@ class SoloComm:
         return None
 
 
+def distributed() -> bool:
+    """Whether this process runs in a torch.distributed process group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def default_comm() -> Comm:
     """What save, load and the manager use when given no comm: the default process group's, or,
     in a process without one, `SoloComm`."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return TorchComm.default()
-    return SoloComm()
+    return TorchComm.default() if distributed() else SoloComm()
 
 
 class _Rendezvous:
