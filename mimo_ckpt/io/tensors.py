@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import itertools
 from functools import partial
-from typing import Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Callable, Mapping, Sequence
 
 import torch
 
+from mimo_ckpt.errors import CorruptShardError
+from mimo_ckpt.format.checksums import BLOCK_BYTES, ShardSums
+from mimo_ckpt.io.images import all_at_once, with_fault_point, write_checksummed, write_images
+from mimo_ckpt.io.read import ReadOptions, execute_reads
+from mimo_ckpt.io.staging import (
+    CHUNK_BYTES, DevicePiece, StagedFile, load_pieces, plan_device_pieces, staged_through_chunks,
+)
+from mimo_ckpt.io.storage import IO_THREADS, Storage
 from mimo_ckpt.model.box import Box
 from mimo_ckpt.model.dtypes import RAW_BY_ITEMSIZE
-from mimo_ckpt.format.checksums import BLOCK_BYTES, ShardSums, shard_sums
-from mimo_ckpt.errors import CorruptShardError
-from mimo_ckpt.io.faults import fault_point
 from mimo_ckpt.plan.load import ReadItem
-from mimo_ckpt.io.read import ReadOptions, execute_reads
 from mimo_ckpt.plan.save import FilePlan
-from mimo_ckpt.io.storage import IO_THREADS, Storage
 
-__all__ = ["host_bytes", "write_shard_files", "write_file_images", "write_shard_file", "write_file_image", "fill_tensors"]
-
-T = TypeVar("T")
+__all__ = ["host_bytes", "write_shard_files", "write_file_images", "write_shard_file", "fill_tensors",
+           "fill_device_tensors"]
 
 
 def host_bytes(tensor: torch.Tensor) -> memoryview:
@@ -36,26 +38,23 @@ def write_shard_file(
     storage: Storage, plan: FilePlan, data: Mapping[tuple[str, Box], torch.Tensor], rank: int = -1, *,
     block_bytes: int = BLOCK_BYTES,
 ) -> list[ShardSums]:
-    """Write one planned file; returns each item's checksums (blocks of `block_bytes`), in plan order."""
-    buffers = [host_bytes(data[(item.key, item.box)]) for item in plan.items]
-    for item, buf in zip(plan.items, buffers):
-        if len(buf) != item.end - item.begin:
+    """Write one planned file; returns each item's checksums (blocks of `block_bytes`), in plan order.
+    Host tensors are written from their own memory; a file holding device tensors goes through
+    reused host chunks, copied ahead of the writes (`io.staging`)."""
+    tensors = [data[(item.key, item.box)] for item in plan.items]
+    for item, t in zip(plan.items, tensors):
+        if t.numel() * t.element_size() != item.end - item.begin:
             raise CorruptShardError(
-                f"{plan.path}: tensor {item.key!r} box {item.box} has {len(buf)} bytes, plan says "
-                f"{item.end - item.begin}"
+                f"{plan.path}: tensor {item.key!r} box {item.box} has {t.numel() * t.element_size()} bytes, "
+                f"plan says {item.end - item.begin}"
             )
-    return _write_checksummed(storage, plan.path, [plan.prefix, *buffers], buffers, rank, block_bytes)
-
-
-def write_file_image(
-    storage: Storage, plan: FilePlan, image: torch.Tensor, rank: int = -1, *, block_bytes: int = BLOCK_BYTES,
-) -> list[ShardSums]:
-    """Write a staged file image (host uint8 tensor: header, then the items at their offsets);
-    returns checksums like `write_shard_file`."""
-    view = memoryview(image.numpy())
-    buffers = [view[item.begin : item.end] for item in plan.items]
-    middle = plan.items[len(plan.items) // 2].begin if plan.items else len(view)
-    return _write_checksummed(storage, plan.path, [view[:middle], view[middle:]], buffers, rank, block_bytes)
+    if any(staged_through_chunks(t) for t in tensors):
+        staged = StagedFile(tensors, block_bytes=block_bytes)
+        chunks = itertools.chain([memoryview(plan.prefix)], staged.chunks())
+        storage.write_file(plan.path, with_fault_point(chunks, 1 + staged.count, rank))
+        return staged.sums()
+    buffers = [host_bytes(t) for t in tensors]
+    return write_checksummed(storage, plan.path, [plan.prefix, *buffers], buffers, rank, block_bytes)
 
 
 def write_shard_files(
@@ -64,45 +63,19 @@ def write_shard_files(
 ) -> list[list[ShardSums]]:
     """Write each planned file from its tensors, all files at once (each file's fsync runs in
     parallel); each file's item checksums, in order."""
-    return _all_at_once([partial(write_shard_file, storage, plan, data, rank, block_bytes=block_bytes)
+    if any(staged_through_chunks(t) for _, data in files for t in data.values()):
+        _synchronize()  # the copies run on side streams: what the caller's streams wrote is done
+    return all_at_once([partial(write_shard_file, storage, plan, data, rank, block_bytes=block_bytes)
                          for plan, data in files])
 
 
 def write_file_images(
     storage: Storage, files: Sequence[tuple[FilePlan, torch.Tensor]], rank: int = -1, *, block_bytes: int = BLOCK_BYTES,
 ) -> list[list[ShardSums]]:
-    """`write_shard_files` for staged file images (`write_file_image`)."""
-    return _all_at_once([partial(write_file_image, storage, plan, image, rank, block_bytes=block_bytes)
-                         for plan, image in files])
-
-
-def _all_at_once(calls: Sequence[Callable[[], T]]) -> list[T]:
-    """Run each call on a thread of its own (file writes: each file's fsync runs in parallel);
-    their results in order. Returns once all have finished; then raises the first failure."""
-    if len(calls) <= 1:
-        return [call() for call in calls]
-    with ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-    return [f.result() for f in futures]
-
-
-def _write_checksummed(
-    storage: Storage, path: str, chunks: list[memoryview | bytes], items: list[memoryview], rank: int, block_bytes: int,
-) -> list[ShardSums]:
-    """Write `chunks` as the file while a worker thread checksums each item's bytes (crc32c
-    releases the GIL); each item's checksums."""
-    with ThreadPoolExecutor(1) as hasher:
-        sums = hasher.map(partial(shard_sums, block_bytes=block_bytes), items)
-        storage.write_file(path, _with_fault_point(chunks, rank))
-        return list(sums)
-
-
-def _with_fault_point(chunks: list[memoryview | bytes], rank: int) -> Iterator[memoryview | bytes]:
-    half = len(chunks) // 2
-    for i, chunk in enumerate(chunks):
-        if i == half:
-            fault_point("save.write", rank)
-        yield chunk
+    """Write staged file images (host uint8 tensors: header, then the items at their offsets), all
+    files at once; each file's item checksums, in order."""
+    return write_images(storage, [(plan.path, memoryview(image.numpy()), [(i.begin, i.end) for i in plan.items])
+                                  for plan, image in files], rank, block_bytes=block_bytes)
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -117,17 +90,37 @@ def fill_tensors(
     storage: Storage, items: Sequence[ReadItem], targets: Sequence[tuple[torch.Tensor, Box]],
     *, verify: bool, threads: int = IO_THREADS, options: ReadOptions = ReadOptions(),
 ) -> int:
-    """Fill torch tensors in place from a read plan, `threads` reads at a time; returns bytes
-    read. Device tensors are staged through host memory."""
-    hosts, staged = [], []
-    for tensor, box in targets:
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            host = torch.empty(t.shape, dtype=t.dtype)
-            staged.append((t, host))
-            t = host
-        hosts.append((_raw(t).numpy(), box))
-    nbytes = execute_reads(storage, items, hosts, verify=verify, threads=threads, options=options)
-    for device_tensor, host in staged:
-        device_tensor.copy_(host)
+    """Fill host tensors in place from a read plan, `threads` reads at a time; returns bytes read."""
+    hosts = [(_raw(tensor.detach()).numpy(), box) for tensor, box in targets]
+    return execute_reads(storage, items, hosts, verify=verify, threads=threads, options=options)
+
+
+def fill_device_tensors(
+    storage: Storage, plan: Callable[[Sequence[tuple[int, Box]]], list[ReadItem]],
+    targets: Sequence[tuple[torch.Tensor, Box]], *, verify: bool, threads: int = IO_THREADS,
+    options: ReadOptions = ReadOptions(),
+) -> int:
+    """Fill device tensors in place, through host chunks that `threads` threads read into and copy
+    from (`io.staging`); `plan(requests)` gives the reads that fill each (target index, box).
+    Returns the bytes read."""
+    _synchronize()  # what the caller's streams do to the targets (zeroing padding) comes first
+    dense = [t.detach() if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+             for t, _ in targets]
+    batches = plan_device_pieces([(i, box, t.element_size()) for i, (t, (_, box)) in enumerate(zip(dense, targets))],
+                                 CHUNK_BYTES)
+
+    def read(pieces: Sequence[DevicePiece], views: Sequence[torch.Tensor]) -> int:
+        items = plan([(p.request, p.box) for p in pieces])  # request k fills views[k]
+        return execute_reads(storage, items, [(v.numpy(), p.box) for v, p in zip(views, pieces)],
+                             verify=verify, options=options)
+
+    nbytes = load_pieces(batches, dense, read, threads=threads)
+    for (target, _), filled in zip(targets, dense):
+        if filled is not target:
+            target.copy_(filled)
     return nbytes
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

@@ -12,7 +12,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Collection, Literal, Mapping
+from typing import Any, Collection, Literal, Mapping, Sequence
 
 import torch
 
@@ -21,15 +21,17 @@ from mimo_ckpt.format.manifest import MANIFEST_PATH, Manifest, ModuleEntry
 from mimo_ckpt.format.object_codec import decode
 from mimo_ckpt.io.commit import read_manifest_bytes
 from mimo_ckpt.io.faults import fault_point
+from mimo_ckpt.io.staging import staged_through_chunks
 from mimo_ckpt.io.storage import IO_THREADS, Storage, open_storage
-from mimo_ckpt.io.tensors import fill_tensors
+from mimo_ckpt.io.tensors import fill_device_tensors, fill_tensors
+from mimo_ckpt.model.box import Box
 from mimo_ckpt.model.dtypes import to_torch
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.model.megatron_leaves import kind as megatron_kind
 from mimo_ckpt.model.rank_state import LayoutChangedWarning, is_layout_bound, same_grid
 from mimo_ckpt.model.shard import FactoryLeaf, Leaves, ModuleShards, TensorMeta, TensorShard
 from mimo_ckpt.model.tree import rebuild
-from mimo_ckpt.plan.load import KeyReport, check_keys, padded_region, plan_module_load, stored_object_value
+from mimo_ckpt.plan.load import KeyReport, ReadItem, check_keys, padded_region, plan_module_load, stored_object_value
 from mimo_ckpt.plan.options import ReadOptions
 from mimo_ckpt.plan.shared_reads import Message, Request, plan_shared_reads
 from mimo_ckpt.run.collective import Collective, check_layouts, check_storage_serves, flatten_state, root_decides
@@ -273,12 +275,20 @@ def _read_module(name: str, entry: ModuleEntry, shards: ModuleShards, bad: set[s
         if box == t.box and meta.dtype == t.meta().dtype:
             target = t.data
         else:  # read the stored dtype into a scratch tensor, then copy (casting) into place
-            target = torch.empty(box.shape, dtype=to_torch(stored.dtype, key=t.key))
+            target = torch.empty(box.shape, dtype=to_torch(stored.dtype, key=t.key), device=t.data.device)
             casts.append((target, t.data[tuple(slice(o, o + n) for o, n in zip(box.relative_to(t.box), box.shape))]))
         metas.append(meta)
         targets.append((target, box))
-    items = plan_module_load(name, entry, metas)
-    nbytes = fill_tensors(storage, items, targets, verify=verify, threads=io_threads, options=reading.read_options)
+    on_host = [i for i, (target, _) in enumerate(targets) if not staged_through_chunks(target)]
+    on_device = [i for i, (target, _) in enumerate(targets) if staged_through_chunks(target)]
+    items = plan_module_load(name, entry, [metas[i] for i in on_host])
+    nbytes = fill_tensors(storage, items, [targets[i] for i in on_host], verify=verify, threads=io_threads,
+                          options=reading.read_options)
+    if on_device:
+        def plan(requests: Sequence[tuple[int, Box]]) -> list[ReadItem]:
+            return plan_module_load(name, entry, [replace(metas[on_device[k]], box=box) for k, box in requests])
+        nbytes += fill_device_tensors(storage, plan, [targets[i] for i in on_device], verify=verify,
+                                      threads=io_threads, options=reading.read_options)
     for scratch, view in casts:
         view.copy_(scratch)
     for obj in shards.objects:
