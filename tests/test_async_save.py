@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import mimo_ckpt
 from mimo_ckpt import AsyncSaver, MimoCkptError, ModuleLayout, ThreadWorld
 from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.io.storage import LocalStorage
+from mimo_ckpt.io.writer_process import SHM_DIR
 from tests.conftest import run_threads
 from examples.synthetic_state import check_rank_state, rank_state
 
@@ -40,12 +42,13 @@ def load_problems(path):
     return [p for r in results for p in r]
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
 @pytest.mark.parametrize("part_bytes", [None, 64])  # one file per module and rank, or several
-def test_async_save_snapshots_at_call_time_and_reuses_its_buffers(tmp_path, part_bytes):
+def test_async_save_snapshots_at_call_time_and_reuses_its_buffers(tmp_path, part_bytes, writer):
     options = SaveOptions(part_bytes=part_bytes) if part_bytes else SaveOptions()
 
     def fn(comm, rank):
-        saver = AsyncSaver(comm)
+        saver = AsyncSaver(comm, writer=writer)
         state = state_of(rank)
         first = saver.save(state, str(tmp_path / "a"), layouts=LAYOUTS, options=options)
         scribble(state)  # the saved values must be those of the call, not these
@@ -55,7 +58,9 @@ def test_async_save_snapshots_at_call_time_and_reuses_its_buffers(tmp_path, part
         second = saver.save(state_of(rank), str(tmp_path / "b"), layouts=LAYOUTS, options=options)
         second.wait()
         reused = pointers == {m: b.data_ptr() for m, b in saver.stager._buffers.items()}
-        return len(pointers), reused, nbytes == saver.stager.nbytes, first.done()
+        same_size = nbytes == saver.stager.nbytes
+        saver.close()
+        return len(pointers), reused, same_size, first.done()
     results, errors = run_threads(ThreadWorld(WORLD), fn)
     assert errors == {}, errors
     assert all(r[1] and r[2] and r[3] for r in results)
@@ -113,6 +118,104 @@ def test_a_background_failure_reaches_every_rank_through_wait(tmp_path):
     results, errors = run_threads(ThreadWorld(WORLD), fn)
     assert errors == {} and all(results)
     assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def shared_images():
+    return {p.name for p in Path(SHM_DIR).glob("mimo-ckpt-image-*")}
+
+
+def test_a_writer_process_writes_from_shared_memory_and_leaves_nothing_behind(tmp_path):
+    before = shared_images()
+
+    def fn(comm, rank):
+        saver = AsyncSaver(comm, writer="process")
+        handle = saver.save(state_of(rank), str(tmp_path / "a"), layouts=LAYOUTS)
+        assert handle.staged()  # host tensors: copied before save returns
+        saver.before_optimizer_step()  # nothing to order on a host
+        handle.wait()
+        writer_pid = saver._process._proc.pid
+        during = shared_images() - before
+        saver.close()
+        return writer_pid, during
+    results, errors = run_threads(ThreadWorld(WORLD), fn)
+    assert errors == {}, errors
+    assert len({pid for pid, _ in results}) == WORLD  # a writer each
+    assert all(during for _, during in results)
+    assert shared_images() == before
+    assert load_problems(str(tmp_path / "a")) == []
+
+
+def test_a_writer_process_that_dies_fails_the_save_on_every_rank_and_the_next_save_starts_another(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("MIMO_CKPT_FAULT", "save.write@3")  # inherited by rank 3's writer, which dies
+
+    def fn(comm, rank):
+        saver = AsyncSaver(comm, writer="process")
+        with pytest.raises(MimoCkptError, match="rank 3: the async writer process died"):
+            saver.save(state_of(rank), str(tmp_path / "a"), layouts=LAYOUTS).wait()
+        comm.all_gather_bytes(b"")  # every rank has seen it before the fault is disarmed
+        if rank == 0:
+            monkeypatch.delenv("MIMO_CKPT_FAULT")
+        comm.all_gather_bytes(b"")
+        saver.save(state_of(rank), str(tmp_path / "b"), layouts=LAYOUTS).wait()
+        saver.close()
+        return True
+    results, errors = run_threads(ThreadWorld(WORLD), fn)
+    assert errors == {}, errors
+    assert not (tmp_path / "a" / "manifest.json").exists()
+    assert load_problems(str(tmp_path / "b")) == []
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_device_tensors_are_planned_and_copied_in_the_background(tmp_path, monkeypatch, writer):
+    """float32 tensors stand for device tensors here: their planning (collectives) and copies run
+    in the background, so save returns on ranks 0-2 before rank 3 has even called it; the
+    other tensors are copied before save returns."""
+    import mimo_ckpt.run.async_save as async_save
+
+    monkeypatch.setattr(async_save, "staged_through_chunks", lambda t: t.dtype == torch.float32)
+    returned = threading.Barrier(WORLD - 1)
+    gate = threading.Event()
+
+    def fn(comm, rank):
+        saver = AsyncSaver(comm, writer=writer)
+        state = state_of(rank)
+        if rank == 3:
+            assert gate.wait(30), "the other ranks' saves waited for this one"
+        handle = saver.save(state, str(tmp_path / "a"), layouts=LAYOUTS)
+        if rank != 3 and returned.wait(30) == 0:
+            gate.set()
+        for leaf in (v for m in state.values() for v in m.values()):
+            if isinstance(leaf, mimo_ckpt.TensorShard) and leaf.data.dtype != torch.float32:
+                leaf.data.fill_(7)  # copied at the call: may change at once
+        handle.wait_staged()
+        scribble(state)  # staged: everything may change
+        handle.wait()
+        saver.close()
+        return handle.staged()
+    results, errors = run_threads(ThreadWorld(WORLD), fn)
+    assert errors == {}, errors
+    assert all(results)
+    assert load_problems(str(tmp_path / "a")) == []
+
+
+def test_an_attached_optimizer_orders_each_step_after_the_pending_snapshot(tmp_path):
+    saver = AsyncSaver(ThreadWorld(1).comm(0), writer="thread")
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=1.0)
+    saver.attach(opt)
+    calls = []
+
+    class Pending:  # stands for a save whose device copies are still queued
+        def stream_waits_staged(self):
+            calls.append(w.detach().clone())  # the parameter as the step is about to change it
+
+    saver.pending = Pending()
+    w.grad = torch.ones(4)
+    opt.step()
+    assert len(calls) == 1 and torch.equal(calls[0], torch.ones(4)) and torch.equal(w.detach(), torch.zeros(4))
+    with pytest.raises(TypeError, match="before_optimizer_step"):
+        saver.attach(object())
 
 
 def test_cuda_free_staging_copies_every_dtype_bit_exactly():

@@ -1,20 +1,29 @@
-"""Async save: training stalls only while this rank's state is copied into host buffers.
+"""Async save: training stalls only while the state is taken; it is planned, copied out and
+written while training goes on.
 
-`AsyncSaver.save` plans the save with its peers (small collectives), copies every tensor this rank
-writes into host buffers laid out exactly as its files (pinned memory when CUDA is in use, so
-device-to-host copies run at full speed and need no second copy), and returns a handle. A
-background thread then writes the file images, checksums them, and takes part in the commit. The
-saver keeps its buffers between saves, so memory does not grow, and a new save first waits for
-(or, with `if_pending="raise"`, refuses) the one still running.
+`AsyncSaver.save` flattens this rank's state, encodes its objects and copies its host tensors,
+then returns. Device tensors are copied on a side stream into host buffers laid out exactly as
+the files, ordered after what the caller's stream had queued at the call; those copies, and the
+planning with the other ranks that decides the layout (small collectives), run in a background
+thread during the next forward and backward passes. The handle is *staged* once the copies are
+done and *committed* once the checkpoint is. The one rule for the training loop: nothing may
+change the saved tensors before the save is staged; `AsyncSaver.before_optimizer_step()` (or
+`attach(optimizer)`) makes the device's stream wait for the copies, and the host does not wait.
+A state without device tensors is planned and copied before `save` returns.
 
-The background thread runs collectives, so the saver has a process group of its own (gloo, with a
-timeout), separate from the one training uses.
+The files are then written and checksummed by a writer process of the saver's own
+(`io.writer_process`, fed through shared memory), or by the background thread
+(`writer="thread"`), which then takes part in the commit. The saver runs its collectives on a
+process group of its own (gloo, with a timeout), separate from the one training uses; it keeps its
+buffers between saves, so memory does not grow, and a new save first waits for (or, with
+`if_pending="raise"`, refuses) the one still running.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+from dataclasses import replace
 import threading
 import weakref
 import time
@@ -22,28 +31,39 @@ from typing import Any, Callable, Literal, Mapping
 
 import torch
 
-from mimo_ckpt.run.save import SaveJob, finish_save, start_save
+from mimo_ckpt.run.collective import check_layouts, check_storage_serves
+from mimo_ckpt.run.save import SaveJob, Snapshot, finish_save, flatten_for_save, plan_save
 from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.run.comm import Comm, SoloComm, TorchComm, distributed
 from mimo_ckpt.errors import MimoCkptError
+from mimo_ckpt.io.staging import staged_through_chunks
+from mimo_ckpt.io.storage import LocalStorage, Storage, open_storage
+from mimo_ckpt.io.tensors import write_file_images
+from mimo_ckpt.io.writer_process import ProcessWriter, SharedImage
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.plan.save import FilePlan
-from mimo_ckpt.io.storage import Storage
-from mimo_ckpt.io.tensors import write_file_images
 
 __all__ = ["AsyncSaver", "AsyncSave", "HostStager", "async_save"]
 
 log = logging.getLogger("mimo_ckpt")
 
+Writer = Literal["auto", "process", "thread"]
+
 
 class HostStager:
     """Reusable host buffers, one per file this rank writes (by module and place among that
-    module's files, which stay the same from save to save), each holding a whole file image."""
+    module's files, which stay the same from save to save), each holding a whole file image.
+    Pinned when CUDA is in use, so device copies run asynchronously at full speed; in shared
+    memory when a writer process writes them."""
 
-    def __init__(self, pin: bool | None = None) -> None:
+    def __init__(self, pin: bool | None = None, shared: bool = False) -> None:
         self.pin = torch.cuda.is_available() if pin is None else pin
+        self.shared = shared
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self._shared: dict[tuple[str, int], SharedImage] = {}
+        self._stream: torch.cuda.Stream | None = None
+        self._waited = False
 
     @property
     def nbytes(self) -> int:
@@ -52,41 +72,102 @@ class HostStager:
     def buffer(self, slot: tuple[str, int], size: int) -> torch.Tensor:
         buf = self._buffers.get(slot)
         if buf is None or buf.numel() < size:
-            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+            if self.shared:
+                if slot in self._shared:
+                    self._shared.pop(slot).close()
+                self._shared[slot] = SharedImage(size, self.pin)
+                buf = self._shared[slot].tensor
+            else:
+                buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
             self._buffers[slot] = buf
         return buf[:size]
 
-    def stage(self, slot: tuple[str, int], plan: FilePlan, data: Mapping[tuple[str, Any], torch.Tensor]) -> torch.Tensor:
+    def shared_image(self, slot: tuple[str, int]) -> SharedImage:
+        return self._shared[slot]
+
+    def stage(self, slot: tuple[str, int], plan: FilePlan, data: Mapping[tuple[str, Any], torch.Tensor],
+              after: "torch.cuda.Event | None" = None) -> torch.Tensor:
         """Copy the file's header and every item's bytes into the slot's buffer (module, place
-        among its files); returns the image. Device copies are asynchronous: call
-        `synchronize()` before the image is read."""
+        among its files); returns the image. Device copies run on the stager's side stream after
+        `after` (by default, after what this thread's stream has queued): call `mark()` for an
+        event that follows them."""
         size = plan.items[-1].end if plan.items else len(plan.prefix)
         image = self.buffer(slot, size)
         image[: len(plan.prefix)] = torch.frombuffer(bytearray(plan.prefix), dtype=torch.uint8)
         for item in plan.items:
             src = data[(item.key, item.box)].detach()
-            src = src.contiguous().reshape(-1).view(torch.uint8)
-            image[item.begin : item.end].copy_(src, non_blocking=src.device.type == "cuda")
+            if src.device.type == "cuda":
+                with torch.cuda.stream(self._side_stream(src.device, after)):
+                    src = src.contiguous().reshape(-1).view(torch.uint8)
+                    image[item.begin : item.end].copy_(src, non_blocking=True)
+            else:
+                image[item.begin : item.end].copy_(src.contiguous().reshape(-1).view(torch.uint8))
         return image
 
-    @staticmethod
-    def synchronize() -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
+    def _side_stream(self, device: torch.device, after: "torch.cuda.Event | None") -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        if not self._waited:  # the copies read the state as the caller's stream left it
+            if after is not None:
+                self._stream.wait_event(after)
+            else:
+                self._stream.wait_stream(torch.cuda.current_stream(device))
+            self._waited = True
+        return self._stream
+
+    def mark(self) -> "torch.cuda.Event | None":
+        """An event that follows every device copy staged since the last mark (None if none were)."""
+        if self._stream is None or not self._waited:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        self._waited = False
+        return event
+
+    def close(self) -> None:
+        for image in self._shared.values():
+            image.close()
+        self._shared.clear()
+        self._buffers.clear()
 
 
 class AsyncSave:
-    """A save running in the background: poll with `done()`, wait (and see its error) with `wait()`."""
+    """A save running in the background. `staged()`/`wait_staged()`: this rank's state has been
+    copied out, so the optimizer may change it; `done()`/`wait()`: the checkpoint is committed
+    (`wait` re-raises the save's error, the same on every rank)."""
 
-    def __init__(self, path: str, blocking_seconds: float) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.blocking_seconds = blocking_seconds
-        """How long the `save` call held the caller (planning + staging)."""
+        self.blocking_seconds = 0.0
+        """How long the `save` call held the caller."""
+        self._queued = threading.Event()  # the device copies are queued (or there are none)
+        self._copied: "torch.cuda.Event | None" = None
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.write_seconds: float | None = None
         """Background time from the end of staging to the outcome of the commit."""
+
+    def staged(self) -> bool:
+        return self._queued.is_set() and (self._copied is None or self._copied.query())
+
+    def wait_staged(self) -> None:
+        """Block until this rank's state is copied out (for device copies: the host waits)."""
+        self._queued.wait()
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def stream_waits_staged(self) -> None:
+        """Make the current device stream wait for the copies: work queued after this (the
+        optimizer step) runs once the state is copied out. The host waits only until the copies
+        are queued, which the background planning does within the forward and backward pass."""
+        self._queued.wait()
+        if self._copied is not None and not self._copied.query():
+            torch.cuda.current_stream(self._copied.device).wait_event(self._copied)
+
+    def _copies_queued(self, copied: "torch.cuda.Event | None") -> None:
+        self._copied = copied
+        self._queued.set()
 
     def done(self) -> bool:
         return self._finished.is_set()
@@ -100,23 +181,25 @@ class AsyncSave:
         if self._error is not None:
             raise self._error
 
-    def _run(self, job: SaveJob, images: Mapping[str, torch.Tensor], after_commit: Callable[[], None] | None) -> None:
+    def _run(self, prepare: Callable[[], tuple[SaveJob, Callable[[SaveJob], list[list[ShardSums]]]]],
+             after_commit: Callable[[], None] | None) -> None:
         start = time.perf_counter()
         try:
+            job, write = prepare()
             crcs: dict[str, dict[str, list[ShardSums]]] = {}  # module -> file -> its items' checksums
             if job.run.failure is None:
                 try:
-                    files = [(plan, images[plan.path]) for _, plan in job.my_files()]
-                    sums = write_file_images(job.storage, files, job.comm.rank, block_bytes=job.options.block_bytes)
-                    crcs = job.checksums_by_module(sums)
-                except (MimoCkptError, OSError) as exc:
-                    job.run.fail(exc)
+                    self.wait_staged()
+                    crcs = job.checksums_by_module(write(job))
+                except (MimoCkptError, OSError, RuntimeError) as exc:
+                    job.run.fail(exc if isinstance(exc, (MimoCkptError, OSError)) else MimoCkptError(f"staging: {exc}"))
             finish_save(job, crcs)
             if after_commit is not None:
                 after_commit()
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
             self._error = exc
         finally:
+            self._queued.set()  # a failure before the copies were queued must not hold the caller
             self.write_seconds = time.perf_counter() - start
             self._finished.set()
 
@@ -124,13 +207,32 @@ class AsyncSave:
 class AsyncSaver:
     """Runs saves in the background, one at a time, reusing host buffers. Collective to create:
     it makes a gloo group (with `timeout_s`) for its own collectives, unless `comm` is given (in a
-    process without torch.distributed it needs none)."""
+    process without torch.distributed it needs none).
 
-    def __init__(self, comm: Comm | None = None, *, timeout_s: float = 1800.0, pin: bool | None = None) -> None:
+    `writer`: "process" writes and checksums the files in a process of the saver's own, fed
+    through shared memory, so the training process's threads do none of it; "thread" in a
+    background thread of this process; "auto" (the default) takes the process for a local
+    directory when CUDA is in use, where the training loop's kernel launches would otherwise
+    compete with the writer for the GIL, and the thread otherwise. Call `close()` (or let the
+    process exit) to stop the writer process."""
+
+    def __init__(self, comm: Comm | None = None, *, timeout_s: float = 1800.0, pin: bool | None = None,
+                 writer: Writer = "auto") -> None:
+        if writer not in ("auto", "process", "thread"):
+            raise ValueError(f"writer must be 'auto', 'process' or 'thread', got {writer!r}")
         self.comm = comm or (TorchComm.with_timeout(timeout_s) if distributed() else SoloComm())
-        self.stager = HostStager(pin)
+        self.writer: Writer = writer
+        self._pin = pin
+        self._stagers: dict[bool, HostStager] = {}
+        self._last_shared = False
+        self._process: ProcessWriter | None = None
         self.pending: AsyncSave | None = None
-        atexit.register(_warn_if_pending, weakref.ref(self))
+        atexit.register(_at_exit, weakref.ref(self))
+
+    @property
+    def stager(self) -> HostStager:
+        """The buffers the last save staged into."""
+        return self._stagers.setdefault(self._last_shared, HostStager(self._pin, shared=self._last_shared))
 
     def save(
         self, state: Mapping[str, Any], path: str, *, layouts: Mapping[str, ModuleLayout],
@@ -138,31 +240,118 @@ class AsyncSaver:
         if_pending: Literal["wait", "raise"] = "wait", replicas: Literal["main", "spread"] = "main",
         options: SaveOptions = SaveOptions(), after_commit: Callable[[], None] | None = None,
     ) -> AsyncSave:
-        """Collective like `mimo_ckpt.save`; returns once this rank's state sits in host buffers.
+        """Collective like `mimo_ckpt.save`. Returns once this rank's state is taken: flattened,
+        its objects encoded, its host tensors copied. Device tensors are copied on a side stream
+        after what the caller's stream has queued so far; the planning (collectives with the
+        other ranks) and those copies happen in the background (see `AsyncSave.staged`), and a
+        state without device tensors is planned and copied before this returns.
         `after_commit` runs on every rank in the background thread once the checkpoint is
         committed (it may use this saver's comm: CheckpointManager moves `latest` there)."""
         start = time.perf_counter()
         self._settle_pending(if_pending)
-        job = start_save(state, path, layouts=layouts, comm=self.comm, storage=storage, metadata=metadata,
-                         replicas=replicas, options=options)
-        images: dict[str, torch.Tensor] = {}  # file path -> its staged image
-        if job.run.failure is None:
-            try:
-                data = job.tensors_by_module()
-                place: dict[str, int] = {}
-                for name, plan in job.my_files():
-                    slot = (name, place.setdefault(name, 0))
-                    place[name] += 1
-                    images[plan.path] = self.stager.stage(slot, plan, data[name])
-                self.stager.synchronize()
-            except (MimoCkptError, RuntimeError) as exc:
-                job.run.fail(exc if isinstance(exc, MimoCkptError) else MimoCkptError(f"staging: {exc}"))
-        handle = AsyncSave(job.path, time.perf_counter() - start)
-        handle._thread = threading.Thread(target=handle._run, args=(job, images, after_commit),
+        storage = storage or open_storage(path)
+        check_layouts(layouts, self.comm.size)
+        check_storage_serves(storage, self.comm, path)
+        snapshot = flatten_for_save(state, layouts, self.comm.rank, metadata)
+        on_device = [t for shards in snapshot.local.values() for t in shards.tensors if staged_through_chunks(t.data)]
+        taken = None
+        if on_device:  # host tensors are copied now; device ones after `taken`, in the background
+            snapshot = _host_tensors_copied(snapshot)
+            device = on_device[0].data.device
+            if device.type == "cuda":
+                taken = torch.cuda.Event()
+                taken.record(torch.cuda.current_stream(device))
+        handle = AsyncSave(path)
+
+        def prepare() -> tuple[SaveJob, Callable[[SaveJob], list[list[ShardSums]]]]:
+            return self._plan_and_stage(handle, snapshot, taken, path, layouts=layouts, storage=storage,
+                                        metadata=metadata, replicas=replicas, options=options)
+
+        if not on_device:
+            prepared = prepare()
+            prepare = lambda: prepared  # noqa: E731 - planned and copied in the caller
+        handle.blocking_seconds = time.perf_counter() - start
+        handle._thread = threading.Thread(target=handle._run, args=(prepare, after_commit),
                                           name="mimo-ckpt-async-save", daemon=True)
         handle._thread.start()
         self.pending = handle
         return handle
+
+    def _plan_and_stage(
+        self, handle: AsyncSave, snapshot: Snapshot, taken: "torch.cuda.Event | None", path: str, **how: Any,
+    ) -> tuple[SaveJob, Callable[[SaveJob], list[list[ShardSums]]]]:
+        """Plan with the other ranks, then copy every tensor this rank writes into its file's
+        image; the handle is told once the copies are queued."""
+        copied = None
+        try:
+            job = plan_save(snapshot, path, comm=self.comm, **how)
+            shared = self._uses_process(job.storage)
+            self._last_shared = shared
+            stager = self.stager
+            images: dict[str, tuple[tuple[str, int], torch.Tensor]] = {}  # file path -> (slot, staged image)
+            if job.run.failure is None:
+                try:
+                    data = job.tensors_by_module()
+                    place: dict[str, int] = {}
+                    for name, plan in job.my_files():
+                        slot = (name, place.setdefault(name, 0))
+                        place[name] += 1
+                        images[plan.path] = (slot, stager.stage(slot, plan, data[name], after=taken))
+                    copied = stager.mark()
+                except (MimoCkptError, RuntimeError) as exc:
+                    job.run.fail(exc if isinstance(exc, MimoCkptError) else MimoCkptError(f"staging: {exc}"))
+            write = self._process_write(stager, images) if shared else self._thread_write(images)
+            return job, write
+        finally:
+            handle._copies_queued(copied)
+
+    def before_optimizer_step(self) -> None:
+        """Call right before the optimizer changes parameters or its state: orders that after
+        the pending save's device copies (the host does not wait; see `AsyncSave.stream_waits_staged`)."""
+        if self.pending is not None:
+            self.pending.stream_waits_staged()
+
+    def attach(self, optimizer: Any) -> Any:
+        """Call `before_optimizer_step` at the start of every `optimizer.step()` (a torch
+        optimizer's step pre-hook), so a loop cannot forget it; returns the hook's handle."""
+        if not hasattr(optimizer, "register_step_pre_hook"):
+            raise TypeError(f"{type(optimizer).__name__} has no step pre-hooks; call "
+                            "AsyncSaver.before_optimizer_step() before each of its steps instead")
+        return optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step())
+
+    def _uses_process(self, storage: Storage) -> bool:
+        if self.writer == "auto":
+            return isinstance(storage, LocalStorage) and torch.cuda.is_available()
+        return self.writer == "process"
+
+    @staticmethod
+    def _thread_write(images: Mapping[str, tuple[tuple[str, int], torch.Tensor]]) -> Callable[[SaveJob], list[list[ShardSums]]]:
+        def write(job: SaveJob) -> list[list[ShardSums]]:
+            files = [(plan, images[plan.path][1]) for _, plan in job.my_files()]
+            return write_file_images(job.storage, files, job.comm.rank, block_bytes=job.options.block_bytes)
+        return write
+
+    def _process_write(self, stager: HostStager, images: Mapping[str, tuple[tuple[str, int], torch.Tensor]]
+                       ) -> Callable[[SaveJob], list[list[ShardSums]]]:
+        if self._process is None:
+            self._process = ProcessWriter()
+        writer = self._process
+
+        def write(job: SaveJob) -> list[list[ShardSums]]:
+            files = [(plan.path, stager.shared_image(images[plan.path][0]), images[plan.path][1].numel(),
+                      [(i.begin, i.end) for i in plan.items]) for _, plan in job.my_files()]
+            return writer.write(job.storage, files, job.comm.rank, job.options.block_bytes)
+        return write
+
+    def close(self) -> None:
+        """Wait for the pending save, stop the writer process and free the buffers."""
+        self._settle_pending("wait")
+        if self._process is not None:
+            self._process.close()
+            self._process = None
+        for stager in self._stagers.values():
+            stager.close()
+        self._stagers.clear()
 
     def _settle_pending(self, if_pending: str) -> None:
         """A running save keeps the buffers: wait for it, or refuse on every rank alike."""
@@ -180,14 +369,28 @@ class AsyncSaver:
         self.pending = None
 
 
-def _warn_if_pending(saver_ref: "weakref.ref[AsyncSaver]") -> None:
+def _host_tensors_copied(snapshot: Snapshot) -> Snapshot:
+    """The snapshot with each host tensor replaced by a copy (the caller may change the original
+    as soon as `save` returns); device tensors are copied later, ordered on their stream."""
+    for shards in snapshot.local.values():
+        shards.tensors = [t if staged_through_chunks(t.data) else replace(t, data=t.data.detach().clone())
+                          for t in shards.tensors]
+    return snapshot
+
+
+def _at_exit(saver_ref: "weakref.ref[AsyncSaver]") -> None:
     """At interpreter exit: a save still writing dies with the process (its thread is a daemon), so
-    say so; what it wrote is cleaned up by the next save to that path."""
+    say so; what it wrote is cleaned up by the next save to that path. The writer process and the
+    shared buffers go too."""
     saver = saver_ref()
-    pending = saver.pending if saver is not None else None
+    if saver is None:
+        return
+    pending = saver.pending
     if pending is not None and not pending.done():
         log.warning("rank %d: the async save to %s was still running at exit and is not committed; "
                     "call wait() on its handle before exiting", saver.comm.rank, pending.path)
+    else:
+        saver.close()
 
 
 _default_saver: AsyncSaver | None = None

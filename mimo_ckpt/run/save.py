@@ -35,7 +35,7 @@ from mimo_ckpt.run.collective import (
 from mimo_ckpt.run.comm import Comm, default_comm
 from mimo_ckpt.run.gc_pause import collector_paused
 
-__all__ = ["save", "SaveJob", "start_save", "finish_save"]
+__all__ = ["save", "SaveJob", "Snapshot", "start_save", "flatten_for_save", "plan_save", "finish_save"]
 
 
 def save(
@@ -121,21 +121,48 @@ def start_save(
     storage = storage or open_storage(path)
     check_layouts(layouts, comm.size)
     check_storage_serves(storage, comm, os.fspath(path))
+    return plan_save(flatten_for_save(state, layouts, comm.rank, metadata), path, layouts=layouts, comm=comm,
+                     storage=storage, metadata=metadata, replicas=replicas, options=options)
+
+
+@dataclass
+class Snapshot:
+    """This rank's state flattened and its objects encoded (`local`), or why it could not be."""
+
+    local: dict[str, ModuleShards]
+    failure: MimoCkptError | None = None
+
+
+def flatten_for_save(
+    state: Mapping[str, Any], layouts: Mapping[str, ModuleLayout], rank: int, metadata: Mapping[str, Any] | None,
+) -> Snapshot:
+    """Local, no collectives: the state flattened and every object encoded (what an async save
+    takes at call time)."""
+    try:
+        check_plain_json("save metadata", dict(metadata or {}))
+        flat = flatten_state(state, layouts, rank)
+        for name, shards in flat.items():
+            shards.encoded = encode_objects(name, shards)
+        return Snapshot(flat)  # only once every object is encoded: a failed rank sends empty metadata
+    except MimoCkptError as exc:
+        return Snapshot({}, exc)
+
+
+def plan_save(
+    snapshot: Snapshot, path: str | os.PathLike[str], *, layouts: Mapping[str, ModuleLayout], comm: Comm,
+    storage: Storage, metadata: Mapping[str, Any] | None = None, replicas: Literal["main", "spread"] = "main",
+    options: SaveOptions = SaveOptions(),
+) -> SaveJob:
+    """Collective: agree on a save id (rank 0 takes the path) and plan every module from the
+    ranks' snapshots."""
     where = os.fspath(path)
     save_id = root_decides(comm, lambda: commit.begin(storage, MANIFEST_PATH, where).encode(),
                            otherwise=StorageError).decode()
     fault_point("save.start", comm.rank)
-
     run = Collective(comm)
-    local: dict[str, ModuleShards] = {}
-    try:
-        check_plain_json("save metadata", dict(metadata or {}))
-        flat = flatten_state(state, layouts, comm.rank)
-        for name, shards in flat.items():
-            shards.encoded = encode_objects(name, shards)
-        local = flat  # only once every object is encoded: a failed rank sends empty metadata
-    except MimoCkptError as exc:
-        run.fail(exc)
+    local = snapshot.local
+    if snapshot.failure is not None:
+        run.fail(snapshot.failure)
 
     plans: dict[str, ModuleSavePlan] = {}
     module_comms: dict[str, Comm] = {}
