@@ -328,7 +328,7 @@ def _raw_ops(w: World) -> Ops:
     return save, load
 
 
-class _BytesRead(logging.Handler):
+class BytesRead(logging.Handler):
     """Sums the bytes mimo_ckpt.load reports reading (its debug log line) since the last take()."""
 
     def __init__(self) -> None:
@@ -344,7 +344,7 @@ class _BytesRead(logging.Handler):
         return total
 
 
-_READ = _BytesRead()
+_READ = BytesRead()
 
 
 def _ours_ops(w: World, verify: bool = True, io_threads: int | None = None, one_file: bool = False,

@@ -1,0 +1,403 @@
+"""Saving from and loading into a GPU, side by side with PyTorch DCP and the machine's limits.
+
+One process, one GPU, all in one run. The state is a training run's: a transformer stack
+(`--layers` x `--hidden`, fp32 parameters, bf16 autocast) and its fused AdamW moments.
+* raw:      the state's bytes written from host memory (`--files` files at once, 64 MiB pwrites,
+            fsync) and read back cold: the disk's limits for these bytes;
+* pinned:   device-to-host copy of the state into preallocated pinned buffers;
+* sync:     mimo_ckpt.save and DCP save of the CUDA state; cold loads into CUDA tensors (both
+            checked bit-exact against the state);
+* async:    the time each async save holds the caller: mimo (writer process, writer thread), DCP
+            async_save by default, process-based, and with its pinned DefaultStager;
+* training: `--steps` steps with no checkpointing, then saving every `--every` steps with mimo
+            (`AsyncSaver`, `before_optimizer_step` before each optimizer step) and with DCP's
+            DefaultStager (its staging future waited on before each optimizer step); the
+            slowdown of each against no checkpointing, and the no-checkpointing loop run twice
+            more to show the noise.
+Caches are dropped before each cold read (/proc/sys/vm/drop_caches, else posix_fadvise).
+
+    python -m bench.gpu --dir /tmp/gpu-bench --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench.report import write_json  # noqa: E402
+
+PIECE = 64 << 20
+
+
+def drop_caches(path: str) -> str:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+        return "drop_caches"
+    except OSError:
+        for folder, _, files in os.walk(path):
+            for name in files:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+        return "fadvise"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+class Run:
+    """The model, its optimizer and the flat state every system saves."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        torch.manual_seed(0)
+        dev = args.device
+        layer = lambda: torch.nn.TransformerEncoderLayer(  # noqa: E731
+            args.hidden, args.heads, 4 * args.hidden, dropout=0.0, batch_first=True, norm_first=True)
+        self.model = torch.nn.Sequential(*[layer() for _ in range(args.layers)]).to(dev)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5, fused=dev == "cuda")
+        self.x = torch.randn(args.batch, args.seq, args.hidden, device=dev)
+        self.device = dev
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.step(before_update=lambda: None)
+
+    def step(self, before_update: Callable[[], None]) -> None:
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            loss = self.model(self.x).float().square().mean()
+        loss.backward()
+        before_update()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self.model.named_parameters():
+            out[f"w.{name}"] = p.data
+            for k, v in self.opt.state[p].items():
+                out[f"{k}.{name}"] = v
+        return out
+
+
+def nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def raw(state: dict[str, torch.Tensor], root: str, files: int, rounds: int) -> dict[str, Any]:
+    """Write the state's bytes (already on the host) into `files` files at once, then read them back cold."""
+    total = nbytes(state)
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    pos = 0
+    for t in state.values():
+        n = t.numel() * t.element_size()
+        host[pos: pos + n].copy_(t.detach().reshape(-1).view(torch.uint8))
+        pos += n
+    view = memoryview(host.numpy())
+    bounds = [(total * i // files, total * (i + 1) // files) for i in range(files)]
+    paths = [os.path.join(root, f"raw{i}") for i in range(files)]
+
+    def write(i: int) -> None:
+        lo, hi = bounds[i]
+        fd = os.open(paths[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        for off in range(lo, hi, PIECE):
+            os.pwrite(fd, view[off: min(hi, off + PIECE)], off - lo)
+        os.fsync(fd)
+        os.close(fd)
+
+    def read(i: int) -> None:
+        lo, hi = bounds[i]
+        fd = os.open(paths[i], os.O_RDONLY)
+        for off in range(lo, hi, PIECE):
+            os.preadv(fd, [view[off: min(hi, off + PIECE)]], off - lo)
+        os.close(fd)
+
+    writes, reads = [], []
+    for _ in range(rounds):
+        with ThreadPoolExecutor(files) as pool:
+            writes.append(timed(lambda: list(pool.map(write, range(files)))))
+        how = drop_caches(root)
+        with ThreadPoolExecutor(files) as pool:
+            reads.append(timed(lambda: list(pool.map(read, range(files)))))
+        for p in paths:
+            os.remove(p)
+    return {"write_s": statistics.median(writes), "read_s": statistics.median(reads), "cache_drop": how,
+            "writes_s": writes, "reads_s": reads}
+
+
+def pinned_copy(state: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
+    pin = torch.cuda.is_available()
+    bufs = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for k, t in state.items()}
+
+    def copy() -> None:
+        for k, t in state.items():
+            bufs[k].copy_(t, non_blocking=pin)
+
+    times = [timed(copy) for _ in range(rounds + 1)][1:]
+    return {"s": statistics.median(times), "all_s": times}
+
+
+def checked(state: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(state[k], loaded[k]) for k in state)
+
+
+def empty_like(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros_like(t) for k, t in state.items()}
+
+
+def mimo_sync(state: dict[str, torch.Tensor], root: str, rounds: int) -> dict[str, Any]:
+    import mimo_ckpt
+    from mimo_ckpt import ModuleLayout, SoloComm
+
+    layouts, comm = {"m": ModuleLayout()}, SoloComm()
+    saves, loads, exact = [], [], True
+    for r in range(rounds):
+        path = os.path.join(root, f"mimo{r}")
+        saves.append(timed(lambda: mimo_ckpt.save({"m": state}, path, layouts=layouts, comm=comm)))
+        drop_caches(root)
+        target = empty_like(state)
+        loads.append(timed(lambda: mimo_ckpt.load({"m": target}, path, layouts=layouts, comm=comm)))
+        exact = exact and checked(state, target)
+        shutil.rmtree(path)
+    return {"save_s": statistics.median(saves), "load_s": statistics.median(loads), "bit_exact": exact,
+            "saves_s": saves, "loads_s": loads}
+
+
+def dcp_sync(state: dict[str, torch.Tensor], root: str, rounds: int) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
+    saves, loads, exact = [], [], True
+    for r in range(rounds):
+        path = os.path.join(root, f"dcp{r}")
+        saves.append(timed(lambda: dcp.save(dict(state), checkpoint_id=path)))
+        drop_caches(root)
+        target = empty_like(state)
+        loads.append(timed(lambda: dcp.load(target, checkpoint_id=path)))
+        exact = exact and checked(state, target)
+        shutil.rmtree(path)
+    return {"save_s": statistics.median(saves), "load_s": statistics.median(loads), "bit_exact": exact,
+            "saves_s": saves, "loads_s": loads}
+
+
+def attempt(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - a peer that fails here is reported, not fatal
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def mimo_async(state: dict[str, torch.Tensor], root: str, rounds: int, writer: str) -> dict[str, Any]:
+    from mimo_ckpt import AsyncSaver, ModuleLayout
+
+    saver = AsyncSaver(writer=writer)
+    blocking, staged, total = [], [], []
+    for r in range(rounds + 1):
+        path = os.path.join(root, f"mimo-async-{writer}{r}")
+        sync()
+        start = time.perf_counter()
+        handle = saver.save({"m": state}, path, layouts={"m": ModuleLayout()})
+        blocking.append(time.perf_counter() - start)
+        handle.wait_staged()
+        staged.append(time.perf_counter() - start)
+        handle.wait()
+        total.append(time.perf_counter() - start)
+        shutil.rmtree(path)
+    saver.close()
+    return {"first_blocking_s": blocking[0], "blocking_s": statistics.median(blocking[1:]),
+            "staged_s": statistics.median(staged[1:]), "committed_s": statistics.median(total[1:]),
+            "all_blocking_s": blocking}
+
+
+def dcp_async(state: dict[str, torch.Tensor], root: str, rounds: int, kind: str) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    blocking, staged, total = [], [], []
+    stager = None
+    for r in range(rounds + 1):
+        path = os.path.join(root, f"dcp-async-{kind}{r}")
+        sync()
+        start = time.perf_counter()
+        if kind == "stager":
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            stager = stager or DefaultStager(StagingOptions(True, False, True, True))
+            response = dcp.async_save(dict(state), checkpoint_id=path, async_stager=stager)
+            blocking.append(time.perf_counter() - start)
+            response.staging_completion.result()
+            staged.append(time.perf_counter() - start)
+            response.upload_completion.result()
+        else:
+            kind_arg = AsyncCheckpointerType.PROCESS if kind == "process" else AsyncCheckpointerType.THREAD
+            future = dcp.async_save(dict(state), checkpoint_id=path, async_checkpointer_type=kind_arg)
+            blocking.append(time.perf_counter() - start)
+            staged.append(blocking[-1])
+            future.result()
+        total.append(time.perf_counter() - start)
+        shutil.rmtree(path)
+    if stager is not None:
+        stager.close()
+    return {"first_blocking_s": blocking[0], "blocking_s": statistics.median(blocking[1:]),
+            "staged_s": statistics.median(staged[1:]), "committed_s": statistics.median(total[1:]),
+            "all_blocking_s": blocking}
+
+
+def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Loop times with no checkpointing, with mimo and with DCP's DefaultStager saving every `--every` steps."""
+    from mimo_ckpt import AsyncSaver, ModuleLayout
+
+    def loop(save: Callable[[int], Any] | None, before_update: Callable[[], None]) -> float:
+        sync()
+        start = time.perf_counter()
+        for i in range(args.steps):
+            run.step(before_update)
+            if save is not None and i % args.every == args.every // 2:
+                save(i)
+        sync()
+        return time.perf_counter() - start
+
+    saver = AsyncSaver(writer="process")
+    handles: list[Any] = []
+
+    def mimo_save(i: int) -> None:
+        handles.append(saver.save({"m": run.state()}, os.path.join(root, f"loop-mimo{i}"),
+                                  layouts={"m": ModuleLayout()}))
+
+    pending: list[Any] = []
+
+    def dcp_stager_save(i: int) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if pending:
+            pending[-1].upload_completion.result()  # one at a time, as mimo's saver does
+        if not hasattr(dcp_stager_save, "stager"):
+            dcp_stager_save.stager = DefaultStager(StagingOptions(True, False, True, True))
+        pending.append(dcp.async_save(run.state(), checkpoint_id=os.path.join(root, f"loop-dcp{i}"),
+                                      async_stager=dcp_stager_save.stager))
+
+    def dcp_wait_staged() -> None:
+        if pending:
+            pending[-1].staging_completion.result()
+
+    out: dict[str, Any] = {"steps": args.steps, "every": args.every}
+    loop(None, lambda: None)  # warm
+    out["plain_s"] = [loop(None, lambda: None)]
+    out["mimo_s"] = loop(mimo_save, saver.before_optimizer_step)
+    for h in handles:
+        h.wait()
+    out["mimo_blocking_s"] = [h.blocking_seconds for h in handles]
+    out["plain_s"].append(loop(None, lambda: None))
+    try:
+        out["dcp_stager_s"] = loop(dcp_stager_save, dcp_wait_staged)
+        for p in pending:
+            p.upload_completion.result()
+    except Exception as exc:  # noqa: BLE001
+        out["dcp_stager_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    out["plain_s"].append(loop(None, lambda: None))
+    saver.close()
+    plain = statistics.median(out["plain_s"])
+    out["step_s"] = plain / args.steps
+    out["mimo_slowdown"] = out["mimo_s"] / plain - 1
+    if "dcp_stager_s" in out:
+        out["dcp_stager_slowdown"] = out["dcp_stager_s"] / plain - 1
+    out["plain_spread"] = (max(out["plain_s"]) - min(out["plain_s"])) / plain
+    for name in os.listdir(root):
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/mimo-gpu-bench")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--files", type=int, default=4, help="files the raw write and read use at once")
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds of raw, pinned and sync")
+    ap.add_argument("--async-rounds", type=int, default=1, help="timed async saves, after a first one")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--only", default="raw,pinned,sync,async,train")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    os.makedirs(args.dir, exist_ok=True)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    import torch.distributed as dist
+
+    dist.init_process_group("cpu:gloo,cuda:nccl" if args.device == "cuda" else "gloo", rank=0, world_size=1)
+    run = Run(args)
+    state = run.state()
+    res: dict[str, Any] = {
+        "machine": {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                    "torch": torch.__version__, "cpus": os.cpu_count(),
+                    "disk": os.popen(f"df -hT {args.dir} | tail -1").read().strip()},
+        "params": run.params, "state_bytes": nbytes(state), "tensors": len(state), "args": vars(args),
+    }
+    steps = [
+        ("raw", lambda: raw(state, args.dir, args.files, args.rounds)),
+        ("pinned", lambda: pinned_copy(state, args.rounds)),
+        ("mimo_sync", lambda: mimo_sync(state, args.dir, args.rounds)),
+        ("dcp_sync", lambda: dcp_sync(state, args.dir, args.rounds)),
+        ("mimo_async_process", lambda: mimo_async(state, args.dir, args.async_rounds, "process")),
+        ("mimo_async_thread", lambda: mimo_async(state, args.dir, args.async_rounds, "thread")),
+        ("dcp_async_thread", lambda: dcp_async(state, args.dir, args.async_rounds, "thread")),
+        ("dcp_async_process", lambda: dcp_async(state, args.dir, args.async_rounds, "process")),
+        ("dcp_async_stager", lambda: dcp_async(state, args.dir, args.async_rounds, "stager")),
+        ("training", lambda: training(run, args.dir, args)),
+    ]
+    groups = {"raw": "raw", "pinned": "pinned", "mimo_sync": "sync", "dcp_sync": "sync", "training": "train"}
+    for name, fn in steps:
+        if groups.get(name, "async") not in only:
+            continue
+        start = time.perf_counter()
+        res[name] = attempt(fn)
+        print(f"{name}: {time.perf_counter() - start:.1f} s {res[name]}", flush=True)
+        write_json(res, args.out)
+    add_ratios(res)
+    write_json(res, args.out, echo=True)
+    dist.destroy_process_group()
+    return 0
+
+
+def add_ratios(res: dict[str, Any]) -> None:
+    """The bars: each as a ratio of times measured in this run (> 1: mimo is faster)."""
+    r: dict[str, float] = {}
+    get = lambda k, f: res.get(k, {}).get(f)  # noqa: E731
+    if get("raw", "write_s") and get("mimo_sync", "save_s"):
+        r["save_vs_raw_write"] = res["raw"]["write_s"] / res["mimo_sync"]["save_s"]
+        r["load_vs_raw_read"] = res["raw"]["read_s"] / res["mimo_sync"]["load_s"]
+    if get("dcp_sync", "save_s") and get("mimo_sync", "save_s"):
+        r["save_vs_dcp"] = res["dcp_sync"]["save_s"] / res["mimo_sync"]["save_s"]
+        r["load_vs_dcp"] = res["dcp_sync"]["load_s"] / res["mimo_sync"]["load_s"]
+    if get("pinned", "s") and get("mimo_async_process", "blocking_s"):
+        r["async_blocking_vs_pinned_copy"] = res["mimo_async_process"]["blocking_s"] / res["pinned"]["s"]
+    res["ratios"] = r
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
