@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -191,15 +192,19 @@ ALIGN = 64
 _RAW_TORCH = {size: getattr(torch, name) for size, name in RAW_BY_ITEMSIZE.items()}
 
 
+Read = Callable[[Sequence[DevicePiece], Sequence[torch.Tensor]], int]
+
+
 def load_pieces(
     batches: Sequence[Sequence[DevicePiece]], targets: Sequence[torch.Tensor],
-    read: Callable[[Sequence[DevicePiece], Sequence[torch.Tensor]], int], *, threads: int,
-    chunk_bytes: int = CHUNK_BYTES, depth: int = DEPTH,
+    reader: Callable[[], AbstractContextManager[Read]], *, threads: int, chunk_bytes: int = CHUNK_BYTES,
+    depth: int = DEPTH,
 ) -> int:
-    """Fill each contiguous target from its pieces: `read(pieces, host_views)` fills host views
+    """Fill each contiguous target from its pieces. Each of `threads` threads takes a run of
+    batches in order and enters `reader()` for a `read(pieces, host_views)` that fills host views
     (one per piece, shaped as the piece, raw dtype) and returns the bytes it read; each chunk is
-    then copied to its device on the reading thread's own stream while that thread reads its next
-    chunk. Returns the bytes read, once every copy is done."""
+    then copied to its device on the thread's own stream while the thread reads its next chunk.
+    Returns the bytes read, once every copy is done."""
     device = next((t.device for t in targets if staged_through_chunks(t)), None)
     flats = [t.detach().reshape(-1).view(torch.uint8) for t in targets]
 
@@ -207,20 +212,21 @@ def load_pieces(
         copies = _Copies(device, chunk_bytes)
         ring: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
         total = 0
-        for batch in mine:
-            if len(ring) < depth:
-                chunk = copies.chunk(max(chunk_bytes, _span(batch)))
-            else:
-                chunk, copied = ring.popleft()
-                if copied is not None:
-                    copied.synchronize()
-                if chunk.numel() < _span(batch):
-                    chunk = copies.chunk(_span(batch))
-            views = [_piece_view(chunk, p, targets[p.request]) for p in batch]
-            total += read(batch, views)
-            for p in batch:
-                copies.copy(flats[p.request][p.lo : p.hi], chunk[p.at : p.at + p.hi - p.lo])
-            ring.append((chunk, copies.mark()))
+        with reader() as read:
+            for batch in mine:
+                if len(ring) < depth:
+                    chunk = copies.chunk(max(chunk_bytes, _span(batch)))
+                else:
+                    chunk, copied = ring.popleft()
+                    if copied is not None:
+                        copied.synchronize()
+                    if chunk.numel() < _span(batch):
+                        chunk = copies.chunk(_span(batch))
+                views = [_piece_view(chunk, p, targets[p.request]) for p in batch]
+                total += read(batch, views)
+                for p in batch:
+                    copies.copy(flats[p.request][p.lo : p.hi], chunk[p.at : p.at + p.hi - p.lo])
+                ring.append((chunk, copies.mark()))
         for _, copied in ring:
             if copied is not None:
                 copied.synchronize()

@@ -12,7 +12,7 @@ import posixpath
 import stat
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
@@ -29,7 +29,7 @@ WRITE_PIECE_BYTES = 16 << 20
 ReadInto = Callable[..., None]
 """`read(offset, *out)`: fill the buffers `out`, in order, with one file's bytes from `offset` on."""
 
-__all__ = ["IO_THREADS", "ReadInto", "Storage", "LocalStorage", "TensorStoreStorage", "open_storage", "read_small_file", "open_regular"]
+__all__ = ["IO_THREADS", "ReadInto", "Storage", "KeptOpen", "LocalStorage", "TensorStoreStorage", "open_storage", "read_small_file", "open_regular"]
 
 
 class Storage(Protocol):
@@ -62,6 +62,30 @@ class Storage(Protocol):
     def remove(self, path: str) -> None:
         """Delete a file (a link: the link, never what it points to); a missing file is not an
         error, a path that leaves the checkpoint through a linked directory is."""
+
+
+class KeptOpen:
+    """A storage whose `reader(path)` stays open until this closes: a file read in many calls
+    (a load's chunks) keeps one open file, so the kernel's readahead follows across them."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._stack = ExitStack()
+        self._open: dict[str, ReadInto] = {}
+
+    def reader(self, path: str) -> AbstractContextManager[ReadInto]:
+        if path not in self._open:
+            self._open[path] = self._stack.enter_context(self._storage.reader(path))
+        return nullcontext(self._open[path])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    def __enter__(self) -> "KeptOpen":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
 
 
 def read_small_file(storage: Storage, path: str) -> bytes | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 from functools import partial
-from typing import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -15,7 +16,7 @@ from mimo_ckpt.io.read import ReadOptions, execute_reads
 from mimo_ckpt.io.staging import (
     CHUNK_BYTES, DevicePiece, StagedFile, load_pieces, plan_device_pieces, staged_through_chunks,
 )
-from mimo_ckpt.io.storage import IO_THREADS, Storage
+from mimo_ckpt.io.storage import IO_THREADS, KeptOpen, Storage
 from mimo_ckpt.model.box import Box
 from mimo_ckpt.model.dtypes import RAW_BY_ITEMSIZE
 from mimo_ckpt.plan.load import ReadItem
@@ -109,12 +110,16 @@ def fill_device_tensors(
     batches = plan_device_pieces([(i, box, t.element_size()) for i, (t, (_, box)) in enumerate(zip(dense, targets))],
                                  CHUNK_BYTES)
 
-    def read(pieces: Sequence[DevicePiece], views: Sequence[torch.Tensor]) -> int:
-        items = plan([(p.request, p.box) for p in pieces])  # request k fills views[k]
-        return execute_reads(storage, items, [(v.numpy(), p.box) for v, p in zip(views, pieces)],
-                             verify=verify, options=options)
+    @contextmanager
+    def reader() -> Iterator[Callable[[Sequence[DevicePiece], Sequence[torch.Tensor]], int]]:
+        with KeptOpen(storage) as kept:  # a thread's files stay open across its chunks
+            def read(pieces: Sequence[DevicePiece], views: Sequence[torch.Tensor]) -> int:
+                items = plan([(p.request, p.box) for p in pieces])  # request k fills views[k]
+                return execute_reads(kept, items, [(v.numpy(), p.box) for v, p in zip(views, pieces)],
+                                     verify=verify, options=options)
+            yield read
 
-    nbytes = load_pieces(batches, dense, read, threads=threads)
+    nbytes = load_pieces(batches, dense, reader, threads=threads)
     for (target, _), filled in zip(targets, dense):
         if filled is not target:
             target.copy_(filled)
