@@ -107,8 +107,12 @@ def fill_device_tensors(
     _synchronize()  # what the caller's streams do to the targets (zeroing padding) comes first
     dense = [t.detach() if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
              for t, _ in targets]
-    batches = plan_device_pieces([(i, box, t.element_size()) for i, (t, (_, box)) in enumerate(zip(dense, targets))],
-                                 CHUNK_BYTES)
+    # targets in the order their bytes lie in the files, so each thread's run of chunks reads on in one file
+    first_read: dict[int, int] = {}
+    for position, item in enumerate(plan([(i, box) for i, (_, box) in enumerate(targets)])):
+        first_read.setdefault(item.request, position)
+    order = sorted(range(len(targets)), key=lambda i: first_read.get(i, -1))
+    batches = plan_device_pieces([(i, targets[i][1], dense[i].element_size()) for i in order], CHUNK_BYTES)
 
     @contextmanager
     def reader() -> Iterator[Callable[[Sequence[DevicePiece], Sequence[torch.Tensor]], int]]:
