@@ -90,7 +90,7 @@ def world(args: dict[str, Any]) -> dict[str, Any]:
                 counted.take()
                 before, start = _rchar(), time.perf_counter()
                 mimo_ckpt.load(targets, path, layouts={"m": layout},
-                               read_options=ReadOptions(share_bytes=SHARE_BYTES) if share else ReadOptions())
+                               read_options=ReadOptions(share_bytes=SHARE_BYTES if share else 0))
                 dist.barrier()
                 seconds, read = time.perf_counter() - start, _rchar() - before
                 ok = all(_holds_saved(s["weight"], shape[0]) for s in targets.values())

@@ -61,7 +61,7 @@ def _problems(layouts: dict[str, ModuleLayout], rank: int, loaded: dict[str, Any
 def _load(path: str, layouts: dict[str, ModuleLayout], share: bool) -> dict[str, Any]:
     rank = dist.get_rank()
     targets = _state(layouts, rank, fill=float("nan"))
-    options = ReadOptions(share_bytes=SHARE_BYTES) if share else ReadOptions()
+    options = ReadOptions(share_bytes=SHARE_BYTES if share else 0)
     dist.barrier()
     before, start = _rchar(), time.perf_counter()
     mimo_ckpt.load(targets, path, layouts=layouts, read_options=options)

@@ -56,6 +56,27 @@ def test_save_resharded_load_reshard_and_verify(server):
     assert "a/manifest.json" in keys and not any(".saving-" in k for k in keys)
 
 
+def test_replicas_share_reads_from_an_object_store_by_default(server, caplog):
+    """On an object store, each stored byte a module's DP replicas load is fetched once by
+    default (one rank reads, gloo broadcasts), against once per replica with sharing off."""
+    save_world(url("shared"))
+    read = {}
+    for name, options in (("default", mimo_ckpt.ReadOptions()), ("own", mimo_ckpt.ReadOptions(share_bytes=0))):
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="mimo_ckpt"):
+            def fn(comm, rank):
+                targets = states(RESHARDED, rank, fill=float("nan"))
+                mimo_ckpt.load(targets, url("shared"), layouts=RESHARDED, comm=comm, read_options=options)
+                return targets
+            _, errors = run_threads(ThreadWorld(WORLD), fn)
+            assert not errors, errors
+        read[name] = sum(r.args[1] for r in caplog.records if r.msg == "rank %d read %d bytes")
+    assert load_problems(url("shared"), RESHARDED) == []
+    stored = mimo_ckpt.read_manifest(open_storage(url("shared"))).modules["images"].tensors
+    replicated = sum(t.nbytes for k, t in stored.items() if not k.startswith("optimizer."))  # ZeRO state is not
+    assert replicated > 0 and read["own"] - read["default"] >= replicated  # the second replica fetched none of it
+
+
 def test_the_storage_spec_flag_reaches_a_store_the_environment_does_not_name(server, capsys):
     save_world(url("spec"))
     env = {k: os.environ.pop(k) for k in ("AWS_ENDPOINT_URL",)}

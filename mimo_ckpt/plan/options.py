@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass, fields
 
 from mimo_ckpt.errors import PlanError
 
-__all__ = ["SaveOptions", "ReadOptions"]
+__all__ = ["SaveOptions", "ReadOptions", "SHARE_BYTES"]
+
+SHARE_BYTES = 64 << 20
+"""Shared reads' message size where they are on by default."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,25 +50,35 @@ class ReadOptions:
     """Scratch for the gaps of one read (and for the bytes a verified read reads only to hash them)."""
     max_iov: int = 1024
     """The most buffers one scattered read fills."""
-    share_bytes: int = 0
+    share_bytes: int | None = None
     """With a positive value, boxes that several ranks of a module load (DP replicas) are read from
     storage by one of them and broadcast to the others, in messages of up to this many bytes
-    (plan.shared_reads), so each stored byte is read once. For storage where reads cost: an object
-    store, a network filesystem read from many nodes. Off by default: on one node the page cache
-    already serves repeated reads, and the broadcast is slower (docs/performance.md)."""
+    (plan.shared_reads), so each stored byte is read once; 0 turns it off. None (the default):
+    `SHARE_BYTES` where reads cost (object stores), off on a filesystem, where one node's page
+    cache already serves repeated reads and the broadcast is slower (docs/performance.md)."""
     checked_read_bytes: int = 1 << 20
     """Verified direct reads go in pieces of about this size (whole checksum blocks), each hashed
     right after its read while its bytes are still in the CPU's cache; 0: one read, then one pass
     (over the whole-shard crc when the read is the whole shard)."""
 
     def __post_init__(self) -> None:
-        _check_sizes(self, lowest=0, exceptions={"max_iov": 1})
+        _check_sizes(self, lowest=0, exceptions={"max_iov": 1}, optional={"share_bytes"})
+
+    def sharing(self, storage_is_local: bool) -> int:
+        """The message size of shared reads from this storage (0: every rank reads its own)."""
+        if self.share_bytes is None:
+            return 0 if storage_is_local else SHARE_BYTES
+        return self.share_bytes
 
 
-def _check_sizes(options: SaveOptions | ReadOptions, *, lowest: int, exceptions: dict[str, int] | None = None) -> None:
-    """Every field an integer (not a bool) of at least `lowest`, or its own bound in `exceptions`."""
+def _check_sizes(options: SaveOptions | ReadOptions, *, lowest: int, exceptions: dict[str, int] | None = None,
+                 optional: set[str] = frozenset()) -> None:
+    """Every field an integer (not a bool) of at least `lowest`, or its own bound in `exceptions`;
+    the `optional` ones may be None."""
     for f in fields(options):
         value = getattr(options, f.name)
+        if value is None and f.name in optional:
+            continue
         low = (exceptions or {}).get(f.name, lowest)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise PlanError(f"{type(options).__name__}.{f.name} must be an integer >= {low}, got {value!r}")

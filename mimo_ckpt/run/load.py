@@ -22,7 +22,7 @@ from mimo_ckpt.format.object_codec import decode
 from mimo_ckpt.io.commit import read_manifest_bytes
 from mimo_ckpt.io.faults import fault_point
 from mimo_ckpt.io.staging import staged_through_chunks
-from mimo_ckpt.io.storage import IO_THREADS, Storage, open_storage
+from mimo_ckpt.io.storage import IO_THREADS, LocalStorage, Storage, open_storage
 from mimo_ckpt.io.tensors import fill_device_tensors, fill_tensors
 from mimo_ckpt.model.box import Box
 from mimo_ckpt.model.dtypes import to_torch
@@ -146,7 +146,8 @@ def _load_module(run: Collective, mc: Comm, name: str, layout: ModuleLayout, ent
                 f"under another layout than {layout.describe()} (or dropped by a reshard)",
                 LayoutChangedWarning, stacklevel=3,
             )
-    sharing = reading.read_options.share_bytes > 0 and mc.size > 1
+    share_bytes = reading.read_options.sharing(isinstance(reading.storage, LocalStorage))
+    sharing = share_bytes > 0 and mc.size > 1
     asked = {
         "tensors": sorted({(t.key, t.meta().dtype, t.global_shape, t.allow_shape_mismatch) for t in shards.tensors}),
         "objects": sorted({(o.key, o.global_shape) for o in shards.objects}),
@@ -168,7 +169,7 @@ def _load_module(run: Collective, mc: Comm, name: str, layout: ModuleLayout, ent
         return
     requests = {r: [(k, tuple(o), tuple(s), d, n) for k, o, s, d, n in g["boxes"] if k not in skipped]
                 for r, g in enumerate(gathered)}
-    messages = plan_shared_reads(requests, reading.read_options.share_bytes) if sharing else []
+    messages = plan_shared_reads(requests, share_bytes) if sharing else []
     received = {box for m in messages if mc.rank in m.members and m.owner != mc.rank for box in m.boxes}
     try:
         fault_point("load.read", run.comm.rank)
