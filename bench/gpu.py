@@ -259,6 +259,26 @@ def dcp_async(state: dict[str, torch.Tensor], root: str, rounds: int, kind: str)
             "all_blocking_s": blocking}
 
 
+def snapshot_exact(run: Run, saver: Any, root: str) -> bool:
+    """Whether an async save taken while training goes on holds the state of its call, bit for
+    bit: a clone queued right after the call is compared with the checkpoint loaded into fresh
+    CUDA tensors, after two more steps have changed every tensor."""
+    import mimo_ckpt
+    from mimo_ckpt import ModuleLayout
+
+    path = os.path.join(root, "snapshot-check")
+    handle = saver.save({"m": run.state()}, path, layouts={"m": ModuleLayout()})
+    expected = {k: t.clone() for k, t in run.state().items()}  # the same stream, right after the call
+    for _ in range(2):
+        run.step(saver.before_optimizer_step)
+    handle.wait()
+    loaded = empty_like(expected)
+    mimo_ckpt.load({"m": loaded}, path, layouts={"m": ModuleLayout()})
+    changed = not checked(expected, run.state())
+    shutil.rmtree(path)
+    return changed and checked(expected, loaded)
+
+
 def reusable_default_stager() -> Any:
     """DCP's pinned DefaultStager, kept from one save to the next. torch 2.11 closes its inner
     stager after every save, so the next save fails with KeyError(<class 'type'>)
@@ -370,12 +390,13 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
         for p in pending:
             p.upload_completion.result()
     out["plain_s"].append(loop(None, lambda: None))
-    saver.close()
     saver_thread.close()
     if stager is not None:
         stager.close()
+    saver.close()
     plain = statistics.median(out["plain_s"])
     out["step_s"] = plain / args.steps
+    out["async_snapshot_exact"] = snapshot_exact(run, saver, root)
     saves = len([i for i in range(args.steps) if i % args.every == args.every // 2])
     out["saves"] = saves
     out["mimo_slowdown"] = out["mimo_s"] / plain - 1
