@@ -1,5 +1,6 @@
 """Async save with ranks as threads: a snapshot at call time, reused buffers, pending saves, errors."""
 
+import errno
 import subprocess
 import sys
 import threading
@@ -197,6 +198,31 @@ def test_device_tensors_are_planned_and_copied_in_the_background(tmp_path, monke
     assert errors == {}, errors
     assert all(results)
     assert load_problems(str(tmp_path / "a")) == []
+
+
+def no_room(fd, offset, size):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_dev_shm_is_a_clear_error_for_the_writer_process_and_auto_falls_back_to_a_thread(
+        tmp_path, monkeypatch, caplog):
+    import mimo_ckpt.io.writer_process as writer_process
+
+    monkeypatch.setattr(writer_process.os, "posix_fallocate", no_room)
+    comm = ThreadWorld(1).comm(0)
+    state = {"m": {"w": torch.arange(1000.0)}}
+    one = {"m": ModuleLayout()}
+    with pytest.raises(mimo_ckpt.StorageError, match=r"/dev/shm has \d+ MiB free.*--shm-size"):
+        AsyncSaver(comm, writer="process", pin=False).save(state, str(tmp_path / "p"), layouts=one).wait()
+    assert not (tmp_path / "p" / "manifest.json").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # where "auto" picks the writer process
+    saver = AsyncSaver(comm, pin=False)
+    saver.save(state, str(tmp_path / "a"), layouts=one).wait()
+    assert "writes from a thread from now on" in caplog.text
+    assert saver._process is None  # no writer process was started
+    loaded = {"m": {"w": torch.zeros(1000)}}
+    mimo_ckpt.load(loaded, str(tmp_path / "a"), layouts=one, comm=comm)
+    assert torch.equal(loaded["m"]["w"], torch.arange(1000.0))
 
 
 def test_an_attached_optimizer_orders_each_step_after_the_pending_snapshot(tmp_path):

@@ -28,9 +28,13 @@ from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.io.images import write_images
 from mimo_ckpt.io.storage import LocalStorage
 
-__all__ = ["SharedImage", "ProcessWriter", "SHM_DIR"]
+__all__ = ["SharedImage", "SharedMemoryFull", "ProcessWriter", "SHM_DIR"]
 
 SHM_DIR = "/dev/shm"
+
+
+class SharedMemoryFull(StorageError):
+    """Shared memory cannot hold a staged file image."""
 
 
 class SharedImage:
@@ -45,7 +49,15 @@ class SharedImage:
                                "use AsyncSaver(writer='thread')")
         fd, self.path = tempfile.mkstemp(prefix="mimo-ckpt-image-", dir=SHM_DIR)
         try:
-            os.ftruncate(fd, max(size, 1))
+            try:  # reserved now: a full /dev/shm is an error here, not a SIGBUS at the first copy
+                os.posix_fallocate(fd, 0, max(size, 1))
+            except OSError as exc:
+                os.unlink(self.path)
+                free = os.statvfs(SHM_DIR)
+                raise SharedMemoryFull(
+                    f"{SHM_DIR} has {free.f_bavail * free.f_frsize >> 20} MiB free, a staged file image needs "
+                    f"{size >> 20} MiB ({exc.strerror}); give the container more shared memory (--shm-size) "
+                    "or use AsyncSaver(writer='thread')") from None
             self._map = mmap.mmap(fd, max(size, 1))
         finally:
             os.close(fd)

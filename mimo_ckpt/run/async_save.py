@@ -39,7 +39,7 @@ from mimo_ckpt.errors import MimoCkptError
 from mimo_ckpt.io.staging import staged_through_chunks
 from mimo_ckpt.io.storage import LocalStorage, Storage, open_storage
 from mimo_ckpt.io.tensors import write_file_images
-from mimo_ckpt.io.writer_process import ProcessWriter, SharedImage
+from mimo_ckpt.io.writer_process import ProcessWriter, SharedImage, SharedMemoryFull
 from mimo_ckpt.model.layout import ModuleLayout
 from mimo_ckpt.plan.options import SaveOptions
 from mimo_ckpt.plan.save import FilePlan
@@ -213,8 +213,9 @@ class AsyncSaver:
     through shared memory, so the training process's threads do none of it; "thread" in a
     background thread of this process; "auto" (the default) takes the process for a local
     directory when CUDA is in use, where the training loop's kernel launches would otherwise
-    compete with the writer for the GIL, and the thread otherwise. Call `close()` (or let the
-    process exit) to stop the writer process."""
+    compete with the writer for the GIL, and the thread otherwise (and from then on, when /dev/shm
+    cannot hold the state: containers often get 64 MiB). Call `close()` (or let the process exit)
+    to stop the writer process."""
 
     def __init__(self, comm: Comm | None = None, *, timeout_s: float = 1800.0, pin: bool | None = None,
                  writer: Writer = "auto") -> None:
@@ -225,6 +226,7 @@ class AsyncSaver:
         self._pin = pin
         self._stagers: dict[bool, HostStager] = {}
         self._last_shared = False
+        self._shared_memory_full = False
         self._process: ProcessWriter | None = None
         self.pending: AsyncSave | None = None
         atexit.register(_at_exit, weakref.ref(self))
@@ -286,28 +288,42 @@ class AsyncSaver:
         try:
             job = plan_save(snapshot, path, comm=self.comm, **how)
             shared = self._uses_process(job.storage)
-            self._last_shared = shared
-            stager = self.stager
             images: dict[str, tuple[tuple[str, int], torch.Tensor]] = {}  # file path -> (slot, staged image)
             if job.run.failure is None:
                 try:
-                    data = job.tensors_by_module()
-                    place: dict[str, int] = {}
-                    for name, plan in job.my_files():
-                        slot = (name, place.setdefault(name, 0))
-                        place[name] += 1
-                        images[plan.path] = (slot, stager.stage(slot, plan, data[name], after=taken))
-                    copied = stager.mark()
+                    try:
+                        images = self._stage(job, shared, taken)
+                    except SharedMemoryFull as exc:
+                        if self.writer != "auto":
+                            raise
+                        log.warning("rank %d: %s; this saver writes from a thread from now on", self.comm.rank, exc)
+                        self._shared_memory_full = shared = False
+                        images = self._stage(job, shared, taken)
+                    copied = self.stager.mark()
                 except (MimoCkptError, RuntimeError) as exc:
                     job.run.fail(exc if isinstance(exc, MimoCkptError) else MimoCkptError(f"staging: {exc}"))
-            write = self._process_write(stager, images) if shared else self._thread_write(images)
+            write = self._process_write(self.stager, images) if shared else self._thread_write(images)
             return job, write
         finally:
             handle._copies_queued(copied)
 
+    def _stage(self, job: SaveJob, shared: bool, taken: "torch.cuda.Event | None"
+               ) -> dict[str, tuple[tuple[str, int], torch.Tensor]]:
+        """Copy every file this rank writes into its image (in shared memory for the writer
+        process); file path -> (slot, image)."""
+        self._last_shared = shared
+        stager = self.stager
+        data = job.tensors_by_module()
+        images, place = {}, {}
+        for name, plan in job.my_files():
+            slot = (name, place.setdefault(name, 0))
+            place[name] += 1
+            images[plan.path] = (slot, stager.stage(slot, plan, data[name], after=taken))
+        return images
+
     def before_optimizer_step(self) -> None:
         """Call right before the optimizer changes parameters or its state: orders that after
-        the pending save's device copies (the host does not wait; see `AsyncSave.stream_waits_staged`)."""
+        the pending save's device copies (see `AsyncSave.stream_waits_staged`)."""
         if self.pending is not None:
             self.pending.stream_waits_staged()
 
@@ -321,7 +337,7 @@ class AsyncSaver:
 
     def _uses_process(self, storage: Storage) -> bool:
         if self.writer == "auto":
-            return isinstance(storage, LocalStorage) and torch.cuda.is_available()
+            return isinstance(storage, LocalStorage) and torch.cuda.is_available() and not self._shared_memory_full
         return self.writer == "process"
 
     @staticmethod
