@@ -147,7 +147,7 @@ class StagedFile:
         hashed.result()
         free.append(chunk)
 
-    def _hash(self, view, parts: list[_Part]) -> None:
+    def _hash(self, view: Any, parts: list[_Part]) -> None:
         for p in parts:
             self._hashers[p.item].update(view[p.at : p.at + p.hi - p.lo])
 
@@ -157,8 +157,8 @@ class StagedFile:
 
 @dataclass(frozen=True, slots=True)
 class DevicePiece:
-    """A piece of a device target: `box` (within `target_box`) fills bytes [lo, hi) of the
-    contiguous tensor `target`, read through a chunk at `at`."""
+    """A piece of target `request`: its `box` fills bytes [lo, hi) of that contiguous tensor,
+    read through a chunk at offset `at`."""
 
     request: int
     box: Box
