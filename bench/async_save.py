@@ -12,7 +12,8 @@ ranks as data parallelism does) runs once without saving and once with an async 
 optimizer state every `--every` steps; the slowdown is the ratio of the two loop times.
 
 CPU:  .venv/bin/python bench/async_save.py --ranks 2 --gb-per-rank 0.5
-GPU:  python bench/async_save.py --device cuda --gb-per-rank 8   (one process, NCCL)
+GPU:  python bench/async_save.py --device cuda --gb-per-rank 8   (one process, NCCL; bench/gpu.py
+      measures this against a training loop, DCP's stagers and the disk)
 """
 
 from __future__ import annotations
