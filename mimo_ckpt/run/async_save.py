@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import atexit
 import logging
-from dataclasses import replace
 import threading
-import weakref
 import time
+import weakref
+from dataclasses import replace
 from typing import Any, Callable, Literal, Mapping
 
 import torch
@@ -146,7 +146,8 @@ class AsyncSave:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.write_seconds: float | None = None
-        """Background time from the end of staging to the outcome of the commit."""
+        """Background time to the outcome of the commit: the planning and copies of a save with
+        device tensors, the writing, the commit."""
 
     def staged(self) -> bool:
         return self._queued.is_set() and (self._copied is None or self._copied.query())
