@@ -5,6 +5,7 @@ limits"."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Collection
 
 from mimo_ckpt.errors import PlanError
 
@@ -72,7 +73,7 @@ class ReadOptions:
 
 
 def _check_sizes(options: SaveOptions | ReadOptions, *, lowest: int, exceptions: dict[str, int] | None = None,
-                 optional: set[str] = frozenset()) -> None:
+                 optional: Collection[str] = ()) -> None:
     """Every field an integer (not a bool) of at least `lowest`, or its own bound in `exceptions`;
     the `optional` ones may be None."""
     for f in fields(options):
