@@ -7,8 +7,9 @@ chunks on several threads, each copying its chunk to the device while it reads t
 
 Chunks are pinned when CUDA is in use (device copies then run asynchronously and at full speed;
 torch's pinned-memory cache keeps them from one save to the next). Without CUDA the same code runs
-with plain host chunks and synchronous copies, which is how it is tested on CPU. Callers
-synchronize the device first: the side streams then see everything the caller's streams wrote.
+with plain host chunks and synchronous copies, which is how it is tested on CPU. Sync save and
+load synchronize the device first, so their side streams see everything the caller's streams
+wrote; an async save orders its copies after an event recorded at its call.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from mimo_ckpt.format.checksums import BlockHasher, ShardSums
 from mimo_ckpt.model.box import Box, span_in, split_for_span
 from mimo_ckpt.model.dtypes import RAW_BY_ITEMSIZE
 
-__all__ = ["CHUNK_BYTES", "DEPTH", "staged_through_chunks", "StagedFile", "DevicePiece", "plan_device_pieces",
-           "load_pieces"]
+__all__ = ["CHUNK_BYTES", "DEPTH", "staged_through_chunks", "SideCopies", "flat_bytes", "StagedFile", "DevicePiece",
+           "plan_device_pieces", "load_pieces"]
 
 CHUNK_BYTES = 32 << 20
 """Host chunk size: large enough that each copy and write is efficient, small enough that a
@@ -40,23 +41,32 @@ def staged_through_chunks(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cpu"
 
 
-class _Copies:
-    """Host chunks and asynchronous copies on one side stream (or plain synchronous copies)."""
+class SideCopies:
+    """Copies of tensor bytes on one side stream of `device`, ordered after `after` (by default,
+    after what this thread's stream has queued); plain synchronous copies off CUDA. Also hands
+    out host chunks, pinned on CUDA."""
 
-    def __init__(self, device: torch.device | None, chunk_bytes: int) -> None:
+    def __init__(self, device: torch.device | None, chunk_bytes: int = CHUNK_BYTES,
+                 after: "torch.cuda.Event | None" = None) -> None:
         self.cuda = device is not None and device.type == "cuda"
         self.chunk_bytes = chunk_bytes
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        if self.stream is not None:  # the copies read what the caller's stream left
+            if after is not None:
+                self.stream.wait_event(after)
+            else:
+                self.stream.wait_stream(torch.cuda.current_stream(device))
 
     def chunk(self, nbytes: int | None = None) -> torch.Tensor:
         return torch.empty(nbytes or self.chunk_bytes, dtype=torch.uint8, pin_memory=self.cuda)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """`dst` (bytes) <- `src`'s bytes in C order, made contiguous on the side stream too."""
         if self.stream is None:
-            dst.copy_(src)
+            dst.copy_(flat_bytes(src))
             return
         with torch.cuda.stream(self.stream):
-            dst.copy_(src, non_blocking=True)
+            dst.copy_(flat_bytes(src), non_blocking=True)
 
     def mark(self) -> torch.cuda.Event | None:
         """An event after the copies issued so far (None when they are synchronous)."""
@@ -67,7 +77,8 @@ class _Copies:
         return event
 
 
-def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes in C order, as a flat uint8 tensor on its device (a view when contiguous)."""
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
@@ -106,9 +117,9 @@ class StagedFile:
 
     def __init__(self, tensors: Sequence[torch.Tensor], *, block_bytes: int, chunk_bytes: int = CHUNK_BYTES,
                  depth: int = DEPTH) -> None:
-        self._sources = [_flat_bytes(t) for t in tensors]
+        self._sources = [flat_bytes(t) for t in tensors]
         device = next((t.device for t in tensors if staged_through_chunks(t)), None)
-        self._copies = _Copies(device, chunk_bytes)
+        self._copies = SideCopies(device, chunk_bytes)
         self._plan = _chunk_parts([s.numel() for s in self._sources], chunk_bytes)
         self._hashers = [BlockHasher(block_bytes) for _ in tensors]
         self._depth = max(1, depth)
@@ -209,7 +220,7 @@ def load_pieces(
     flats = [t.detach().reshape(-1).view(torch.uint8) for t in targets]
 
     def worker(mine: Sequence[Sequence[DevicePiece]]) -> int:
-        copies = _Copies(device, chunk_bytes)
+        copies = SideCopies(device, chunk_bytes)
         ring: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
         total = 0
         with reader() as read:

@@ -36,7 +36,7 @@ from mimo_ckpt.run.save import SaveJob, Snapshot, finish_save, flatten_for_save,
 from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.run.comm import Comm, SoloComm, TorchComm, distributed
 from mimo_ckpt.errors import MimoCkptError
-from mimo_ckpt.io.staging import staged_through_chunks
+from mimo_ckpt.io.staging import SideCopies, staged_through_chunks
 from mimo_ckpt.io.storage import LocalStorage, Storage, open_storage
 from mimo_ckpt.io.tensors import write_file_images
 from mimo_ckpt.io.writer_process import ProcessWriter, SharedImage, SharedMemoryFull
@@ -62,8 +62,6 @@ class HostStager:
         self.shared = shared
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
         self._shared: dict[tuple[str, int], SharedImage] = {}
-        self._stream: torch.cuda.Stream | None = None
-        self._waited = False
 
     @property
     def nbytes(self) -> int:
@@ -86,43 +84,16 @@ class HostStager:
         return self._shared[slot]
 
     def stage(self, slot: tuple[str, int], plan: FilePlan, data: Mapping[tuple[str, Any], torch.Tensor],
-              after: "torch.cuda.Event | None" = None) -> torch.Tensor:
+              copies: SideCopies) -> torch.Tensor:
         """Copy the file's header and every item's bytes into the slot's buffer (module, place
-        among its files); returns the image. Device copies run on the stager's side stream after
-        `after` (by default, after what this thread's stream has queued): call `mark()` for an
-        event that follows them."""
+        among its files) through `copies` (device tensors on its side stream: `copies.mark()` is
+        an event that follows them); returns the image."""
         size = plan.items[-1].end if plan.items else len(plan.prefix)
         image = self.buffer(slot, size)
         image[: len(plan.prefix)] = torch.frombuffer(bytearray(plan.prefix), dtype=torch.uint8)
         for item in plan.items:
-            src = data[(item.key, item.box)].detach()
-            if src.device.type == "cuda":
-                with torch.cuda.stream(self._side_stream(src.device, after)):
-                    src = src.contiguous().reshape(-1).view(torch.uint8)
-                    image[item.begin : item.end].copy_(src, non_blocking=True)
-            else:
-                image[item.begin : item.end].copy_(src.contiguous().reshape(-1).view(torch.uint8))
+            copies.copy(image[item.begin : item.end], data[(item.key, item.box)])
         return image
-
-    def _side_stream(self, device: torch.device, after: "torch.cuda.Event | None") -> torch.cuda.Stream:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
-        if not self._waited:  # the copies read the state as the caller's stream left it
-            if after is not None:
-                self._stream.wait_event(after)
-            else:
-                self._stream.wait_stream(torch.cuda.current_stream(device))
-            self._waited = True
-        return self._stream
-
-    def mark(self) -> "torch.cuda.Event | None":
-        """An event that follows every device copy staged since the last mark (None if none were)."""
-        if self._stream is None or not self._waited:
-            return None
-        event = torch.cuda.Event()
-        event.record(self._stream)
-        self._waited = False
-        return event
 
     def close(self) -> None:
         for image in self._shared.values():
@@ -235,7 +206,9 @@ class AsyncSaver:
     @property
     def stager(self) -> HostStager:
         """The buffers the last save staged into."""
-        return self._stagers.setdefault(self._last_shared, HostStager(self._pin, shared=self._last_shared))
+        if self._last_shared not in self._stagers:
+            self._stagers[self._last_shared] = HostStager(self._pin, shared=self._last_shared)
+        return self._stagers[self._last_shared]
 
     def save(
         self, state: Mapping[str, Any], path: str, *, layouts: Mapping[str, ModuleLayout],
@@ -293,14 +266,13 @@ class AsyncSaver:
             if job.run.failure is None:
                 try:
                     try:
-                        images = self._stage(job, shared, taken)
+                        images, copied = self._stage(job, shared, taken)
                     except SharedMemoryFull as exc:
                         if self.writer != "auto":
                             raise
                         log.warning("rank %d: %s; this saver writes from a thread from now on", self.comm.rank, exc)
                         self._shared_memory_full = shared = False
-                        images = self._stage(job, shared, taken)
-                    copied = self.stager.mark()
+                        images, copied = self._stage(job, shared, taken)
                 except (MimoCkptError, RuntimeError) as exc:
                     job.run.fail(exc if isinstance(exc, MimoCkptError) else MimoCkptError(f"staging: {exc}"))
             write = self._process_write(self.stager, images) if shared else self._thread_write(images)
@@ -309,18 +281,21 @@ class AsyncSaver:
             handle._copies_queued(copied)
 
     def _stage(self, job: SaveJob, shared: bool, taken: "torch.cuda.Event | None"
-               ) -> dict[str, tuple[tuple[str, int], torch.Tensor]]:
+               ) -> tuple[dict[str, tuple[tuple[str, int], torch.Tensor]], "torch.cuda.Event | None"]:
         """Copy every file this rank writes into its image (in shared memory for the writer
-        process); file path -> (slot, image)."""
+        process), device tensors after `taken`; file path -> (slot, image), and an event that
+        follows the device copies (None when there were none)."""
         self._last_shared = shared
         stager = self.stager
         data = job.tensors_by_module()
+        device = next((t.device for d in data.values() for t in d.values() if t.device.type == "cuda"), None)
+        copies = SideCopies(device, after=taken)
         images, place = {}, {}
         for name, plan in job.my_files():
             slot = (name, place.setdefault(name, 0))
             place[name] += 1
-            images[plan.path] = (slot, stager.stage(slot, plan, data[name], after=taken))
-        return images
+            images[plan.path] = (slot, stager.stage(slot, plan, data[name], copies))
+        return images, copies.mark()
 
     def before_optimizer_step(self) -> None:
         """Call right before the optimizer changes parameters or its state: orders that after
