@@ -22,22 +22,18 @@ import argparse
 import contextlib
 import logging
 import os
-import uuid
 import statistics
 import tempfile
 import time
+import uuid
 from typing import Any
 
 from bench.report import write_json
+from tests.harness.local_world import bytes_read
 
 LAYOUTS = {"tp1_dpN": lambda n: {"tp": 1, "dp": n}, "tp2_dpN/2": lambda n: {"tp": 2, "dp": n // 2}}
 
 SHARE_BYTES = 64 << 20
-
-
-def _rchar() -> int:
-    with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
 def _holds_saved(shard: Any, rows: int) -> bool:
@@ -88,11 +84,11 @@ def world(args: dict[str, Any]) -> dict[str, Any]:
                             f.write("3\n")
                 dist.barrier()
                 counted.take()
-                before, start = _rchar(), time.perf_counter()
+                before, start = bytes_read(), time.perf_counter()
                 mimo_ckpt.load(targets, path, layouts={"m": layout},
                                read_options=ReadOptions(share_bytes=SHARE_BYTES if share else 0))
                 dist.barrier()
-                seconds, read = time.perf_counter() - start, _rchar() - before
+                seconds, read = time.perf_counter() - start, bytes_read() - before
                 ok = all(_holds_saved(s["weight"], shape[0]) for s in targets.values())
                 out.setdefault(f"{name} {'shared' if share else 'own'}", []).append(
                     {"seconds": seconds, "read": read, "storage_read": counted.take(), "ok": ok})

@@ -18,6 +18,7 @@ import torch
 
 import mimo_ckpt
 from mimo_ckpt import ModuleLayout, ReadOptions, TensorShard
+from tests.harness.local_world import bytes_read
 
 SAVED = {"images": ModuleLayout(tp=2), "language": ModuleLayout(tp=2, pp=2)}
 LOADS = {  # name: layouts on the 4 ranks
@@ -26,11 +27,6 @@ LOADS = {  # name: layouts on the 4 ranks
 }
 
 SHARE_BYTES = 64 << 20
-
-
-def _rchar() -> int:
-    with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
 SHAPES = {"images": (512, 1024), "language": (768, 1024)}  # 2 MiB and 3 MiB of fp32
@@ -63,10 +59,10 @@ def _load(path: str, layouts: dict[str, ModuleLayout], share: bool) -> dict[str,
     targets = _state(layouts, rank, fill=float("nan"))
     options = ReadOptions(share_bytes=SHARE_BYTES if share else 0)
     dist.barrier()
-    before, start = _rchar(), time.perf_counter()
+    before, start = bytes_read(), time.perf_counter()
     mimo_ckpt.load(targets, path, layouts=layouts, read_options=options)
     dist.barrier()
-    seconds, read = time.perf_counter() - start, _rchar() - before
+    seconds, read = time.perf_counter() - start, bytes_read() - before
     problems = _problems(layouts, rank, targets)
     return {"read": read, "seconds": seconds, "problems": problems}
 
