@@ -9,11 +9,12 @@ One process, one GPU, all in one run. The state is a training run's: a transform
             checked bit-exact against the state);
 * async:    the time each async save holds the caller: mimo (writer process, writer thread), DCP
             async_save by default, process-based, and with its pinned DefaultStager;
-* training: `--steps` steps with no checkpointing, then saving every `--every` steps with mimo
-            (`AsyncSaver`, `before_optimizer_step` before each optimizer step) and with DCP's
+* training: `--steps` steps with no checkpointing, then, for each interval of `--every`, saving
+            every N steps with mimo (`AsyncSaver`, `before_optimizer_step` before each optimizer
+            step), with the bare device-to-host copies (the floor of any snapshot) and with DCP's
             DefaultStager (its staging future waited on before each optimizer step); the
-            slowdown of each against no checkpointing, and the no-checkpointing loop run twice
-            more to show the noise.
+            slowdown of each against no checkpointing (loops without it run between, to show
+            the noise), and where each loop's extra device time fell, step by step after a save.
 Caches are dropped before each cold read (/proc/sys/vm/drop_caches, else posix_fadvise).
 
     python -m bench.gpu --dir /tmp/gpu-bench --out results.json
@@ -27,6 +28,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -182,6 +184,23 @@ def mimo_sync(state: dict[str, torch.Tensor], root: str, rounds: int) -> dict[st
             "saves_s": saves, "loads_s": loads}
 
 
+def mimo_load_threads(state: dict[str, torch.Tensor], root: str, threads: list[int]) -> dict[str, Any]:
+    """Cold loads of one mimo checkpoint with each `io_threads`."""
+    import mimo_ckpt
+    from mimo_ckpt import ModuleLayout, SoloComm
+
+    layouts, comm, path = {"m": ModuleLayout()}, SoloComm(), os.path.join(root, "mimo-threads")
+    mimo_ckpt.save({"m": state}, path, layouts=layouts, comm=comm)
+    out: dict[str, Any] = {}
+    for n in threads:
+        drop_caches(root)
+        target = empty_like(state)
+        out[f"load_s/{n}"] = timed(lambda: mimo_ckpt.load({"m": target}, path, layouts=layouts, comm=comm, io_threads=n))
+        out[f"bit_exact/{n}"] = checked(state, target)
+    shutil.rmtree(path)
+    return out
+
+
 def dcp_sync(state: dict[str, torch.Tensor], root: str, rounds: int) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
@@ -294,22 +313,44 @@ def reusable_default_stager() -> Any:
 
 
 def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Loop times with no checkpointing, with mimo and with DCP's DefaultStager saving every `--every` steps."""
+    """Loop times with no checkpointing, and with mimo, a copy-only floor and DCP's DefaultStager
+    saving every N steps, for each N of `--every`."""
     from mimo_ckpt import AsyncSaver, ModuleLayout
 
-    def loop(save: Callable[[int], Any] | None, before_update: Callable[[], None]) -> float:
+    timelines: dict[str, list[float]] = {}
+    side = torch.cuda.Stream() if torch.cuda.is_available() else None
+
+    def loop(save: Callable[[int], Any] | None, before_update: Callable[[], None], every: int = 0,
+             name: str = "") -> float:
+        # an event after each step on the training stream: where the time a save costs goes
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)] if name and side else []
         sync()
         start = time.perf_counter()
+        if marks:
+            marks[0].record()
         for i in range(args.steps):
             run.step(before_update)
-            if save is not None and i % args.every == args.every // 2:
+            if marks:
+                marks[i + 1].record()
+            if save is not None and i % every == every // 2:
                 save(i)
         sync()
+        if marks:
+            timelines[name] = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
         return time.perf_counter() - start
 
     saver = AsyncSaver(writer="process")
+    saver_spare = AsyncSaver(writer="process", spare_device_bytes=int(args.spare_gib * 2**30))
     saver_thread = AsyncSaver(writer="thread")
     handles: list[Any] = []
+
+    def mimo_save(i: int) -> None:
+        handles.append(saver.save({"m": run.state()}, os.path.join(root, f"loop-mimo{i}"),
+                                  layouts={"m": ModuleLayout()}))
+
+    def spare_save(i: int) -> None:
+        handles.append(saver_spare.save({"m": run.state()}, os.path.join(root, f"loop-mimo-spare{i}"),
+                                        layouts={"m": ModuleLayout()}))
 
     def thread_save(i: int) -> None:
         handles.append(saver_thread.save({"m": run.state()}, os.path.join(root, f"loop-mimo-thread{i}"),
@@ -317,7 +358,6 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # the floor of any snapshot taken this way: the same device-to-host copies into pinned
     # buffers on a side stream, the optimizer step ordered after them, and nothing else
-    side = torch.cuda.Stream() if torch.cuda.is_available() else None
     copies = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=side is not None) for k, t in run.state().items()}
     copied: list[Any] = []
 
@@ -335,12 +375,8 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
         if copied:
             torch.cuda.current_stream().wait_event(copied.pop())
 
-    def mimo_save(i: int) -> None:
-        handles.append(saver.save({"m": run.state()}, os.path.join(root, f"loop-mimo{i}"),
-                                  layouts={"m": ModuleLayout()}))
-
     pending: list[Any] = []
-    out: dict[str, Any] = {"steps": args.steps, "every": args.every}
+    out: dict[str, Any] = {"steps": args.steps}
     try:
         stager = reusable_default_stager()
     except Exception as exc:  # noqa: BLE001 - a peer that cannot run here is reported
@@ -358,60 +394,102 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
         if pending:
             pending[-1].staging_completion.result()
 
+    def settle() -> None:
+        for h in handles:
+            h.wait()
+        for p in pending:
+            p.upload_completion.result()
+
     loop(None, lambda: None)  # warm
     # each system's first save allocates its pinned buffers: once per run, outside the timed loops
     start = time.perf_counter()
     mimo_save(-1)
     out["mimo_first_blocking_s"] = time.perf_counter() - start
-    handles.pop().wait()
     if "thread" in args.loops:
         thread_save(-1)
-        handles.pop().wait()
+    settle()
+    if args.spare_gib:
+        spare_save(-1)
+        settle()
     try:
         if stager is not None:
             start = time.perf_counter()
             dcp_stager_save(-1)
             dcp_wait_staged()
             out["dcp_stager_first_staged_s"] = time.perf_counter() - start
-            pending.pop().upload_completion.result()
+            settle()
     except Exception as exc:  # noqa: BLE001
         out["dcp_stager_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    out["plain_s"] = [loop(None, lambda: None)]
-    out["mimo_s"] = loop(mimo_save, saver.before_optimizer_step)
-    for h in handles:
-        h.wait()
-    out["mimo_blocking_s"] = [h.blocking_seconds for h in handles]
-    out["plain_s"].append(loop(None, lambda: None))
-    out["copy_only_s"] = loop(copy_save, copy_wait)
-    if "thread" in args.loops:
-        out["mimo_thread_s"] = loop(thread_save, saver_thread.before_optimizer_step)
-    for h in handles:
-        h.wait()
-    if "dcp_stager_error" not in out:
-        out["dcp_stager_s"] = loop(dcp_stager_save, dcp_wait_staged)
-        for p in pending:
-            p.upload_completion.result()
-    out["plain_s"].append(loop(None, lambda: None))
+    handles.clear()
+    pending.clear()
+
+    plain_s = [loop(None, lambda: None, name="plain")]
+    runs: dict[int, dict[str, Any]] = {}
+    for every in args.every:
+        r: dict[str, Any] = {}
+        r["mimo_s"] = loop(mimo_save, saver.before_optimizer_step, every, f"mimo/{every}")
+        settle()
+        r["mimo_blocking_s"] = [h.blocking_seconds for h in handles]
+        r["mimo_planned_s"] = [h.planned_seconds for h in handles]
+        r["mimo_write_s"] = [h.write_seconds for h in handles]
+        handles.clear()
+        if args.spare_gib:
+            r["mimo_spare_s"] = loop(spare_save, saver_spare.before_optimizer_step, every, f"mimo_spare/{every}")
+            settle()
+            handles.clear()
+        plain_s.append(loop(None, lambda: None))
+        r["copy_only_s"] = loop(copy_save, copy_wait, every, f"copy_only/{every}")
+        if "thread" in args.loops:
+            r["mimo_thread_s"] = loop(thread_save, saver_thread.before_optimizer_step, every)
+            settle()
+            handles.clear()
+        if "dcp_stager_error" not in out:
+            r["dcp_stager_s"] = loop(dcp_stager_save, dcp_wait_staged, every, f"dcp_stager/{every}")
+            settle()
+            pending.clear()
+        plain_s.append(loop(None, lambda: None))
+        runs[every] = r
     saver_thread.close()
     if stager is not None:
         stager.close()
-    saver.close()
-    plain = statistics.median(out["plain_s"])
-    out["step_s"] = plain / args.steps
     out["async_snapshot_exact"] = snapshot_exact(run, saver, root)
-    saves = len([i for i in range(args.steps) if i % args.every == args.every // 2])
-    out["saves"] = saves
-    out["mimo_slowdown"] = out["mimo_s"] / plain - 1
-    out["mimo_cost_per_save_s"] = (out["mimo_s"] - plain) / saves
-    if "mimo_thread_s" in out:
-        out["mimo_thread_cost_per_save_s"] = (out["mimo_thread_s"] - plain) / saves
-    out["copy_only_cost_per_save_s"] = (out["copy_only_s"] - plain) / saves
-    if "dcp_stager_s" in out:
-        out["dcp_stager_slowdown"] = out["dcp_stager_s"] / plain - 1
-        out["dcp_stager_cost_per_save_s"] = (out["dcp_stager_s"] - plain) / saves
-    out["plain_spread"] = (max(out["plain_s"]) - min(out["plain_s"])) / plain
+    saver.close()
+    if args.spare_gib:
+        out["async_snapshot_exact_spare"] = snapshot_exact(run, saver_spare, root)
+    saver_spare.close()
+
+    plain = statistics.median(plain_s)
+    out.update(plain_s=plain_s, step_s=plain / args.steps, plain_spread=(max(plain_s) - min(plain_s)) / plain)
+    for every, r in runs.items():
+        saves = len([i for i in range(args.steps) if i % every == every // 2])
+        r["saves"] = saves
+        for name in ("mimo", "mimo_spare", "mimo_thread", "copy_only", "dcp_stager"):
+            if f"{name}_s" in r:
+                r[f"{name}_slowdown"] = r[f"{name}_s"] / plain - 1
+                r[f"{name}_cost_per_save_s"] = (r[f"{name}_s"] - plain) / saves
+        r["excess_by_step"] = excess_by_step(timelines, every)
+        out[f"every_{every}"] = r
     for name in os.listdir(root):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return out
+
+
+def excess_by_step(timelines: dict[str, list[float]], every: int) -> dict[str, dict[str, float]]:
+    """For each loop that saved every `every` steps: the device time its steps took beyond the
+    plain loop's median step, summed over saves by the step's place after its save (+0: the
+    step right after the save call, whose optimizer step waits for the copies; "later": the rest)."""
+    if "plain" not in timelines:
+        return {}
+    base = statistics.median(timelines["plain"])
+    out = {}
+    for name, steps in timelines.items():
+        if not name.endswith(f"/{every}"):
+            continue
+        rows: dict[str, float] = defaultdict(float)
+        for i, s in enumerate(steps):
+            since = (i - every // 2 - 1) % every
+            rows[f"+{since}" if since < 4 else "later"] += s - base
+        out[name.split("/")[0]] = dict(rows)
     return out
 
 
@@ -428,10 +506,15 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=4, help="files the raw write and read use at once")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of raw, pinned and sync")
     ap.add_argument("--async-rounds", type=int, default=2, help="timed async saves, after a first one")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--every", type=lambda v: [int(x) for x in v.split(",")], default=[50, 100],
+                    help="save intervals of the training loops, in steps (comma-separated)")
     ap.add_argument("--only", default="raw,pinned,sync,async,train")
-    ap.add_argument("--loops", default="thread", help="extra training loops: 'thread' (mimo's thread writer)")
+    ap.add_argument("--spare-gib", type=float, default=8.0,
+                    help="device memory the 'mimo_spare' loop's saver may clone into (0: no such loop)")
+    ap.add_argument("--loops", default="", help="extra training loops: 'thread' (mimo's thread writer)")
+    ap.add_argument("--load-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also time mimo's cold load with each of these io_threads (comma-separated)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     os.makedirs(args.dir, exist_ok=True)
@@ -453,6 +536,7 @@ def main() -> int:
         ("pinned", lambda: pinned_copy(state, args.rounds)),
         ("mimo_sync", lambda: mimo_sync(state, args.dir, args.rounds)),
         ("dcp_sync", lambda: dcp_sync(state, args.dir, args.rounds)),
+        ("mimo_load_threads", lambda: mimo_load_threads(state, args.dir, args.load_threads)),
         ("mimo_async_process", lambda: mimo_async(state, args.dir, args.async_rounds, "process")),
         ("mimo_async_thread", lambda: mimo_async(state, args.dir, args.async_rounds, "thread")),
         ("dcp_async_thread", lambda: dcp_async(state, args.dir, args.async_rounds, "thread")),
@@ -460,9 +544,10 @@ def main() -> int:
         ("dcp_async_stager", lambda: dcp_async(state, args.dir, args.async_rounds, "stager")),
         ("training", lambda: training(run, args.dir, args)),
     ]
-    groups = {"raw": "raw", "pinned": "pinned", "mimo_sync": "sync", "dcp_sync": "sync", "training": "train"}
+    groups = {"raw": "raw", "pinned": "pinned", "mimo_sync": "sync", "dcp_sync": "sync", "training": "train",
+              "mimo_load_threads": "sync"}
     for name, fn in steps:
-        if groups.get(name, "async") not in only:
+        if groups.get(name, "async") not in only or (name == "mimo_load_threads" and not args.load_threads):
             continue
         start = time.perf_counter()
         res[name] = attempt(fn)

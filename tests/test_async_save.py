@@ -245,6 +245,7 @@ def test_an_attached_optimizer_orders_each_step_after_the_pending_snapshot(tmp_p
 
 
 def test_cuda_free_staging_copies_every_dtype_bit_exactly():
+    from mimo_ckpt.io.copy_waves import CopyWaves
     from mimo_ckpt.io.staging import SideCopies
     from mimo_ckpt.run.async_save import HostStager
     from mimo_ckpt.plan.save import plan_module_save
@@ -252,7 +253,8 @@ def test_cuda_free_staging_copies_every_dtype_bit_exactly():
     state = rank_state("images", ModuleLayout(), 0)
     tensors = [v for v in state.values() if isinstance(v, mimo_ckpt.TensorShard)]
     plan = plan_module_save("images", ModuleLayout(), {0: [t.meta() for t in tensors]}, {0: []}).files_of(0)[0]
-    image = HostStager(pin=False).stage(("images", 0), plan, {(t.key, t.box): t.data for t in tensors}, SideCopies(None))
+    image, fill = HostStager(pin=False).stage(("images", 0), plan, {(t.key, t.box): t.data for t in tensors})
+    CopyWaves(SideCopies(None), fill, wave_bytes=100).run()
     for item in plan.items:
         t = next(t for t in tensors if t.key == item.key)
         assert bytes(image[item.begin:item.end].numpy()) == t.data.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

@@ -68,6 +68,17 @@ class SideCopies:
         with torch.cuda.stream(self.stream):
             dst.copy_(flat_bytes(src), non_blocking=True)
 
+    def after_caller(self) -> None:
+        """Order the copies issued from now on after what the calling thread's stream has queued."""
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+
+    def keep_until_copied(self, tensor: torch.Tensor) -> None:
+        """Keep the caching allocator from reusing `tensor`'s memory before the copies issued so
+        far have read it (it was made on another stream)."""
+        if self.stream is not None:
+            tensor.record_stream(self.stream)
+
     def mark(self) -> torch.cuda.Event | None:
         """An event after the copies issued so far (None when they are synchronous)."""
         if self.stream is None:

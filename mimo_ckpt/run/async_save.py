@@ -36,6 +36,7 @@ from mimo_ckpt.run.save import SaveJob, Snapshot, finish_save, flatten_for_save,
 from mimo_ckpt.format.checksums import ShardSums
 from mimo_ckpt.run.comm import Comm, SoloComm, TorchComm, distributed
 from mimo_ckpt.errors import MimoCkptError
+from mimo_ckpt.io.copy_waves import CopyWaves
 from mimo_ckpt.io.staging import SideCopies, staged_through_chunks
 from mimo_ckpt.io.storage import LocalStorage, Storage, open_storage
 from mimo_ckpt.io.tensors import write_file_images
@@ -83,17 +84,14 @@ class HostStager:
     def shared_image(self, slot: tuple[str, int]) -> SharedImage:
         return self._shared[slot]
 
-    def stage(self, slot: tuple[str, int], plan: FilePlan, data: Mapping[tuple[str, Any], torch.Tensor],
-              copies: SideCopies) -> torch.Tensor:
-        """Copy the file's header and every item's bytes into the slot's buffer (module, place
-        among its files) through `copies` (device tensors on its side stream: `copies.mark()` is
-        an event that follows them); returns the image."""
+    def stage(self, slot: tuple[str, int], plan: FilePlan, data: Mapping[tuple[str, Any], torch.Tensor]
+              ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The slot's buffer (module, place among its files) as the file's image, its header
+        written; and the copies that fill in its items: (place in the image, tensor)."""
         size = plan.items[-1].end if plan.items else len(plan.prefix)
         image = self.buffer(slot, size)
         image[: len(plan.prefix)] = torch.frombuffer(bytearray(plan.prefix), dtype=torch.uint8)
-        for item in plan.items:
-            copies.copy(image[item.begin : item.end], data[(item.key, item.box)])
-        return image
+        return image, [(image[item.begin: item.end], data[(item.key, item.box)]) for item in plan.items]
 
     def close(self) -> None:
         for image in self._shared.values():
@@ -107,12 +105,16 @@ class AsyncSave:
     copied out, so the optimizer may change it; `done()`/`wait()`: the checkpoint is committed
     (`wait` re-raises the save's error, the same on every rank)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, called: float | None = None, spare_device_bytes: int = 0) -> None:
         self.path = path
         self.blocking_seconds = 0.0
         """How long the `save` call held the caller."""
-        self._queued = threading.Event()  # the device copies are queued (or there are none)
-        self._copied: "torch.cuda.Event | None" = None
+        self.planned_seconds: float | None = None
+        """From the call to the copies planned (the background planning with the other ranks)."""
+        self._called = time.perf_counter() if called is None else called
+        self._spare_device_bytes = spare_device_bytes
+        self._planned = threading.Event()  # the copies are known (or there are none)
+        self._waves: CopyWaves | None = None
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -121,25 +123,28 @@ class AsyncSave:
         device tensors, the writing, the commit."""
 
     def staged(self) -> bool:
-        return self._queued.is_set() and (self._copied is None or self._copied.query())
+        return self._planned.is_set() and (self._waves is None or self._waves.copied())
 
     def wait_staged(self) -> None:
         """Block until this rank's state is copied out (for device copies: the host waits)."""
-        self._queued.wait()
-        if self._copied is not None:
-            self._copied.synchronize()
+        self._planned.wait()
+        if self._waves is not None:
+            self._waves.wait_copied()
 
     def stream_waits_staged(self) -> None:
-        """Make the current device stream wait for the copies: work queued after this (the
-        optimizer step) runs once the state is copied out. The host waits only until the copies
-        are queued, which the background planning does within the forward and backward pass."""
-        self._queued.wait()
-        if self._copied is not None and not self._copied.query():
-            torch.cuda.current_stream(self._copied.device).wait_event(self._copied)
+        """Make the current device stream wait until the state may change: work queued after
+        this (the optimizer step) runs once the copies that read the state are done. Copies not
+        issued yet are issued now, those that fit the saver's `spare_device_bytes` from a clone on
+        this stream, which the step need not wait for. The host waits only until the copies are
+        planned, which the background does within the forward and backward pass."""
+        self._planned.wait()
+        if self._waves is not None:
+            self._waves.release(self._spare_device_bytes)
 
-    def _copies_queued(self, copied: "torch.cuda.Event | None") -> None:
-        self._copied = copied
-        self._queued.set()
+    def _copies_planned(self, waves: CopyWaves | None) -> None:
+        self._waves = waves
+        self.planned_seconds = time.perf_counter() - self._called
+        self._planned.set()
 
     def done(self) -> bool:
         return self._finished.is_set()
@@ -171,7 +176,7 @@ class AsyncSave:
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
             self._error = exc
         finally:
-            self._queued.set()  # a failure before the copies were queued must not hold the caller
+            self._planned.set()  # a failure before the copies were planned must not hold the caller
             self.write_seconds = time.perf_counter() - start
             self._finished.set()
 
@@ -190,9 +195,12 @@ class AsyncSaver:
     to stop the writer process."""
 
     def __init__(self, comm: Comm | None = None, *, timeout_s: float = 1800.0, pin: bool | None = None,
-                 writer: Writer = "auto") -> None:
+                 writer: Writer = "auto", spare_device_bytes: int = 0) -> None:
         if writer not in ("auto", "process", "thread"):
             raise ValueError(f"writer must be 'auto', 'process' or 'thread', got {writer!r}")
+        if spare_device_bytes < 0:
+            raise ValueError(f"spare_device_bytes must be >= 0, got {spare_device_bytes}")
+        self.spare_device_bytes = spare_device_bytes
         self.comm = comm or (TorchComm.with_timeout(timeout_s) if distributed() else SoloComm())
         self.writer: Writer = writer
         self._pin = pin
@@ -237,7 +245,7 @@ class AsyncSaver:
             if device.type == "cuda":
                 taken = torch.cuda.Event()
                 taken.record(torch.cuda.current_stream(device))
-        handle = AsyncSave(path)
+        handle = AsyncSave(path, called=start, spare_device_bytes=self.spare_device_bytes)
 
         def prepare() -> tuple[SaveJob, Callable[[SaveJob], list[list[ShardSums]]]]:
             return self._plan_and_stage(handle, snapshot, taken, path, layouts=layouts, storage=storage,
@@ -257,8 +265,8 @@ class AsyncSaver:
         self, handle: AsyncSave, snapshot: Snapshot, taken: "torch.cuda.Event | None", path: str, **how: Any,
     ) -> tuple[SaveJob, Callable[[SaveJob], list[list[ShardSums]]]]:
         """Plan with the other ranks, then copy every tensor this rank writes into its file's
-        image; the handle is told once the copies are queued."""
-        copied = None
+        image, in waves (`CopyWaves`); the handle is told once the copies are planned."""
+        waves = None
         try:
             job = plan_save(snapshot, path, comm=self.comm, **how)
             shared = self._uses_process(job.storage)
@@ -266,36 +274,40 @@ class AsyncSaver:
             if job.run.failure is None:
                 try:
                     try:
-                        images, copied = self._stage(job, shared, taken)
+                        images, waves = self._stage(job, shared, taken)
                     except SharedMemoryFull as exc:
                         if self.writer != "auto":
                             raise
                         log.warning("rank %d: %s; this saver writes from a thread from now on", self.comm.rank, exc)
                         self._shared_memory_full = shared = False
-                        images, copied = self._stage(job, shared, taken)
+                        images, waves = self._stage(job, shared, taken)
+                    handle._copies_planned(waves)
+                    waves.run()
                 except (MimoCkptError, RuntimeError) as exc:
                     job.run.fail(exc if isinstance(exc, MimoCkptError) else MimoCkptError(f"staging: {exc}"))
             write = self._process_write(self.stager, images) if shared else self._thread_write(images)
             return job, write
         finally:
-            handle._copies_queued(copied)
+            if not handle._planned.is_set():
+                handle._copies_planned(None)
 
     def _stage(self, job: SaveJob, shared: bool, taken: "torch.cuda.Event | None"
-               ) -> tuple[dict[str, tuple[tuple[str, int], torch.Tensor]], "torch.cuda.Event | None"]:
-        """Copy every file this rank writes into its image (in shared memory for the writer
-        process), device tensors after `taken`; file path -> (slot, image), and an event that
-        follows the device copies (None when there were none)."""
+               ) -> tuple[dict[str, tuple[tuple[str, int], torch.Tensor]], CopyWaves]:
+        """The image of every file this rank writes (in shared memory for the writer process),
+        headers written: file path -> (slot, image); and the copies that fill in their items,
+        device tensors on a side stream after `taken`."""
         self._last_shared = shared
         stager = self.stager
         data = job.tensors_by_module()
         device = next((t.device for d in data.values() for t in d.values() if t.device.type == "cuda"), None)
-        copies = SideCopies(device, after=taken)
-        images, place = {}, {}
+        images, place, pairs = {}, {}, []
         for name, plan in job.my_files():
             slot = (name, place.setdefault(name, 0))
             place[name] += 1
-            images[plan.path] = (slot, stager.stage(slot, plan, data[name], copies))
-        return images, copies.mark()
+            image, fill = stager.stage(slot, plan, data[name])
+            images[plan.path] = (slot, image)
+            pairs += fill
+        return images, CopyWaves(SideCopies(device, after=taken), pairs)
 
     def before_optimizer_step(self) -> None:
         """Call right before the optimizer changes parameters or its state: orders that after
