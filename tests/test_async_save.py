@@ -200,6 +200,37 @@ def test_device_tensors_are_planned_and_copied_in_the_background(tmp_path, monke
     assert load_problems(str(tmp_path / "a")) == []
 
 
+@pytest.mark.parametrize("spare", [0, 1 << 30])
+def test_copies_not_issued_when_the_optimizer_step_comes_are_taken_by_it(tmp_path, monkeypatch, spare):
+    """The background thread issues no copies here: the step's hook must take them all, from a
+    device clone when `spare_device_bytes` holds them, and the checkpoint still holds the state
+    at the call although the step changes every tensor right after its hook."""
+    import mimo_ckpt.run.async_save as async_save
+    from mimo_ckpt.io.copy_waves import CopyWaves
+
+    monkeypatch.setattr(async_save, "staged_through_chunks", lambda t: t.dtype == torch.float32)
+    monkeypatch.setattr(CopyWaves, "run", lambda self: None)
+    cloned = []
+    clone = CopyWaves._copy_through_clone
+    monkeypatch.setattr(CopyWaves, "_copy_through_clone", lambda self, pairs: (cloned.append(len(pairs)),
+                                                                             clone(self, pairs)))
+
+    def fn(comm, rank):
+        saver = AsyncSaver(comm, writer="thread", spare_device_bytes=spare)
+        state = state_of(rank)
+        handle = saver.save(state, str(tmp_path / "a"), layouts=LAYOUTS)
+        saver.before_optimizer_step()
+        assert handle.staged()
+        scribble(state)
+        handle.wait()
+        saver.close()
+        return True
+    results, errors = run_threads(ThreadWorld(WORLD), fn)
+    assert errors == {}, errors
+    assert (len(cloned) == WORLD) == (spare > 0) and (len(cloned) == 0) == (spare == 0)
+    assert load_problems(str(tmp_path / "a")) == []
+
+
 def no_room(fd, offset, size):
     raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -21,9 +21,10 @@ from mimo_ckpt.io.staging import SideCopies, flat_bytes
 
 __all__ = ["CopyWaves", "WAVE_BYTES", "AHEAD", "waves_of", "cloned_tail"]
 
-WAVE_BYTES = 512 << 20
-"""Bytes a wave copies: about 10 ms over a PCIe 5 link, long enough that the background thread,
-which shares the GIL with the training loop, issues the next in time."""
+WAVE_BYTES = 256 << 20
+"""Bytes a wave copies: about 5 ms over a PCIe 5 link. The optimizer step waits for the waves in
+flight, so less is better; the background thread, which shares the GIL with the training loop,
+must issue the next wave before the side stream runs dry, so more is better."""
 AHEAD = 2
 """Waves in flight on the side stream at once."""
 
