@@ -395,10 +395,14 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
             pending[-1].staging_completion.result()
 
     def settle() -> None:
+        """Wait for every save, then delete the checkpoints: a loop writes up to 4 states, and
+        GPU hosts' disks hold about 64 GB."""
         for h in handles:
             h.wait()
         for p in pending:
             p.upload_completion.result()
+        for name in os.listdir(root):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
     loop(None, lambda: None)  # warm
     # each system's first save allocates its pinned buffers: once per run, outside the timed loops
@@ -436,6 +440,7 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
         if args.spare_gib:
             r["mimo_spare_s"] = loop(spare_save, saver_spare.before_optimizer_step, every, f"mimo_spare/{every}")
             settle()
+            r["mimo_spare_blocking_s"] = [h.blocking_seconds for h in handles]
             handles.clear()
         plain_s.append(loop(None, lambda: None))
         r["copy_only_s"] = loop(copy_save, copy_wait, every, f"copy_only/{every}")
@@ -469,8 +474,7 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
                 r[f"{name}_cost_per_save_s"] = (r[f"{name}_s"] - plain) / saves
         r["excess_by_step"] = excess_by_step(timelines, every)
         out[f"every_{every}"] = r
-    for name in os.listdir(root):
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    settle()
     return out
 
 
