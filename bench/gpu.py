@@ -201,6 +201,27 @@ def mimo_load_threads(state: dict[str, torch.Tensor], root: str, threads: list[i
     return out
 
 
+def save_parts(state: dict[str, torch.Tensor], root: str, parts: list[int], rounds: int) -> dict[str, Any]:
+    """Sync saves with up to N files per module (`SaveOptions.max_parts`), and raw writes of as
+    many files, for each N."""
+    import mimo_ckpt
+    from mimo_ckpt import ModuleLayout, SoloComm
+    from mimo_ckpt.plan.options import SaveOptions
+
+    out: dict[str, Any] = {}
+    for n in parts:
+        out[f"raw_write_s/{n}"] = raw(state, root, n, rounds)["write_s"]
+        saves = []
+        for r in range(rounds):
+            path = os.path.join(root, f"mimo-parts{n}-{r}")
+            saves.append(timed(lambda: mimo_ckpt.save({"m": state}, path, layouts={"m": ModuleLayout()},
+                                                      comm=SoloComm(), options=SaveOptions(max_parts=n))))
+            shutil.rmtree(path)
+        out[f"save_s/{n}"] = statistics.median(saves)
+        out[f"saves_s/{n}"] = saves
+    return out
+
+
 def dcp_sync(state: dict[str, torch.Tensor], root: str, rounds: int) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
@@ -312,23 +333,24 @@ def reusable_default_stager() -> Any:
     return stager
 
 
-def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
+def training(run: Run, root: str, args: argparse.Namespace, partial: Callable[[dict[str, Any]], None]
+             ) -> dict[str, Any]:
     """Loop times with no checkpointing, and with mimo, a copy-only floor and DCP's DefaultStager
-    saving every N steps, for each N of `--every`."""
+    saving every N steps, for each N of `--every`; `partial(results so far)` after each N."""
     from mimo_ckpt import AsyncSaver, ModuleLayout
 
     timelines: dict[str, list[float]] = {}
     side = torch.cuda.Stream() if torch.cuda.is_available() else None
 
     def loop(save: Callable[[int], Any] | None, before_update: Callable[[], None], every: int = 0,
-             name: str = "") -> float:
+             name: str = "", steps: int = args.steps) -> float:
         # an event after each step on the training stream: where the time a save costs goes
-        marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)] if name and side else []
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if name and side else []
         sync()
         start = time.perf_counter()
         if marks:
             marks[0].record()
-        for i in range(args.steps):
+        for i in range(steps):
             run.step(before_update)
             if marks:
                 marks[i + 1].record()
@@ -404,7 +426,7 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
         for name in os.listdir(root):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
-    loop(None, lambda: None)  # warm
+    loop(None, lambda: None, steps=20)  # warm
     # each system's first save allocates its pinned buffers: once per run, outside the timed loops
     start = time.perf_counter()
     mimo_save(-1)
@@ -427,6 +449,10 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
     handles.clear()
     pending.clear()
 
+    out["async_snapshot_exact"] = snapshot_exact(run, saver, root)
+    if args.spare_gib:
+        out["async_snapshot_exact_spare"] = snapshot_exact(run, saver_spare, root)
+    partial(out)
     plain_s = [loop(None, lambda: None, name="plain")]
     runs: dict[int, dict[str, Any]] = {}
     for every in args.every:
@@ -442,7 +468,6 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
             settle()
             r["mimo_spare_blocking_s"] = [h.blocking_seconds for h in handles]
             handles.clear()
-        plain_s.append(loop(None, lambda: None))
         r["copy_only_s"] = loop(copy_save, copy_wait, every, f"copy_only/{every}")
         if "thread" in args.loops:
             r["mimo_thread_s"] = loop(thread_save, saver_thread.before_optimizer_step, every)
@@ -454,19 +479,23 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
             pending.clear()
         plain_s.append(loop(None, lambda: None))
         runs[every] = r
+        partial(summary(out, plain_s, runs, timelines, args.steps))
     saver_thread.close()
     if stager is not None:
         stager.close()
-    out["async_snapshot_exact"] = snapshot_exact(run, saver, root)
     saver.close()
-    if args.spare_gib:
-        out["async_snapshot_exact_spare"] = snapshot_exact(run, saver_spare, root)
     saver_spare.close()
+    settle()
+    return summary(out, plain_s, runs, timelines, args.steps)
 
+
+def summary(out: dict[str, Any], plain_s: list[float], runs: dict[int, dict[str, Any]],
+            timelines: dict[str, list[float]], steps: int) -> dict[str, Any]:
+    """The loops' slowdowns and costs per save against the median loop without checkpoints."""
     plain = statistics.median(plain_s)
-    out.update(plain_s=plain_s, step_s=plain / args.steps, plain_spread=(max(plain_s) - min(plain_s)) / plain)
+    out.update(plain_s=plain_s, step_s=plain / steps, plain_spread=(max(plain_s) - min(plain_s)) / plain)
     for every, r in runs.items():
-        saves = len([i for i in range(args.steps) if i % every == every // 2])
+        saves = len([i for i in range(steps) if i % every == every // 2])
         r["saves"] = saves
         for name in ("mimo", "mimo_spare", "mimo_thread", "copy_only", "dcp_stager"):
             if f"{name}_s" in r:
@@ -474,7 +503,6 @@ def training(run: Run, root: str, args: argparse.Namespace) -> dict[str, Any]:
                 r[f"{name}_cost_per_save_s"] = (r[f"{name}_s"] - plain) / saves
         r["excess_by_step"] = excess_by_step(timelines, every)
         out[f"every_{every}"] = r
-    settle()
     return out
 
 
@@ -511,12 +539,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of raw, pinned and sync")
     ap.add_argument("--async-rounds", type=int, default=2, help="timed async saves, after a first one")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--every", type=lambda v: [int(x) for x in v.split(",")], default=[50, 100],
+    ap.add_argument("--every", type=lambda v: [int(x) for x in v.split(",")], default=[100, 50],
                     help="save intervals of the training loops, in steps (comma-separated)")
     ap.add_argument("--only", default="raw,pinned,sync,async,train")
     ap.add_argument("--spare-gib", type=float, default=8.0,
                     help="device memory the 'mimo_spare' loop's saver may clone into (0: no such loop)")
     ap.add_argument("--loops", default="", help="extra training loops: 'thread' (mimo's thread writer)")
+    ap.add_argument("--save-parts", type=lambda v: [int(x) for x in v.split(",") if x], default=[4, 8],
+                    help="with --only parts: sync saves and raw writes of up to N files, for each N")
     ap.add_argument("--load-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="also time mimo's cold load with each of these io_threads (comma-separated)")
     args = ap.parse_args()
@@ -541,15 +571,16 @@ def main() -> int:
         ("mimo_sync", lambda: mimo_sync(state, args.dir, args.rounds)),
         ("dcp_sync", lambda: dcp_sync(state, args.dir, args.rounds)),
         ("mimo_load_threads", lambda: mimo_load_threads(state, args.dir, args.load_threads)),
+        ("save_parts", lambda: save_parts(state, args.dir, args.save_parts, args.rounds)),
         ("mimo_async_process", lambda: mimo_async(state, args.dir, args.async_rounds, "process")),
         ("mimo_async_thread", lambda: mimo_async(state, args.dir, args.async_rounds, "thread")),
         ("dcp_async_thread", lambda: dcp_async(state, args.dir, args.async_rounds, "thread")),
         ("dcp_async_process", lambda: dcp_async(state, args.dir, args.async_rounds, "process")),
         ("dcp_async_stager", lambda: dcp_async(state, args.dir, args.async_rounds, "stager")),
-        ("training", lambda: training(run, args.dir, args)),
+        ("training", lambda: training(run, args.dir, args, lambda part: write_json({**res, "training": part}, args.out))),
     ]
     groups = {"raw": "raw", "pinned": "pinned", "mimo_sync": "sync", "dcp_sync": "sync", "training": "train",
-              "mimo_load_threads": "sync"}
+              "mimo_load_threads": "sync", "save_parts": "parts"}
     for name, fn in steps:
         if groups.get(name, "async") not in only or (name == "mimo_load_threads" and not args.load_threads):
             continue
