@@ -105,8 +105,13 @@ def nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def raw(state: dict[str, torch.Tensor], root: str, files: int, rounds: int) -> dict[str, Any]:
-    """Write the state's bytes (already on the host) into `files` files at once, then read them back cold."""
+def raw(state: dict[str, torch.Tensor], root: str, files: int, rounds: int, *, read_back: bool = True,
+        writeback: bool = False) -> dict[str, Any]:
+    """Write the state's bytes (already on the host) into `files` files at once, then read them
+    back cold; with `writeback`, the disk is asked to start on each piece as soon as it is written
+    (sync_file_range: whether the disk idling while the page cache fills is what separates a
+    save from raw)."""
+
     total = nbytes(state)
     host = torch.empty(total, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
     pos = 0
@@ -123,6 +128,8 @@ def raw(state: dict[str, torch.Tensor], root: str, files: int, rounds: int) -> d
         fd = os.open(paths[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         for off in range(lo, hi, PIECE):
             os.pwrite(fd, view[off: min(hi, off + PIECE)], off - lo)
+            if writeback:
+                _start_writeback(fd, off - lo, min(hi, off + PIECE) - off)
         os.fsync(fd)
         os.close(fd)
 
@@ -133,17 +140,28 @@ def raw(state: dict[str, torch.Tensor], root: str, files: int, rounds: int) -> d
             os.preadv(fd, [view[off: min(hi, off + PIECE)]], off - lo)
         os.close(fd)
 
-    writes, reads = [], []
+    writes, reads, how = [], [], ""
     for _ in range(rounds):
         with ThreadPoolExecutor(files) as pool:
             writes.append(timed(lambda: list(pool.map(write, range(files)))))
-        how = drop_caches(root)
-        with ThreadPoolExecutor(files) as pool:
-            reads.append(timed(lambda: list(pool.map(read, range(files)))))
+        if read_back:
+            how = drop_caches(root)
+            with ThreadPoolExecutor(files) as pool:
+                reads.append(timed(lambda: list(pool.map(read, range(files)))))
         for p in paths:
             os.remove(p)
-    return {"write_s": statistics.median(writes), "read_s": statistics.median(reads), "cache_drop": how,
-            "writes_s": writes, "reads_s": reads}
+    out = {"write_s": statistics.median(writes), "writes_s": writes}
+    if reads:
+        out.update(read_s=statistics.median(reads), cache_drop=how, reads_s=reads)
+    return out
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    import ctypes
+
+    call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
 
 
 def pinned_copy(state: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
@@ -203,14 +221,15 @@ def mimo_load_threads(state: dict[str, torch.Tensor], root: str, threads: list[i
 
 def save_parts(state: dict[str, torch.Tensor], root: str, parts: list[int], rounds: int) -> dict[str, Any]:
     """Sync saves with up to N files per module (`SaveOptions.max_parts`), and raw writes of as
-    many files, for each N."""
+    many files (plain, and starting writeback as they go), for each N."""
     import mimo_ckpt
     from mimo_ckpt import ModuleLayout, SoloComm
     from mimo_ckpt.plan.options import SaveOptions
 
     out: dict[str, Any] = {}
     for n in parts:
-        out[f"raw_write_s/{n}"] = raw(state, root, n, rounds)["write_s"]
+        out[f"raw_write_s/{n}"] = raw(state, root, n, rounds, read_back=False)["write_s"]
+        out[f"raw_writeback_write_s/{n}"] = raw(state, root, n, rounds, read_back=False, writeback=True)["write_s"]
         saves = []
         for r in range(rounds):
             path = os.path.join(root, f"mimo-parts{n}-{r}")
