@@ -1,6 +1,9 @@
 """CopyWaves on CPU: the same code as on CUDA, with synchronous copies. Whatever point the
 optimizer step comes at, every destination ends up with the bytes its source had before."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -83,3 +86,28 @@ def test_a_failing_copy_ends_the_waves_so_that_nobody_waits_forever():
         waves.run()
     assert waves.issued()
     waves.wait_copied()
+
+
+class SlowCopies(SideCopies):
+    """Copies that take a while, so that a release lands while a wave is being issued."""
+
+    def copy(self, dst, src):
+        time.sleep(0.0005)
+        super().copy(dst, src)
+
+
+def test_a_release_racing_the_background_thread_still_copies_each_source_before_it_changes():
+    for attempt in range(30):
+        srcs = sources() * 4
+        before = [flat_bytes(s).clone() for s in srcs]
+        dsts = destinations(srcs)
+        waves = CopyWaves(SlowCopies(None), list(zip(dsts, srcs)), wave_bytes=2000 + 997 * attempt, ahead=1)
+        background = threading.Thread(target=waves.run)
+        background.start()
+        time.sleep(0.0003 * attempt)
+        waves.release(spare_bytes=(attempt % 3) * 5000)
+        for s in srcs:
+            s.fill_(0)  # the step, right after its hook
+        background.join()
+        waves.wait_copied()
+        assert all(torch.equal(d, b) for d, b in zip(dsts, before)), f"attempt {attempt}"
