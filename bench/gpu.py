@@ -480,6 +480,7 @@ def training(run: Run, root: str, args: argparse.Namespace, partial: Callable[[d
         settle()
         r["mimo_blocking_s"] = [h.blocking_seconds for h in handles]
         r["mimo_planned_s"] = [h.planned_seconds for h in handles]
+        r["mimo_waited_s"] = [h.waited_seconds for h in handles]
         r["mimo_write_s"] = [h.write_seconds for h in handles]
         handles.clear()
         if args.spare_gib:

@@ -80,7 +80,7 @@ class Gated(LocalStorage):
         super().write_file(path, chunks)
 
 
-def test_a_pending_save_is_waited_for_or_refused_on_every_rank(tmp_path):
+def test_a_pending_save_is_waited_for_or_refused_on_every_rank_and_a_long_wait_is_reported(tmp_path, caplog):
     gate = threading.Event()
 
     def fn(comm, rank):
@@ -94,13 +94,15 @@ def test_a_pending_save_is_waited_for_or_refused_on_every_rank(tmp_path):
         else:
             refused = ""
         if rank == 0:
-            gate.set()
+            threading.Timer(0.3, gate.set).start()
         waited = saver.save(state_of(rank), str(tmp_path / "next"), layouts=LAYOUTS)  # waits for "slow"
         waited.wait()
-        return refused, slow.done()
+        return refused, slow.done(), waited.waited_seconds, waited.blocking_seconds
     results, errors = run_threads(ThreadWorld(WORLD), fn)
     assert errors == {}, errors
-    assert all("still running" in refused and done for refused, done in results)
+    assert all("still running" in refused and done for refused, done, _, _ in results)
+    assert all(0.1 < waited <= blocking for _, _, waited, blocking in results)
+    assert caplog.text.count("saves come faster than this storage takes them") == WORLD
     assert load_problems(str(tmp_path / "slow")) == [] and load_problems(str(tmp_path / "next")) == []
 
 

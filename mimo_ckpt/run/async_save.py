@@ -49,6 +49,9 @@ __all__ = ["AsyncSaver", "AsyncSave", "HostStager", "async_save"]
 
 log = logging.getLogger("mimo_ckpt")
 
+SLOW_WAIT_S = 0.05
+"""A save that waits this long for the previous one says so (a training step notices 50 ms)."""
+
 Writer = Literal["auto", "process", "thread"]
 
 
@@ -109,6 +112,8 @@ class AsyncSave:
         self.path = path
         self.blocking_seconds = 0.0
         """How long the `save` call held the caller."""
+        self.waited_seconds = 0.0
+        """Of that, how long it waited for the previous save to commit."""
         self.planned_seconds: float | None = None
         """From the call to the copies planned (the background planning with the other ranks)."""
         self._called = time.perf_counter() if called is None else called
@@ -232,7 +237,7 @@ class AsyncSaver:
         `after_commit` runs on every rank in the background thread once the checkpoint is
         committed (it may use this saver's comm: CheckpointManager moves `latest` there)."""
         start = time.perf_counter()
-        self._settle_pending(if_pending)
+        waited = self._settle_pending(if_pending)
         storage = storage or open_storage(path)
         check_layouts(layouts, self.comm.size)
         check_storage_serves(storage, self.comm, path)
@@ -255,6 +260,7 @@ class AsyncSaver:
             prepared = prepare()
             prepare = lambda: prepared  # noqa: E731 - planned and copied in the caller
         handle.blocking_seconds = time.perf_counter() - start
+        handle.waited_seconds = waited
         handle._thread = threading.Thread(target=handle._run, args=(prepare, after_commit),
                                           name="mimo-ckpt-async-save", daemon=True)
         handle._thread.start()
@@ -357,20 +363,28 @@ class AsyncSaver:
             stager.close()
         self._stagers.clear()
 
-    def _settle_pending(self, if_pending: str) -> None:
-        """A running save keeps the buffers: wait for it, or refuse on every rank alike."""
+    def _settle_pending(self, if_pending: str) -> float:
+        """A running save keeps the buffers: wait for it, or refuse on every rank alike. Returns
+        the seconds waited, and says so when the wait is long enough to show in training."""
         pending = self.pending
         if pending is None:
-            return
+            return 0.0
         if if_pending == "raise":
             busy = self.comm.all_gather_bytes(b"1" if not pending.done() else b"0")
             if b"1" in busy:
                 raise MimoCkptError(f"an async save to {pending.path} is still running on some rank")
+        start = time.perf_counter()
         try:
             pending.wait()
         except MimoCkptError as exc:  # reported here too, in case nobody waited on it
             log.warning("rank %d: the previous async save to %s failed: %s", self.comm.rank, pending.path, exc)
         self.pending = None
+        waited = time.perf_counter() - start
+        if waited >= SLOW_WAIT_S:
+            log.warning("rank %d: this save waited %.2f s for the previous one, to %s, which was still being written "
+                        "%.1f s after its call: saves come faster than this storage takes them; save less often, "
+                        "or to faster storage", self.comm.rank, waited, pending.path, start - pending._called)
+        return waited
 
 
 def _host_tensors_copied(snapshot: Snapshot) -> Snapshot:
