@@ -358,6 +358,11 @@ def reusable_default_stager() -> Any:
     return stager
 
 
+def say(message: str) -> None:
+    """Progress on stderr: a run cut short by a time limit still shows how far it got."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def training(run: Run, root: str, args: argparse.Namespace, partial: Callable[[dict[str, Any]], None]
              ) -> dict[str, Any]:
     """Loop times with no checkpointing, and with mimo, a copy-only floor and DCP's DefaultStager
@@ -384,7 +389,9 @@ def training(run: Run, root: str, args: argparse.Namespace, partial: Callable[[d
         sync()
         if marks:
             timelines[name] = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
-        return time.perf_counter() - start
+        took = time.perf_counter() - start
+        say(f"loop {name or 'plain'}: {steps} steps in {took:.2f} s")
+        return took
 
     saver = AsyncSaver(writer="process")
     saver_spare = AsyncSaver(writer="process", spare_device_bytes=int(args.spare_gib * 2**30))
@@ -452,6 +459,7 @@ def training(run: Run, root: str, args: argparse.Namespace, partial: Callable[[d
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
     loop(None, lambda: None, steps=20)  # warm
+    say("warm; first saves")
     # each system's first save allocates its pinned buffers: once per run, outside the timed loops
     start = time.perf_counter()
     mimo_save(-1)
@@ -474,10 +482,12 @@ def training(run: Run, root: str, args: argparse.Namespace, partial: Callable[[d
     handles.clear()
     pending.clear()
 
+    say("first saves done")
     out["async_snapshot_exact"] = snapshot_exact(run, saver, root)
     if args.spare_gib:
         out["async_snapshot_exact_spare"] = snapshot_exact(run, saver_spare, root)
     partial(out)
+    say("snapshots checked")
     plain_s = [loop(None, lambda: None, name="plain")]
     runs: dict[int, dict[str, Any]] = {}
     for every in args.every:
