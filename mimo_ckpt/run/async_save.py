@@ -197,7 +197,12 @@ class AsyncSaver:
     directory when CUDA is in use, where the training loop's kernel launches would otherwise
     compete with the writer for the GIL, and the thread otherwise (and from then on, when /dev/shm
     cannot hold the state: containers often get 64 MiB). Call `close()` (or let the process exit)
-    to stop the writer process."""
+    to stop the writer process.
+
+    `spare_device_bytes`: device memory the optimizer step may use to clone what is not yet
+    copied out when it comes (freed once copied), so the step need not wait for the link to the
+    host. 0 by default, since only the training job knows what it can spare; on one H100 a loop
+    saving 7.25 GB every 50 steps of 84 ms ran 1.66% slower without and 0.94% with 8 GiB."""
 
     def __init__(self, comm: Comm | None = None, *, timeout_s: float = 1800.0, pin: bool | None = None,
                  writer: Writer = "auto", spare_device_bytes: int = 0) -> None:
