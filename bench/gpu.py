@@ -185,11 +185,27 @@ def empty_like(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.zeros_like(t) for k, t in state.items()}
 
 
-def first_round_apart(saves: list[float], loads: list[float], exact: bool) -> dict[str, Any]:
-    """Medians of the rounds after the first: a system's first save and load also allocate (and
-    pin) the host buffers that later ones reuse, as the raw write's buffer is before it is timed."""
-    return {"save_s": statistics.median(saves[1:]), "load_s": statistics.median(loads[1:]), "bit_exact": exact,
-            "first_save_s": saves[0], "first_load_s": loads[0], "saves_s": saves[1:], "loads_s": loads[1:]}
+def sync_rounds(state: dict[str, torch.Tensor], root: str, rounds: int, name: str,
+                save: Callable[[str], Any], load: Callable[[dict[str, torch.Tensor], str], Any] | None = None,
+                ) -> dict[str, Any]:
+    """`rounds` timed saves of the state to a fresh path (`save(path)`), each then loaded cold into
+    zeroed tensors (`load(target, path)`) and checked bit-exact, after a first round reported
+    apart: a system's first save and load also allocate (and pin) the host buffers that later
+    ones reuse, as the raw write's buffer is before it is timed."""
+    saves, loads, exact = [], [], True
+    for r in range(rounds + 1):
+        path = os.path.join(root, f"{name}{r}")
+        saves.append(timed(lambda: save(path)))
+        if load is not None:
+            drop_caches(root)
+            target = empty_like(state)
+            loads.append(timed(lambda: load(target, path)))
+            exact = exact and checked(state, target)
+        shutil.rmtree(path)
+    out = {"save_s": statistics.median(saves[1:]), "first_save_s": saves[0], "saves_s": saves[1:]}
+    if load is not None:
+        out.update(load_s=statistics.median(loads[1:]), bit_exact=exact, first_load_s=loads[0], loads_s=loads[1:])
+    return out
 
 
 def mimo_sync(state: dict[str, torch.Tensor], root: str, rounds: int) -> dict[str, Any]:
@@ -197,16 +213,9 @@ def mimo_sync(state: dict[str, torch.Tensor], root: str, rounds: int) -> dict[st
     from mimo_ckpt import ModuleLayout, SoloComm
 
     layouts, comm = {"m": ModuleLayout()}, SoloComm()
-    saves, loads, exact = [], [], True
-    for r in range(rounds + 1):
-        path = os.path.join(root, f"mimo{r}")
-        saves.append(timed(lambda: mimo_ckpt.save({"m": state}, path, layouts=layouts, comm=comm)))
-        drop_caches(root)
-        target = empty_like(state)
-        loads.append(timed(lambda: mimo_ckpt.load({"m": target}, path, layouts=layouts, comm=comm)))
-        exact = exact and checked(state, target)
-        shutil.rmtree(path)
-    return first_round_apart(saves, loads, exact)
+    return sync_rounds(state, root, rounds, "mimo",
+                       lambda path: mimo_ckpt.save({"m": state}, path, layouts=layouts, comm=comm),
+                       lambda target, path: mimo_ckpt.load({"m": target}, path, layouts=layouts, comm=comm))
 
 
 def mimo_load_threads(state: dict[str, torch.Tensor], root: str, threads: list[int]) -> dict[str, Any]:
@@ -237,30 +246,19 @@ def save_parts(state: dict[str, torch.Tensor], root: str, parts: list[int], roun
     for n in parts:
         out[f"raw_write_s/{n}"] = raw(state, root, n, rounds, read_back=False)["write_s"]
         out[f"raw_writeback_write_s/{n}"] = raw(state, root, n, rounds, read_back=False, writeback=True)["write_s"]
-        saves = []
-        for r in range(rounds):
-            path = os.path.join(root, f"mimo-parts{n}-{r}")
-            saves.append(timed(lambda: mimo_ckpt.save({"m": state}, path, layouts={"m": ModuleLayout()},
-                                                      comm=SoloComm(), options=SaveOptions(max_parts=n))))
-            shutil.rmtree(path)
-        out[f"save_s/{n}"] = statistics.median(saves)
-        out[f"saves_s/{n}"] = saves
+        saves = sync_rounds(state, root, rounds, f"mimo-parts{n}-",
+                            lambda path: mimo_ckpt.save({"m": state}, path, layouts={"m": ModuleLayout()},
+                                                        comm=SoloComm(), options=SaveOptions(max_parts=n)))
+        out[f"save_s/{n}"] = saves["save_s"]
+        out[f"saves_s/{n}"] = saves["saves_s"]
     return out
 
 
 def dcp_sync(state: dict[str, torch.Tensor], root: str, rounds: int) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
-    saves, loads, exact = [], [], True
-    for r in range(rounds + 1):
-        path = os.path.join(root, f"dcp{r}")
-        saves.append(timed(lambda: dcp.save(dict(state), checkpoint_id=path)))
-        drop_caches(root)
-        target = empty_like(state)
-        loads.append(timed(lambda: dcp.load(target, checkpoint_id=path)))
-        exact = exact and checked(state, target)
-        shutil.rmtree(path)
-    return first_round_apart(saves, loads, exact)
+    return sync_rounds(state, root, rounds, "dcp", lambda path: dcp.save(dict(state), checkpoint_id=path),
+                       lambda target, path: dcp.load(target, checkpoint_id=path))
 
 
 def attempt(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
